@@ -1,0 +1,1 @@
+"""`perp registry ...` and `perp pull` (filled by the registry issue)."""

@@ -1,0 +1,1 @@
+"""`perp report` (filled by the evaluation issue)."""

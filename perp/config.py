@@ -1,0 +1,482 @@
+"""Typed configuration: the sections of `params.yaml`, validated as a whole before any model is loaded.
+
+Every invalid value becomes one `ConfigError` line that names the dotted key and what is allowed, e.g.
+``prune.sparsity: must be in [0, 1), got 1.5``.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from perp.errors import ConfigError
+
+MODEL_ALIASES = ("smollm2-135m", "tiny-llama", "tiny-opt")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+RECOVER_METHODS = ("bias", "norm", "lm_head", "lora", "masklora", "scalelora", "full")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_PATTERN = re.compile(r"^(\d+):(\d+)$")
+_LOCAL_TEXT_SUFFIXES = (".txt", ".raw", ".text", ".jsonl", ".json", ".parquet")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- sources
+
+
+def classify_model_source(spec: str) -> str:
+    """Return the kind of a model spec: alias, s3, gguf, local or hub. Raises ConfigError for a missing path."""
+    if spec in MODEL_ALIASES:
+        return "alias"
+    if spec.startswith("s3://"):
+        return "s3"
+    path = Path(spec).expanduser()
+    if path.exists():
+        return "gguf" if path.is_file() and path.suffix == ".gguf" else "local"
+    looks_like_path = spec.startswith(("/", "./", "../", "~")) or spec.endswith(".gguf")
+    if not looks_like_path and _HUB_ID.match(spec):
+        return "hub"
+    raise ConfigError(
+        f"model.name: '{spec}' does not exist (allowed: a local Hugging Face directory, a .gguf file, "
+        f"an s3:// URI, a Hub id such as org/name, or the alias {', '.join(MODEL_ALIASES)})"
+    )
+
+
+def classify_text_source(spec: str) -> str:
+    """Return the kind of a text spec: embedded, hf, s3, text, jsonl or parquet. Missing files are errors."""
+    if spec.startswith("embedded:"):
+        from perp.data.embedded import EMBEDDED_SPLITS
+
+        name = spec.removeprefix("embedded:")
+        if name not in EMBEDDED_SPLITS:
+            raise ConfigError(f"unknown embedded corpus '{name}' (allowed: {', '.join(EMBEDDED_SPLITS)})")
+        return "embedded"
+    if spec.startswith("hf:"):
+        return "hf"
+    if spec.startswith("s3://"):
+        return _kind_from_suffix(spec)
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"'{spec}' is not a file (allowed: a .txt/.raw, .jsonl or .parquet file, "
+                          "s3://..., hf:DATASET[:CONFIG[:SPLIT]] or embedded:NAME)")
+    return _kind_from_suffix(spec)
+
+
+def _kind_from_suffix(spec: str) -> str:
+    suffix = Path(spec.split("?")[0]).suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return "jsonl"
+    if suffix == ".parquet":
+        return "parquet"
+    return "text"
+
+
+def parse_pattern(pattern: str) -> Optional[tuple[int, int]]:
+    """`unstructured` → None; `N:M` → (N, M) with 0 < N < M. Raises ValueError otherwise."""
+    if pattern == "unstructured":
+        return None
+    match = _PATTERN.match(pattern)
+    if not match:
+        raise ValueError(f"'{pattern}' is not a pattern (allowed: unstructured, or N:M such as 2:4 or 4:8)")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise ValueError(f"'{pattern}' is not a valid N:M pattern: need 0 < N < M (allowed: unstructured, 2:4, 4:8, ...)")
+    return n, m
+
+
+# --------------------------------------------------------------------------------------------- sections
+
+
+class ModelConfig(_Section):
+    name: str = "smollm2-135m"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    revision: Optional[str] = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_exists(cls, value: str) -> str:
+        classify_model_source(value)
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device_known(cls, value: str) -> str:
+        if not re.match(r"^(auto|cpu|cuda(:\d+)?|mps)$", value):
+            raise ValueError(f"'{value}' is not a device (allowed: auto, cpu, cuda, cuda:N, mps)")
+        return value
+
+
+class TextSourceConfig(_Section):
+    """A text source and how to cut it into token windows."""
+
+    source: str
+    text_field: str = "text"
+    nsamples: int = Field(default=32, description="calibration: number of random windows")
+    seqlen: int = 512
+    seed: int = 0
+    max_windows: Optional[int] = Field(default=None, description="evaluation: cap on non-overlapping windows")
+
+    @field_validator("source")
+    @classmethod
+    def _source_exists(cls, value: str) -> str:
+        classify_text_source(value)
+        return value
+
+    @field_validator("nsamples", "seqlen")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError(f"must be > 0, got {value}")
+        return value
+
+    @field_validator("max_windows")
+    @classmethod
+    def _positive_or_none(cls, value: Optional[int]) -> Optional[int]:
+        if value is not None and value <= 0:
+            raise ValueError(f"must be > 0 or null, got {value}")
+        return value
+
+
+class DataConfig(_Section):
+    calibration: TextSourceConfig = TextSourceConfig(source="embedded:wiki-calib", nsamples=32, seqlen=512)
+    evaluation: TextSourceConfig = TextSourceConfig(source="embedded:wiki-eval", seqlen=1024, max_windows=32)
+
+
+class PruneConfig(_Section):
+    method: str = "wanda"
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    granularity: Literal["row", "matrix"] = "row"
+    include: list[str] = Field(default_factory=lambda: ["*"])
+    exclude: list[str] = Field(default_factory=list)
+    blocksize: int = 128
+    percdamp: float = 0.01
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in PRUNE_METHODS:
+            raise ValueError(f"unknown method '{value}' (allowed: {', '.join(PRUNE_METHODS)})")
+        return value
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity_range(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"must be in [0, 1), got {value}")
+        return value
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern_valid(cls, value: str) -> str:
+        parse_pattern(value)
+        return value
+
+    @field_validator("blocksize")
+    @classmethod
+    def _blocksize_positive(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError(f"must be > 0, got {value}")
+        return value
+
+    @field_validator("percdamp")
+    @classmethod
+    def _percdamp_range(cls, value: float) -> float:
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"must be in (0, 1), got {value}")
+        return value
+
+    @property
+    def nm(self) -> Optional[tuple[int, int]]:
+        return parse_pattern(self.pattern)
+
+    @property
+    def target_sparsity(self) -> float:
+        """The sparsity the pattern implies: N:M prunes (M-N)/M of each group, whatever `sparsity` says."""
+        nm = self.nm
+        return (nm[1] - nm[0]) / nm[1] if nm else self.sparsity
+
+
+def parse_recover_methods(value: str) -> list[str]:
+    """`norm+bias+masklora` → ['norm', 'bias', 'masklora'], each checked against the known methods."""
+    names = [part.strip() for part in value.split("+")]
+    for name in names:
+        if name not in RECOVER_METHODS:
+            raise ValueError(f"unknown method '{name}' (allowed: {', '.join(RECOVER_METHODS)}, combined with '+')")
+    if len(set(names)) != len(names):
+        raise ValueError(f"'{value}' names a method twice")
+    lora_kinds = {"lora", "masklora", "scalelora"} & set(names)
+    if len(lora_kinds) > 1:
+        raise ValueError(f"'{value}' combines {' and '.join(sorted(lora_kinds))}; choose one LoRA form")
+    if "full" in names and len(names) > 1:
+        raise ValueError("'full' already trains every weight; it cannot be combined")
+    return names
+
+
+class RecoverConfig(_Section):
+    method: str = "norm"
+    mode: Literal["end2end", "layerwise"] = "end2end"
+    steps: int = 20
+    lr: float = 1e-3
+    batch_size: int = 2
+    grad_accum: int = 1
+    seqlen: int = 256
+    rank: int = 16
+    alpha: float = 32.0
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.1
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    data: Optional[TextSourceConfig] = None  # None: the calibration source
+
+    @field_validator("method")
+    @classmethod
+    def _known_methods(cls, value: str) -> str:
+        parse_recover_methods(value)
+        return value
+
+    @field_validator("steps", "batch_size", "grad_accum", "seqlen")
+    @classmethod
+    def _positive_int(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError(f"must be > 0, got {value}")
+        return value
+
+    @field_validator("rank")
+    @classmethod
+    def _rank_positive(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError(f"LoRA rank must be > 0, got {value}")
+        return value
+
+    @field_validator("lr", "alpha")
+    @classmethod
+    def _positive_float(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError(f"must be > 0, got {value}")
+        return value
+
+    @field_validator("warmup_fraction")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"must be in [0, 1), got {value}")
+        return value
+
+    @property
+    def methods(self) -> list[str]:
+        return parse_recover_methods(self.method)
+
+
+class ZeroShotConfig(_Section):
+    tasks: list[str] = Field(default_factory=list)
+    task_data: Optional[str] = None
+    limit: Optional[int] = None
+    batch_size: int = 8
+
+    @field_validator("task_data")
+    @classmethod
+    def _dir_exists(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not Path(value).expanduser().is_dir():
+            raise ValueError(f"'{value}' is not a directory")
+        return value
+
+    @field_validator("limit", "batch_size")
+    @classmethod
+    def _positive(cls, value: Optional[int]) -> Optional[int]:
+        if value is not None and value <= 0:
+            raise ValueError(f"must be > 0, got {value}")
+        return value
+
+
+class PerplexityTextConfig(TextSourceConfig):
+    name: str
+
+
+class EvaluateConfig(_Section):
+    perplexity: list[PerplexityTextConfig] = Field(
+        default_factory=lambda: [
+            PerplexityTextConfig(name="wiki-eval", source="embedded:wiki-eval", seqlen=1024, max_windows=32)
+        ]
+    )
+    zeroshot: ZeroShotConfig = ZeroShotConfig()
+    batch_size: int = 4
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "EvaluateConfig":
+        names = [text.name for text in self.perplexity]
+        if len(set(names)) != len(names):
+            raise ValueError(f"perplexity text names must be unique, got {names}")
+        return self
+
+
+class GatesConfig(_Section):
+    max_ppl_ratio: Optional[float] = 1.25
+    max_zeroshot_drop: Optional[float] = 2.0
+    min_sparsity: Optional[float] = None  # None: the pruning target
+
+
+class RegisterConfig(_Section):
+    store: str = "./perp-store"
+    name: str = "smollm2-135m-perp"
+    stages: list[str] = Field(default_factory=lambda: ["dev", "staging", "prod"])
+    gates: dict[str, GatesConfig] = Field(default_factory=lambda: {"staging": GatesConfig(max_ppl_ratio=None, max_zeroshot_drop=None), "prod": GatesConfig()})
+
+    @field_validator("store")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if "://" in value and not value.startswith(("s3://", "file://")):
+            scheme = value.split("://", 1)[0]
+            raise ValueError(f"unknown store scheme '{scheme}://' (allowed: s3://, file://, or a local path)")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", value) or ".." in value:
+            raise ValueError(f"'{value}' is not a valid model name (letters, digits, '.', '_', '-'; at most 128; no '..')")
+        return value
+
+    @model_validator(mode="after")
+    def _gates_name_stages(self) -> "RegisterConfig":
+        if len(set(self.stages)) != len(self.stages) or not self.stages:
+            raise ValueError(f"stages must be a non-empty list of distinct names, got {self.stages}")
+        unknown = set(self.gates) - set(self.stages)
+        if unknown:
+            raise ValueError(f"gates name unknown stage(s) {sorted(unknown)} (allowed: {', '.join(self.stages)})")
+        return self
+
+
+with warnings.catch_warnings():
+    # `register` is the params.yaml section name; it only shadows ABCMeta.register, which nothing here uses.
+    warnings.filterwarnings("ignore", message='Field name "register"')
+
+    class PerpConfig(_Section):
+        model: ModelConfig = ModelConfig()
+        data: DataConfig = DataConfig()
+        prune: PruneConfig = PruneConfig()
+        recover: RecoverConfig = RecoverConfig()
+        evaluate: EvaluateConfig = EvaluateConfig()
+        register: RegisterConfig = RegisterConfig()
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(error: ValidationError, prefix: str = "") -> str:
+    first = error.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"])
+    key = ".".join(p for p in (prefix, loc) if p)
+    ctx_error = first.get("ctx", {}).get("error")
+    if isinstance(ctx_error, ConfigError):
+        message = str(ctx_error)
+        # A nested classify_* error already carries its own key for model.name; keep it, otherwise prefix ours.
+        return message if message.startswith(key) else f"{key}: {message}"
+    if ctx_error is not None:
+        message = str(ctx_error)
+    elif first["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif first["type"] == "literal_error":
+        message = f"got {first['input']!r}; {first['msg'].lower()}"
+    else:
+        message = f"{first['msg'].lower()}, got {first.get('input')!r}"
+    return f"{key}: {message}"
+
+
+def validate_section(model: type[BaseModel], data: dict[str, Any], prefix: str = "") -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, prefix)) from None
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader without YAML 1.1 sexagesimal ints, so an unquoted `2:4` stays the string '2:4', not 124."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    key: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:int"]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`prune.sparsity=0.6` → (['prune', 'sparsity'], 0.6). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected KEY=VALUE with a dotted key, e.g. prune.sparsity=0.6")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override '{text}': malformed key '{key}'")
+    try:
+        value = yaml_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for override in overrides:
+        parts, value = parse_override(override)
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{override}': '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_params(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> PerpConfig:
+    """Read params.yaml (if given), apply dotted overrides and validate everything at once."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"params file '{path}' does not exist")
+        try:
+            loaded = yaml_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"params file '{path}' is not valid YAML: {str(error).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"params file '{path}' must be a mapping of sections")
+        data = loaded
+    # Defaults first, so that a partial params.yaml or a dotted override deep inside a section is enough.
+    data = _deep_merge(PerpConfig().model_dump(mode="json"), data)
+    apply_overrides(data, overrides or [])
+    return validate_section(PerpConfig, data)
+
+
+def dump_params(config: PerpConfig) -> dict[str, Any]:
+    return config.model_dump(mode="json")

@@ -1,0 +1,65 @@
+"""Perplexity with the WikiText-2 protocol: exp of the mean next-token NLL over non-overlapping windows."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from perp.data.windows import TokenSet
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    ppl: float
+    nll: float  # mean next-token NLL
+    tokens: int  # tokens scored (windows × (seqlen - 1))
+    windows: int
+    seqlen: int
+    seconds: float
+    data_hash: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ppl": self.ppl, "nll": self.nll, "tokens": self.tokens, "windows": self.windows,
+                "seqlen": self.seqlen, "seconds": round(self.seconds, 3), "data_sha256": self.data_hash}
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def window_nll_sum(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL for a [B, L] batch of windows, computed in fp32 whatever the model's dtype."""
+    logits = model(input_ids=batch, use_cache=False).logits[:, :-1, :]
+    targets = batch[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum")
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, windows: TokenSet, batch_size: int = 4,
+               progress: Optional[Callable[[int], None]] = None) -> PerplexityResult:
+    """exp(mean NLL) over every window; NLL sums accumulate in fp64 so the order of batches does not matter."""
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    started = time.perf_counter()
+    nll_sum = torch.zeros((), dtype=torch.float64)
+    ids = windows.ids
+    for start in range(0, windows.num_windows, batch_size):
+        batch = ids[start:start + batch_size].to(device)
+        nll_sum += window_nll_sum(model, batch).double().cpu()
+        if progress is not None:
+            progress(int(batch.shape[0]))
+    if was_training:
+        model.train()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    tokens = windows.num_windows * (windows.seqlen - 1)
+    mean_nll = float(nll_sum) / tokens
+    return PerplexityResult(ppl=math.exp(mean_nll), nll=mean_nll, tokens=tokens, windows=windows.num_windows,
+                            seqlen=windows.seqlen, seconds=time.perf_counter() - started, data_hash=windows.hash)

