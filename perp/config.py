@@ -329,7 +329,7 @@ class RegisterConfig(_Section):
     store: str = "./perp-store"
     name: str = "smollm2-135m-perp"
     stages: list[str] = Field(default_factory=lambda: ["dev", "staging", "prod"])
-    gates: dict[str, GatesConfig] = Field(default_factory=lambda: {"staging": GatesConfig(max_ppl_ratio=None, max_zeroshot_drop=None), "prod": GatesConfig()})
+    gates: dict[str, GatesConfig] = Field(default_factory=lambda: {"prod": GatesConfig()})
 
     @field_validator("store")
     @classmethod
