@@ -1,0 +1,3 @@
+from perp.cli import main
+
+main()

@@ -1,0 +1,56 @@
+import json
+
+import pytest
+
+
+def _one_line_error(result, *needles):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["prune", "--model", "tiny-llama", "--sparsity", "1.5"], ["prune.sparsity", "[0, 1)", "1.5"]),
+        (["prune", "--model", "tiny-llama", "--pattern", "4:2"], ["prune.pattern", "'4:2'", "N < M"]),
+        (["info", "--model", "./does/not/exist"], ["model.name", "'./does/not/exist' does not exist"]),
+        (["eval", "ppl", "--model", "tiny-llama", "--data", "missing.txt"], ["data.evaluation.source", "'missing.txt' is not a file"]),
+        (["recover", "--model", "tiny-llama", "--rank", "0"], ["recover.rank", "must be > 0"]),
+        (["run", "-S", "prune.method=magnitud"], ["prune.method", "unknown method 'magnitud'", "allowed"]),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_problem(cli, args, needles, tmp_path):
+    _one_line_error(cli(*args, cwd=tmp_path), *needles)
+
+
+def test_unsupported_architecture_is_one_line(cli, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    _one_line_error(cli("info", "--model", str(tmp_path / "gpt2")), "unsupported architecture 'gpt2'", "llama", "opt")
+
+
+def test_every_command_has_help(cli):
+    for command in (["--help"], ["info", "--help"], ["eval", "ppl", "--help"], ["prune", "--help"],
+                    ["recover", "--help"], ["run", "--help"], ["eval", "zeroshot", "--help"]):
+        result = cli(*command)
+        assert result.returncode == 0, (command, result.stderr)
+        assert "Usage" in result.stdout
+
+
+def test_info_and_ppl_json(cli, tiny_opt_dir):
+    info = json.loads(cli("info", "--model", str(tiny_opt_dir), "--json").stdout)
+    assert info["family"] == "opt" and info["layers"] == 2 and info["decoder_sparsity"] == 0.0
+    result = cli("eval", "ppl", "--model", str(tiny_opt_dir), "--data", "embedded:wiki-eval", "--seqlen", "64",
+                 "--windows", "4", "--json")
+    assert result.returncode == 0, result.stderr
+    ppl = json.loads(result.stdout)
+    assert set(ppl) >= {"ppl", "tokens", "seconds"}
+    assert ppl["windows"] == 4 and ppl["tokens"] == 4 * 63
+    assert 1.0 < ppl["ppl"] < 10_000

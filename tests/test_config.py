@@ -1,0 +1,85 @@
+from pathlib import Path
+
+import pytest
+
+from perp.config import PerpConfig, load_params, parse_pattern, parse_recover_methods
+from perp.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_repo_params_and_defaults_are_valid():
+    config = load_params(REPO / "params.yaml")
+    assert config.prune.method == "wanda"
+    assert PerpConfig().model.name == "smollm2-135m"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("prune.sparsity=1.5", "prune.sparsity: must be in [0, 1), got 1.5"),
+        ("prune.sparsity=-0.1", "prune.sparsity: must be in [0, 1)"),
+        ("prune.pattern=4:2", "prune.pattern: '4:2' is not a valid N:M pattern"),
+        ("prune.pattern=2:2", "prune.pattern: '2:2' is not a valid N:M pattern"),
+        ("prune.pattern=2-4", "prune.pattern: '2-4' is not a pattern"),
+        ("prune.method=obs", "prune.method: unknown method 'obs' (allowed: magnitude, wanda, sparsegpt)"),
+        ("recover.method=norm+dora", "recover.method: unknown method 'dora'"),
+        ("recover.method=lora+masklora", "choose one LoRA form"),
+        ("recover.rank=0", "recover.rank: LoRA rank must be > 0, got 0"),
+        ("recover.lr=0", "recover.lr: must be > 0"),
+        ("data.calibration.nsamples=0", "data.calibration.nsamples: must be > 0, got 0"),
+        ("data.calibration.source=/no/such/file.jsonl", "data.calibration.source: '/no/such/file.jsonl' is not a file"),
+        ("model.name=./no-such-model", "model.name: './no-such-model' does not exist"),
+        ("model.name=/tmp/none.gguf", "model.name: '/tmp/none.gguf' does not exist"),
+        ("model.dtype=int3", "model.dtype: got 'int3'"),
+        ("prune.nonsense=1", "prune.nonsense: unknown key"),
+        ("register.store=ftp://host/x", "register.store: unknown store scheme 'ftp://'"),
+        ("register.name=../etc", "register.name: '../etc' is not a valid model name"),
+        ("evaluate.zeroshot.task_data=/no/such/dir", "evaluate.zeroshot.task_data: '/no/such/dir' is not a directory"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_allowed(override, message):
+    with pytest.raises(ConfigError) as excinfo:
+        load_params(overrides=[override])
+    text = str(excinfo.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_unquoted_nm_pattern_in_yaml_stays_a_pattern(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("prune:\n  pattern: 2:4\n  method: sparsegpt\n")
+    config = load_params(params)
+    assert config.prune.pattern == "2:4"
+    assert config.prune.nm == (2, 4)
+    assert config.prune.target_sparsity == 0.5
+    # Untouched sections keep their defaults.
+    assert config.data.calibration.nsamples == 32
+
+
+def test_overrides_go_deep_and_parse_yaml_scalars():
+    config = load_params(overrides=["data.calibration.seqlen=128", "prune.include=[mlp.*]", "recover.method=norm+bias"])
+    assert config.data.calibration.seqlen == 128
+    assert config.prune.include == ["mlp.*"]
+    assert config.recover.methods == ["norm", "bias"]
+
+
+def test_params_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_params(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prune: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_params(overrides=["prune.sparsity"])
+
+
+def test_pattern_and_method_parsers():
+    assert parse_pattern("unstructured") is None
+    assert parse_pattern("4:8") == (4, 8)
+    with pytest.raises(ValueError):
+        parse_pattern("0:4")
+    assert parse_recover_methods("norm+bias+masklora") == ["norm", "bias", "masklora"]
+    with pytest.raises(ValueError, match="cannot be combined"):
+        parse_recover_methods("full+norm")

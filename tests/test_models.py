@@ -1,0 +1,114 @@
+import json
+import os
+from pathlib import Path
+
+import boto3
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from perp.errors import ModelSourceError, UnsupportedArchitectureError
+from perp.io.s3 import S3Error
+from perp.models import adapter_for, count_parameters, load_model, model_info
+from perp.models.families import LLAMA, OPT
+from perp.models.tiny import build_tiny_model
+
+
+@pytest.mark.parametrize("family, adapter", [("llama", LLAMA), ("opt", OPT)])
+def test_adapter_finds_layers_linears_norms_and_head(family, adapter):
+    model = build_tiny_model(family)
+    assert adapter_for(model) is adapter
+    assert adapter.num_layers(model) == 2
+    layer = adapter.layers(model)[0]
+    linears = adapter.linears(layer)
+    assert len(linears) == (7 if family == "llama" else 6)
+    groups = adapter.linear_groups(layer)
+    assert groups[0] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    assert sorted(sum(groups, [])) == sorted(linears)
+    norms = dict(adapter.named_norms(model))
+    assert len(norms) == 2 * 2 + 1  # two per layer + the final norm
+    assert adapter.final_norm(model) in norms.values()
+    assert adapter.lm_head(model).weight.shape[0] == model.config.vocab_size
+    assert not adapter.ties_embeddings(model) if family == "llama" else adapter.ties_embeddings(model)
+    assert len(list(adapter.named_decoder_linears(model))) == 2 * len(linears)
+
+
+def test_decoder_sparsity_is_measured_from_weights():
+    model = build_tiny_model("llama")
+    assert LLAMA.decoder_sparsity(model)["sparsity"] == 0.0
+    with torch.no_grad():
+        for _, linear in LLAMA.named_decoder_linears(model):
+            linear.weight[:, ::2] = 0
+    assert LLAMA.decoder_sparsity(model)["sparsity"] == pytest.approx(0.5)
+    # The LM head and embeddings are not decoder Linears.
+    assert count_parameters(model) > LLAMA.decoder_sparsity(model)["total"]
+
+
+def test_unsupported_architecture_is_a_clear_error(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedArchitectureError, match="unsupported architecture 'gpt2' \\(GPT2LMHeadModel\\)"):
+        load_model(str(tmp_path))
+
+
+def test_local_directory_loads_with_family_and_hash(tiny_llama_dir):
+    loaded = load_model(str(tiny_llama_dir))
+    assert loaded.kind == "local" and loaded.family is LLAMA
+    assert loaded.dtype == torch.float32 and loaded.device.type == "cpu"
+    info = model_info(loaded)
+    assert info["layers"] == 2 and info["decoder_sparsity"] == 0.0
+    assert len(loaded.content_hash) == 64
+    assert loaded.content_hash == load_model(str(tiny_llama_dir)).content_hash
+
+
+def test_directory_without_config_is_rejected(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ModelSourceError, match="without config.json"):
+        load_model(str(tmp_path))
+
+
+def test_hub_id_offline_says_so(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelSourceError, match="Hub is offline"):
+        load_model("some-org/some-model-that-is-not-cached")
+
+
+def test_tiny_aliases_are_deterministic():
+    first, second = load_model("tiny-opt"), load_model("tiny-opt")
+    for a, b in zip(first.model.parameters(), second.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def _upload_dir(bucket: str, prefix: str, directory: Path) -> None:
+    from perp.io.hashing import sha256_file
+
+    client = boto3.client("s3")
+    for path in directory.iterdir():
+        client.upload_file(str(path), bucket, f"{prefix}/{path.name}",
+                           ExtraArgs={"Metadata": {"sha256": sha256_file(path)}})
+
+
+def test_s3_model_is_downloaded_once_and_verified(s3_bucket, tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("PERP_CACHE", str(tmp_path / "cache"))
+    _upload_dir(s3_bucket, "models/tiny", tiny_llama_dir)
+    uri = f"s3://{s3_bucket}/models/tiny"
+    loaded = load_model(uri)
+    assert loaded.kind == "s3"
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    assert torch.equal(loaded.model.lm_head.weight, reference.lm_head.weight)
+
+    # Corrupt the object behind the recorded sha256: the next download must refuse it.
+    from perp.io.s3 import clear_cached
+
+    clear_cached(uri)
+    client = boto3.client("s3")
+    client.put_object(Bucket=s3_bucket, Key="models/tiny/model.safetensors", Body=b"corrupted",
+                      Metadata={"sha256": "0" * 64})
+    with pytest.raises(S3Error, match="checksum mismatch for s3://.*/models/tiny/model.safetensors"):
+        load_model(uri)
+
+
+def test_missing_s3_object_names_the_uri(s3_bucket):
+    with pytest.raises(S3Error, match=f"nothing at s3://{s3_bucket}/absent"):
+        load_model(f"s3://{s3_bucket}/absent")
