@@ -6,7 +6,7 @@ import os
 import sys
 
 from perp.cli.app import app, console
-from perp.cli import evaluate, info, prune, recover, registry, report, run, zeroshot  # noqa: F401  (registers)
+from perp.cli import calibrate, evaluate, info, prune, recover, registry, report, run, zeroshot  # noqa: F401
 from perp.errors import PerpError
 
 

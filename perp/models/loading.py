@@ -199,6 +199,18 @@ def peek_family(path: Path) -> FamilyAdapter:
     return adapter_for_model_type(config.get("model_type", "unknown"), config.get("architectures"))
 
 
+def load_tokenizer(spec: str, revision: Optional[str] = None) -> Any:
+    """Only the tokenizer (for stages that need tokens but no weights); the architecture is still checked."""
+    from transformers import AutoTokenizer
+
+    _, path = resolve_model_dir(spec, revision)
+    peek_family(path)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except OSError as error:
+        raise ModelSourceError(f"cannot load the tokenizer from '{path}': {str(error).splitlines()[0]}") from None
+
+
 def load_model(spec: str, device: str = "auto", dtype: str = "auto", revision: Optional[str] = None,
                load_to_device: bool = True) -> LoadedModel:
     """Load model and tokenizer. With `load_to_device=False` the weights stay on CPU (for layer-by-layer work)."""
