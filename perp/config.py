@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from perp.errors import ConfigError
 
+EMBEDDED_SPLITS = ("wiki-calib", "wiki-eval")  # the embedded corpus, perp/data/embedded.py
 MODEL_ALIASES = ("smollm2-135m", "tiny-llama", "tiny-opt")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -53,8 +54,6 @@ def classify_model_source(spec: str) -> str:
 def classify_text_source(spec: str) -> str:
     """Return the kind of a text spec: embedded, hf, s3, text, jsonl or parquet. Missing files are errors."""
     if spec.startswith("embedded:"):
-        from perp.data.embedded import EMBEDDED_SPLITS
-
         name = spec.removeprefix("embedded:")
         if name not in EMBEDDED_SPLITS:
             raise ConfigError(f"unknown embedded corpus '{name}' (allowed: {', '.join(EMBEDDED_SPLITS)})")

@@ -14,7 +14,7 @@ def main() -> None:
     """Entry point: a PerpError (bad input, missing file...) is one red line and exit code 2, no traceback."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app(standalone_mode=False)
+        exit_code = app(standalone_mode=False)
     except PerpError as error:
         console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
@@ -32,6 +32,9 @@ def main() -> None:
         if isinstance(error, click.exceptions.Abort):
             sys.exit(1)
         raise
+    # Non-standalone click returns the code of `typer.Exit(n)` instead of exiting with it.
+    if isinstance(exit_code, int) and exit_code != 0:
+        sys.exit(exit_code)
 
 
 __all__ = ["app", "main"]

@@ -14,10 +14,10 @@ import json
 import re
 from pathlib import Path
 
+from perp.config import EMBEDDED_SPLITS
 from perp.errors import DataSourceError
 
 GENSIM_DUMP = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-EMBEDDED_SPLITS = ("wiki-calib", "wiki-eval")
 _EVAL_EVERY = 5
 _CLEANER_VERSION = "1"
 _HEADING = re.compile(r"^(=+)\s*(.*?)\s*\1\s*$", re.MULTILINE)

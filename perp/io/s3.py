@@ -35,7 +35,8 @@ def s3_client(endpoint_url: Optional[str] = None, max_attempts: int = 5) -> Any:
     import boto3
     from botocore.config import Config
 
-    config = Config(retries={"max_attempts": max_attempts, "mode": "adaptive"}, connect_timeout=5, read_timeout=60)
+    config = Config(retries={"total_max_attempts": max_attempts, "mode": "adaptive"}, connect_timeout=5,
+                    read_timeout=60)
     return boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"), config=config)
 
 

@@ -1,0 +1,43 @@
+"""Model registry: immutable verified versions, gated promotion dev → staging → prod, tamper-evident audit trail.
+
+    from perp.registry import register_version, promote, rollback, pull, verify
+
+    manifest = register_version("s3://bucket/registry", "smollm2-perp", Path("out/recovered"), metrics, params, lineage)
+    promote("s3://bucket/registry", "smollm2-perp", manifest["version"], "dev", reason="nightly")
+    pull("s3://bucket/registry", "smollm2-perp@prod", "deploy/model")
+
+Modules: `api` (operations), `events` (hash-chained log, concurrency), `gates` (metrics.json shape, gates),
+`names` (validation), `provenance` (who/when/code, secret scrubbing).
+
+This package also re-exports `Registry`, the method-name registry pruning and recovery use (it lived in the
+former `perp/registry.py` module, which this package shadows). Heavy modules load on first use, so
+`from perp.registry import Registry` stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from perp.registry.methods import Registry
+from perp.registry.names import RegistryError
+
+_API = {
+    "register_version", "promote", "rollback", "deregister", "list_models", "show", "history", "verify", "pull",
+    "GateRefused",
+}
+_EVENTS = {"RegistryIntegrityError", "RegistryConflict"}
+
+
+def __getattr__(attribute: str) -> Any:
+    if attribute in _API:
+        from perp.registry import api
+
+        return getattr(api, attribute)
+    if attribute in _EVENTS:
+        from perp.registry import events
+
+        return getattr(events, attribute)
+    raise AttributeError(f"module 'perp.registry' has no attribute '{attribute}'")
+
+
+__all__ = sorted({"Registry", "RegistryError"} | _API | _EVENTS)

@@ -1,0 +1,628 @@
+"""Model registry operations: register, promote, rollback, deregister, list, show, history, verify, pull.
+
+A version is immutable: ``register`` uploads every file of the checkpoint as a content-addressed blob (each
+``*.safetensors`` in the compact perp-sparse format, rebuilt byte for byte on pull), then a manifest blob, and
+only then appends the ``register`` event that makes the version visible. A registration killed at any point
+before that event leaves only unreferenced blobs: no visible version, no gap in the version numbers.
+
+Manifest fields: ``files`` (every file's sha256 and size, as pulled), ``storage`` (how each is stored),
+``metrics`` (metrics.json), ``params``, ``lineage`` (base_model {source, sha256}, calibration_sha256,
+training_data_sha256, prune, recover), ``code`` (perp version, git commit, dirty flag), ``dvc_lock_sha256``,
+``prefect_flow_run_id``, ``who`` (user, host), ``when`` (UTC), ``extra``. Secrets are scrubbed from every
+user-supplied field (`perp.registry.provenance.scrub_secrets`).
+
+Every function takes the store as a URI (or an open `Store`). Bad requests are `RegistryError`s raised before
+anything is written. See `perp.registry.events` for the log and its concurrency, `perp.registry.gates` for the
+metrics.json shape and the gates.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+from perp.config import GatesConfig, RegisterConfig
+from perp.registry.events import (
+    ModelState,
+    RegistryIntegrityError,
+    append_event,
+    canonical,
+    event_key,
+    load_state,
+    models_prefix,
+    pointer_key,
+    read_pointer,
+    scan_log,
+    stages_prefix,
+)
+from perp.registry.gates import describe_failures, evaluate_gates
+from perp.registry.names import (
+    LATEST,
+    RegistryError,
+    parse_ref,
+    validate_name,
+    validate_stage,
+    validate_stages,
+    validate_version,
+)
+from perp.registry.provenance import (
+    code_version,
+    dvc_lock_sha256,
+    jsonable,
+    prefect_flow_run_id,
+    scrub_secrets,
+    utc_now,
+    who,
+)
+from perp.store import Store, StoreError, StoreIntegrityError, StoreNotFound, blob_key, open_store
+
+MANIFEST_SCHEMA = "perp.registry.manifest/1"
+PULL_RECORD = ".perp-registry.json"
+ENCODING_RAW = "raw"
+ENCODING_SPARSE = "perp-sparse/1"
+MAX_REASON = 2000
+StoreLike = Union[str, Store]
+
+
+class GateRefused(RegistryError):
+    """A promotion failed its gates; `evaluation` holds the evidence."""
+
+    def __init__(self, message: str, evaluation: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.evaluation = evaluation
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _store(store: StoreLike) -> Store:
+    return store if isinstance(store, Store) else open_store(store)
+
+
+def _stage_config(stages: Optional[list[str]],
+                  gates: Optional[Mapping[str, Any]]) -> tuple[list[str], dict[str, GatesConfig]]:
+    """Stages and gates as given, else the `register` defaults of params.yaml's schema."""
+    defaults = RegisterConfig()
+    stages = validate_stages(list(stages) if stages is not None else list(defaults.stages))
+    raw = dict(gates) if gates is not None else dict(defaults.gates)
+    resolved: dict[str, GatesConfig] = {}
+    for stage, config in raw.items():
+        if stage not in stages:
+            raise RegistryError(f"gates name unknown stage '{stage}' (allowed: {', '.join(stages)})")
+        if config is None:
+            continue
+        try:
+            resolved[stage] = config if isinstance(config, GatesConfig) else GatesConfig.model_validate(config)
+        except Exception as error:
+            raise RegistryError(f"gates.{stage}: {str(error).splitlines()[0]}") from None
+    return stages, resolved
+
+
+def _reason(reason: Optional[str], required: Optional[str] = None) -> str:
+    text = (reason or "").strip()
+    if required and not text:
+        raise RegistryError(required)
+    if len(text) > MAX_REASON:
+        raise RegistryError(f"reason is too long ({len(text)} > {MAX_REASON} characters)")
+    return text
+
+
+def _dict_or_none(value: Any, what: str) -> Optional[dict[str, Any]]:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise RegistryError(f"{what} must be a mapping, got {type(value).__name__}")
+    return scrub_secrets(jsonable(dict(value)))
+
+
+def _model_files(model_dir: Path) -> list[tuple[str, Path]]:
+    files = []
+    for path in sorted(model_dir.rglob("*")):
+        rel_parts = path.relative_to(model_dir).parts
+        if any(part.startswith(".") for part in rel_parts) or not path.is_file():
+            continue
+        rel = "/".join(rel_parts)
+        if "\\" in rel or any(ord(c) < 32 for c in rel) or len(rel) > 512:
+            raise RegistryError(f"'{model_dir / rel}': file name not supported by the registry")
+        files.append((rel, path))
+    return files
+
+
+def _safe_relpath(rel: str) -> str:
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
+        raise RegistryIntegrityError(f"manifest lists an unsafe path '{rel}'")
+    return rel
+
+
+def _require_model(state: ModelState, store: Store, name: str) -> None:
+    if not state.versions:
+        raise RegistryError(f"model '{name}' not found in {store.describe()}")
+
+
+def _load_manifest(store: Store, name: str, state: ModelState, version: int) -> dict[str, Any]:
+    record = state.require_version(version)
+    key = blob_key(record.manifest_sha256)
+    try:
+        manifest = json.loads(store.get_blob_bytes(record.manifest_sha256))
+    except StoreNotFound:
+        raise RegistryIntegrityError(f"manifest of '{name}' v{version} ({key}) is missing") from None
+    except StoreIntegrityError:
+        raise RegistryIntegrityError(f"manifest of '{name}' v{version} ({key}) was altered") from None
+    if manifest.get("name") != name:
+        raise RegistryIntegrityError(f"manifest of '{name}' v{version} ({key}) belongs to '{manifest.get('name')}'")
+    return manifest
+
+
+def _event_summary(event: dict[str, Any]) -> dict[str, Any]:
+    return {"seq": event["seq"], "hash": event["hash"], "when": event["when"], "who": event["who"]}
+
+
+# --------------------------------------------------------------------------------------------- register
+
+
+def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: Optional[dict] = None,
+                     params: Optional[dict] = None, lineage: Optional[dict] = None, extra: Optional[dict] = None,
+                     *, compact: bool = True) -> dict[str, Any]:
+    """Register the checkpoint in `model_dir` as the next version of `name`; returns its manifest + version.
+
+    `metrics` defaults to `model_dir/metrics.json` when present. With `compact`, safetensors files are stored in
+    the perp-sparse format whenever that is smaller; pulls rebuild them byte for byte.
+    """
+    from perp.io.hashing import cached_sha256
+    from perp.io.cache import cache_dir
+    from perp.store.sparse_format import pack_file
+
+    name = validate_name(name)
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise RegistryError(f"model directory '{model_dir}' does not exist")
+    files = _model_files(model_dir)
+    if not files:
+        raise RegistryError(f"model directory '{model_dir}' holds no files")
+    if metrics is None and (model_dir / "metrics.json").is_file():
+        try:
+            metrics = json.loads((model_dir / "metrics.json").read_text())
+        except ValueError:
+            raise RegistryError(f"'{model_dir / 'metrics.json'}' is not valid JSON") from None
+    metrics_d, params_d = _dict_or_none(metrics, "metrics"), _dict_or_none(params, "params")
+    lineage_d, extra_d = _dict_or_none(lineage, "lineage"), _dict_or_none(extra, "extra")
+    store = _store(store_uri)
+    load_state(store, name)  # an altered log refuses registrations before any upload
+
+    file_records: dict[str, dict[str, Any]] = {}
+    storage: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(dir=cache_dir("tmp"), prefix="register-") as tmp:
+        for index, (rel, path) in enumerate(files):
+            digest, size = cached_sha256(path), path.stat().st_size
+            file_records[rel] = {"sha256": digest, "size": size}
+            if compact and rel.endswith(".safetensors") and size > 0:
+                packed = Path(tmp) / f"{index}.perp-sparse.safetensors"
+                info = pack_file(path, packed)
+                if info["sha256"] != digest:
+                    raise RegistryError(f"'{path}' changed while it was being registered")
+                if info["packed_size"] < size:
+                    ref = store.put_blob(packed)
+                    storage[rel] = {"encoding": ENCODING_SPARSE, "blob": ref.sha256, "size": ref.size}
+                    packed.unlink()
+                    continue
+                packed.unlink()
+            ref = store.put_blob(path, digest)
+            storage[rel] = {"encoding": ENCODING_RAW, "blob": ref.sha256, "size": ref.size}
+
+    manifest = jsonable({
+        "schema": MANIFEST_SCHEMA,
+        "name": name,
+        "files": file_records,
+        "storage": storage,
+        "bytes": sum(r["size"] for r in file_records.values()),
+        "stored_bytes": sum(r["size"] for r in storage.values()),
+        "metrics": metrics_d,
+        "params": params_d,
+        "lineage": lineage_d,
+        "extra": extra_d,
+        "code": code_version(),
+        "dvc_lock_sha256": dvc_lock_sha256(),
+        "prefect_flow_run_id": prefect_flow_run_id(),
+        "who": who(),
+        "when": utc_now(),
+    })
+    manifest_ref = store.put_blob_bytes(canonical(manifest))
+
+    def build(state: ModelState) -> dict[str, Any]:
+        return {"type": "register", "version": state.next_version, "manifest_sha256": manifest_ref.sha256,
+                "files": len(file_records), "bytes": manifest["bytes"], "stored_bytes": manifest["stored_bytes"]}
+
+    event, _ = append_event(store, name, build)
+    return {**manifest, "version": event["version"], "manifest_sha256": manifest_ref.sha256,
+            "event": _event_summary(event)}
+
+
+# --------------------------------------------------------------------------------------------- stage moves
+
+
+def promote(store_uri: StoreLike, name: str, version: Union[int, str], to_stage: str, reason: Optional[str] = "",
+            force: bool = False, gates: Optional[Mapping[str, Any]] = None,
+            stages: Optional[list[str]] = None) -> dict[str, Any]:
+    """Put `version` in `to_stage` if it passes the stage's gates (or `force` with a reason, recorded)."""
+    name, version = validate_name(name), validate_version(version)
+    stage_list, gate_configs = _stage_config(stages, gates)
+    validate_stage(to_stage, stage_list)
+    reason = _reason(reason, "--force needs a reason (--reason TEXT): a forced promotion is recorded with it"
+                     if force else None)
+    store = _store(store_uri)
+    manifests: dict[int, dict[str, Any]] = {}
+
+    def build(state: ModelState) -> dict[str, Any]:
+        _require_model(state, store, name)
+        record = state.require_version(version)
+        if record.deregistered:
+            raise RegistryError(f"version {version} of '{name}' is deregistered and cannot be promoted")
+        previous = state.current(to_stage)
+        if previous == version:
+            raise RegistryError(f"version {version} of '{name}' is already in '{to_stage}'")
+        if version not in manifests:
+            manifests[version] = _load_manifest(store, name, state, version)
+        evaluation = evaluate_gates(to_stage, stage_list, gate_configs.get(to_stage),
+                                    manifests[version].get("metrics"), record.stages_ever)
+        if not evaluation["passed"] and not force:
+            raise GateRefused(f"promotion of '{name}' v{version} to '{to_stage}' refused: "
+                              f"{describe_failures(evaluation)}. Nothing was recorded; override with --force "
+                              "--reason TEXT (recorded as a forced promotion)", evaluation)
+        return {"type": "promote", "version": version, "stage": to_stage, "previous_version": previous,
+                "reason": reason, "forced": bool(force and evaluation["failed"]), "force_requested": bool(force),
+                "gates": evaluation, "failed_gates": evaluation["failed"]}
+
+    event, _ = append_event(store, name, build)
+    return {"name": name, "version": version, "stage": to_stage, "previous_version": event["previous_version"],
+            "forced": event["forced"], "failed_gates": event["failed_gates"], "reason": reason,
+            "gates": event["gates"], "event": _event_summary(event)}
+
+
+def rollback(store_uri: StoreLike, name: str, stage: str = "prod", reason: Optional[str] = None,
+             stages: Optional[list[str]] = None) -> dict[str, Any]:
+    """Put the stage back on the version it held before its current one (a stack: repeated rollbacks go
+    further back). Needs a reason."""
+    name = validate_name(name)
+    stage_list, _ = _stage_config(stages, {})
+    validate_stage(stage, stage_list)
+    reason = _reason(reason, "rollback needs a reason (--reason TEXT)")
+    store = _store(store_uri)
+
+    def build(state: ModelState) -> dict[str, Any]:
+        _require_model(state, store, name)
+        stack = state.stacks.get(stage) or []
+        if not stack:
+            raise RegistryError(f"'{stage}' of '{name}' holds no version: nothing to roll back")
+        if len(stack) < 2:
+            raise RegistryError(f"'{stage}' of '{name}' has no previous version to roll back to "
+                                f"(it holds version {stack[-1]}, its first)")
+        return {"type": "rollback", "stage": stage, "version": stack[-2], "previous_version": stack[-1],
+                "reason": reason}
+
+    event, _ = append_event(store, name, build)
+    return {"name": name, "stage": stage, "version": event["version"], "previous_version": event["previous_version"],
+            "reason": reason, "event": _event_summary(event)}
+
+
+def deregister(store_uri: StoreLike, name: str, version: Union[int, str],
+               reason: Optional[str] = None) -> dict[str, Any]:
+    """Withdraw a version: it can no longer be promoted or pulled; its record and blobs stay for the audit."""
+    name, version = validate_name(name), validate_version(version)
+    reason = _reason(reason, "deregister needs a reason (--reason TEXT)")
+    store = _store(store_uri)
+
+    def build(state: ModelState) -> dict[str, Any]:
+        _require_model(state, store, name)
+        record = state.require_version(version)
+        if record.deregistered:
+            raise RegistryError(f"version {version} of '{name}' is already deregistered")
+        held = state.stages_of(version)
+        if held:
+            raise RegistryError(f"version {version} of '{name}' is in {', '.join(held)}: promote or roll back "
+                                "another version there first")
+        return {"type": "deregister", "version": version, "reason": reason}
+
+    event, _ = append_event(store, name, build)
+    return {"name": name, "version": version, "reason": reason, "event": _event_summary(event)}
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def _model_names(store: Store) -> list[str]:
+    return [n for n in store.list_children(models_prefix()) if _is_name(n)]
+
+
+def _is_name(value: str) -> bool:
+    try:
+        validate_name(value)
+        return True
+    except RegistryError:
+        return False
+
+
+def _resolve(state: ModelState, name: str, selector: Union[int, str]) -> int:
+    if selector == LATEST:
+        active = [v for v, r in state.versions.items() if not r.deregistered]
+        if not active:
+            raise RegistryError(f"model '{name}' has no active version")
+        return max(active)
+    if isinstance(selector, int):
+        record = state.require_version(selector)
+        if record.deregistered:
+            raise RegistryError(f"version {selector} of '{name}' is deregistered")
+        return selector
+    current = state.current(selector)
+    if current is None:
+        raise RegistryError(f"'{name}' has no version in stage '{selector}'"
+                            + (f" (stages in use: {', '.join(sorted(state.stacks))})" if state.stacks else ""))
+    return current
+
+
+def list_models(store_uri: StoreLike) -> list[dict[str, Any]]:
+    """Every model in the store: active versions, latest, what each stage holds."""
+    store = _store(store_uri)
+    models = []
+    for name in _model_names(store):
+        try:
+            events, state = load_state(store, name)
+        except RegistryIntegrityError as error:
+            models.append({"name": name, "integrity_error": str(error)})
+            continue
+        if not events:
+            continue
+        active = sorted(v for v, r in state.versions.items() if not r.deregistered)
+        models.append({"name": name, "versions": len(active), "latest": active[-1] if active else None,
+                       "stages": {s: state.current(s) for s in sorted(state.stacks) if state.current(s)},
+                       "events": state.head_seq, "updated": events[-1]["when"]})
+    return models
+
+
+def show(store_uri: StoreLike, name: str, version: Union[int, str, None] = None) -> dict[str, Any]:
+    """A model's versions and stages; with `version` (a number, a stage or 'latest'), that version's manifest."""
+    name = validate_name(name)
+    store = _store(store_uri)
+    events, state = load_state(store, name)
+    _require_model(state, store, name)
+    if version is None:
+        versions = []
+        for number, record in sorted(state.versions.items()):
+            versions.append({"version": number, "when": record.when, "who": record.who,
+                             "stages": state.stages_of(number), "deregistered": record.deregistered})
+        return {"name": name, "stages": {s: state.current(s) for s in sorted(state.stacks) if state.current(s)},
+                "versions": versions, "events": state.head_seq, "head_hash": state.head_hash}
+    selector = validate_version(version) if isinstance(version, int) else parse_ref(f"{name}@{version}")[1]
+    if isinstance(selector, int):
+        number = state.require_version(selector).version  # deregistered versions can still be inspected
+    else:
+        number = _resolve(state, name, selector)
+    manifest = _load_manifest(store, name, state, number)
+    record = state.versions[number]
+    return {**manifest, "version": number, "manifest_sha256": record.manifest_sha256,
+            "stages": state.stages_of(number), "stages_ever": sorted(record.stages_ever),
+            "deregistered": record.deregistered, "registered_event": record.seq}
+
+
+def history(store_uri: StoreLike, name: str, stage: Optional[str] = None,
+            version: Union[int, str, None] = None) -> list[dict[str, Any]]:
+    """The model's events, oldest first, optionally only those for one stage or one version."""
+    name = validate_name(name)
+    if stage is not None:
+        validate_stage(stage)
+    number = validate_version(version) if version is not None else None
+    store = _store(store_uri)
+    events, state = load_state(store, name)
+    _require_model(state, store, name)
+    return [e for e in events if (stage is None or e.get("stage") == stage)
+            and (number is None or e.get("version") == number or e.get("previous_version") == number)]
+
+
+# --------------------------------------------------------------------------------------------- pull
+
+
+def pull(store_uri: StoreLike, ref: str, out_dir: Union[str, Path]) -> dict[str, Any]:
+    """Download `NAME@STAGE`, `NAME@VERSION` or `NAME@latest` into `out_dir` as a plain Hugging Face checkpoint.
+
+    Every blob is verified on download, every packed file is rebuilt and checked against the manifest's sha256,
+    and `out_dir` appears only once everything matched. `out_dir` must be absent, empty, or a previous perp output.
+    """
+    from perp.io.atomic import atomic_directory, is_complete
+    from perp.store.sparse_format import unpack_file
+
+    name, selector = parse_ref(ref)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not is_complete(out_dir))):
+        raise RegistryError(f"'{out_dir}' exists and is not empty; choose another --out (perp replaces only its own "
+                            "complete outputs)")
+    store = _store(store_uri)
+    events, state = load_state(store, name)
+    _require_model(state, store, name)
+    version = _resolve(state, name, selector)
+    manifest = _load_manifest(store, name, state, version)
+    files, storage = manifest.get("files"), manifest.get("storage")
+    if not isinstance(files, dict) or not isinstance(storage, dict):
+        raise RegistryIntegrityError(f"manifest of '{name}' v{version} is malformed")
+    with atomic_directory(out_dir) as staging:
+        scratch = Path(tempfile.mkdtemp(dir=staging.parent, prefix=f".{out_dir.name}.pull-"))
+        try:
+            for rel in sorted(files):
+                target = staging / _safe_relpath(rel)
+                entry = storage.get(rel)
+                if not isinstance(entry, dict) or not isinstance(files[rel], dict):
+                    raise RegistryIntegrityError(f"manifest of '{name}' v{version}: '{rel}' has no storage record")
+                try:
+                    if entry["encoding"] == ENCODING_RAW:
+                        if entry["blob"] != files[rel]["sha256"]:
+                            raise RegistryIntegrityError(f"manifest of '{name}' v{version}: '{rel}' is inconsistent")
+                        store.get_blob(entry["blob"], target)
+                    elif entry["encoding"] == ENCODING_SPARSE:
+                        packed = store.get_blob(entry["blob"], scratch / "packed.safetensors")
+                        unpack_file(packed, target, expected_sha256=files[rel]["sha256"])
+                        packed.unlink()
+                    else:
+                        raise RegistryError(f"'{rel}' of '{name}' v{version} uses encoding '{entry['encoding']}', "
+                                            "which this perp cannot read; upgrade perp")
+                except StoreNotFound:
+                    raise RegistryIntegrityError(f"file '{rel}' of '{name}' v{version} "
+                                                 f"({blob_key(entry['blob'])}) is missing from the store") from None
+                except StoreIntegrityError as error:
+                    raise RegistryIntegrityError(f"file '{rel}' of '{name}' v{version}: {error}") from None
+                if target.stat().st_size != files[rel]["size"]:
+                    raise RegistryIntegrityError(f"file '{rel}' of '{name}' v{version} has the wrong size")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        record = {"name": name, "version": version, "ref": ref, "store": scrub_secrets(store.describe()),
+                  "manifest_sha256": state.versions[version].manifest_sha256,
+                  "stages": state.stages_of(version), "head": {"seq": state.head_seq, "hash": state.head_hash},
+                  "pulled": utc_now()}
+        (staging / PULL_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return {"name": name, "version": version, "ref": ref, "out": str(out_dir), "files": len(files),
+            "bytes": manifest["bytes"], "stages": state.stages_of(version),
+            "manifest_sha256": state.versions[version].manifest_sha256}
+
+
+# --------------------------------------------------------------------------------------------- verify
+
+
+def verify(store_uri: StoreLike, name: Optional[str] = None, deep: bool = True,
+           anchors: Optional[list[str]] = None) -> dict[str, Any]:
+    """Recompute every event chain, every manifest hash and (with `deep`) every stored file's sha256.
+
+    The chain makes any change to a recorded event evident, but someone able to rewrite the whole store could
+    rebuild a consistent history, or drop the newest events. `anchors` closes that gap: event hashes recorded
+    elsewhere (a head hash printed by an earlier verify, kept in git or CI); each must still be in the log.
+
+    Returns ``{"ok", "store", "models": {name: {events, head_hash, versions, stages}}, "checked": {...},
+    "problems": [{"kind", "name", "key", "seq"?, "version"?, "file"?, "message"}]}``. Nothing is modified.
+    """
+    store = _store(store_uri)
+    if name is not None:
+        validate_name(name)
+    names = [name] if name is not None else _model_names(store)
+    problems: list[dict[str, Any]] = []
+    checked = {"events": 0, "manifests": 0, "blobs": 0, "bytes": 0}
+    models: dict[str, Any] = {}
+    blob_cache: dict[str, Optional[str]] = {}  # sha -> problem message or None
+
+    if name is None:
+        for stray in store.list_children(models_prefix()):
+            if not _is_name(stray):
+                problems.append({"kind": "stray_key", "name": stray, "key": f"models/{stray}",
+                                 "message": f"models/{stray} is not a valid model name"})
+
+    for model in names:
+        events, log_problems = scan_log(store, model)
+        if not events and not log_problems and name is not None:
+            raise RegistryError(f"model '{model}' not found in {store.describe()}")
+        for p in log_problems:
+            problems.append({"kind": p.kind, "name": model, "key": p.key, "seq": p.seq, "message": p.message})
+        checked["events"] += len(events)
+        state = ModelState(model)
+        for event in events:
+            try:
+                state.apply(event)
+            except (RegistryIntegrityError, KeyError, TypeError) as error:
+                seq = event.get("seq")
+                message = str(error) if isinstance(error, RegistryIntegrityError) else \
+                    f"event {seq} of '{model}' is malformed ({type(error).__name__}: {error})"
+                problems.append({"kind": "event_invalid", "name": model, "key": event_key(model, seq)
+                                 if isinstance(seq, int) else "", "seq": seq, "message": message})
+
+        for number, record in sorted(state.versions.items()):
+            where = f"'{model}' v{number}"
+            key = blob_key(record.manifest_sha256)
+            try:
+                manifest = json.loads(store.get_blob_bytes(record.manifest_sha256))
+                checked["manifests"] += 1
+            except StoreNotFound:
+                problems.append({"kind": "manifest_missing", "name": model, "version": number, "key": key,
+                                 "message": f"manifest of {where} ({key}) is missing"})
+                continue
+            except (StoreIntegrityError, ValueError):
+                problems.append({"kind": "manifest_altered", "name": model, "version": number, "key": key,
+                                 "message": f"manifest of {where} ({key}) was altered: its content no longer "
+                                            f"matches the sha256 recorded by event {record.seq}"})
+                continue
+            storage = manifest.get("storage") if isinstance(manifest, dict) else None
+            if not isinstance(storage, dict) or not all(isinstance(e, dict) for e in storage.values()):
+                problems.append({"kind": "manifest_invalid", "name": model, "version": number, "key": key,
+                                 "message": f"manifest of {where} ({key}) is malformed"})
+                continue
+            for rel, entry in sorted(storage.items()):
+                digest = entry.get("blob", "")
+                try:
+                    bkey = blob_key(digest)
+                except StoreError:
+                    problems.append({"kind": "manifest_invalid", "name": model, "version": number, "file": rel,
+                                     "key": key, "message": f"manifest of {where} names an invalid blob for '{rel}'"})
+                    continue
+                if digest not in blob_cache:
+                    blob_cache[digest] = _check_blob(store, digest, entry.get("size"), deep, checked)
+                if blob_cache[digest]:
+                    kind = "blob_missing" if "missing" in blob_cache[digest] else "blob_altered"
+                    problems.append({"kind": kind, "name": model, "version": number, "file": rel, "key": bkey,
+                                     "message": f"file '{rel}' of {where} ({bkey}) {blob_cache[digest]}"})
+
+        for stage in sorted(state.stacks):
+            key = pointer_key(model, stage)
+            pointer, _ = read_pointer(store, model, stage)
+            seq, digest = state.stage_events[stage]
+            expected = state.current(stage)
+            if pointer is None:
+                problems.append({"kind": "pointer_missing", "name": model, "key": key, "message":
+                                 f"stage pointer {key} is missing; the log puts version {expected} there "
+                                 f"(event {seq}); the next registry write restores it"})
+            elif ((pointer.get("version"), pointer.get("seq")) == (expected, seq)
+                  and pointer.get("event_hash") != digest):
+                problems.append({"kind": "pointer_altered", "name": model, "key": key,
+                                 "message": f"stage pointer {key} records another hash for event {seq} than the log "
+                                            f"holds: event {seq} ({event_key(model, seq)}) or the pointer was altered"})
+            elif (pointer.get("version"), pointer.get("seq"), pointer.get("event_hash")) != (expected, seq, digest):
+                stale = isinstance(pointer.get("seq"), int) and pointer["seq"] < seq
+                problems.append({"kind": "pointer_stale" if stale else "pointer_altered", "name": model, "key": key,
+                                 "message": f"stage pointer {key} says version {pointer.get('version')} "
+                                            f"(event {pointer.get('seq')}), the log says version {expected} "
+                                            f"(event {seq})" + ("; a writer stopped before moving it, the next "
+                                                                "registry write repairs it" if stale else
+                                                                ": the pointer was altered")})
+        for child in store.list_children(stages_prefix(model)):
+            stage = child[:-len(".json")] if child.endswith(".json") else child
+            if stage not in state.stacks:
+                key = f"{stages_prefix(model)}/{child}"
+                problems.append({"kind": "pointer_altered", "name": model, "key": key,
+                                 "message": f"stage pointer {key} has no event behind it: it was planted"})
+        if events:
+            models[model] = {"events": len(events), "head_hash": state.head_hash, "versions": len(state.versions),
+                             "stages": {s: state.current(s) for s in sorted(state.stacks) if state.current(s)},
+                             "_hashes": [e.get("hash") for e in events]}
+    seen_hashes = {h for info in models.values() for h in info.pop("_hashes")}
+    for anchor in anchors or []:
+        if anchor not in seen_hashes:
+            problems.append({"kind": "anchor_missing", "name": name, "key": "", "message":
+                             f"anchored event {anchor} is not in the log: the history was rewritten or truncated"})
+    problems = [{"seq": None, "version": None, "file": None, **problem} for problem in problems]
+    return {"ok": not problems, "store": store.describe(), "deep": deep, "models": models, "checked": checked,
+            "problems": problems}
+
+
+def _check_blob(store: Store, digest: str, size: Any, deep: bool, checked: dict[str, int]) -> Optional[str]:
+    key = blob_key(digest)
+    info = store.head(key)
+    if info is None:
+        return "is missing from the store"
+    checked["blobs"] += 1
+    if isinstance(size, int) and info.size != size:
+        return f"was altered: {info.size} bytes stored, {size} recorded"
+    if deep:
+        try:
+            actual, length = store.hash_object(key)
+        except StoreNotFound:
+            return "is missing from the store"
+        checked["bytes"] += length
+        if actual != digest:
+            return f"was altered: its content has sha256 {actual}"
+    return None

@@ -1,0 +1,122 @@
+"""Promotion gates: thresholds from params.yaml (`register.gates.<stage>`) checked against a version's metrics.
+
+The evaluation stage writes `metrics.json`; the gates read its `gates` section:
+
+    {
+      "sparsity": 0.5,                      # measured over the pruned weights
+      "target_sparsity": 0.5,
+      "perplexity": {"<text>": {"ppl": 21.3, "dense_ppl": 18.2, "ratio": 1.17}},
+      "zeroshot": {"mean_acc": 0.52, "dense_mean_acc": 0.53, "drop_points": 1.0},
+      "gates": {"ppl_ratio": 1.17,          # max over the perplexity texts
+                "zeroshot_drop_points": 1.0, # null when no zero-shot task ran
+                "sparsity": 0.5}
+    }
+
+Gates (each `null` in the config switches it off):
+
+- ``ppl_ratio``: ``gates.ppl_ratio <= max_ppl_ratio``;
+- ``zeroshot_drop``: ``gates.zeroshot_drop_points <= max_zeroshot_drop``;
+- ``sparsity``: ``gates.sparsity >= min_sparsity``, or ``>= target_sparsity - 0.0005`` when `min_sparsity` is null
+  (the tolerance absorbs per-row rounding of the number of pruned weights);
+- ``previous_stage``: promoting to stage *i* > 0 needs the version to have been promoted to stage *i - 1* before
+  (dev → staging → prod).
+
+Gates fail closed: a metric that is missing, null or not finite fails its gate ("not measured"), since a
+promotion without evidence is not a checked one. Waive a gate by setting its threshold to null, or override one
+promotion with ``--force --reason``, which the audit trail records together with the failed gates.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+from perp.config import GatesConfig
+
+SPARSITY_TOLERANCE = 5e-4
+
+
+def _number(value: Any) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _check(gate: str, metric: str, op: str, threshold: float, raw: Any, label: str) -> dict[str, Any]:
+    value = _number(raw)
+    check: dict[str, Any] = {"gate": gate, "metric": metric, "op": op, "threshold": threshold,
+                             "value": raw if value is None else value}
+    if value is None:
+        shown = "missing" if raw is None else repr(raw)
+        check.update(passed=False, by=None,
+                     detail=f"{label} not measured (metrics {metric} is {shown}); required {op} {threshold:g}")
+        return check
+    if op == "<=":
+        passed, by = value <= threshold, value - threshold
+        verb = "exceeds the maximum"
+    else:
+        passed, by = value >= threshold, threshold - value
+        verb = "is below the minimum"
+    check.update(passed=passed, by=round(by, 6) if not passed else 0.0)
+    if passed:
+        check["detail"] = f"{label} {value:.4g} {op} {threshold:g}"
+    else:
+        check["detail"] = f"{label} {value:.4g} {verb} {threshold:g} by {by:.4g}"
+    return check
+
+
+def evaluate_gates(stage: str, stages: list[str], config: Optional[GatesConfig | dict[str, Any]],
+                   metrics: Optional[dict[str, Any]], stages_ever: set[str]) -> dict[str, Any]:
+    """The gate evidence for promoting a version to `stage`: every check with its threshold and value.
+
+    `config` is the stage's GatesConfig (or its dict form; None: no metric gates); `stages_ever` the stages the
+    version was promoted to before. Pure: reads nothing, writes nothing.
+    """
+    if config is not None and not isinstance(config, GatesConfig):
+        config = GatesConfig.model_validate(config)
+    checks: list[dict[str, Any]] = []
+    index = stages.index(stage)
+    if index > 0:
+        previous = stages[index - 1]
+        passed = previous in stages_ever
+        checks.append({"gate": "previous_stage", "metric": "history", "op": "in", "threshold": previous,
+                       "value": sorted(stages_ever), "passed": passed, "by": None,
+                       "detail": (f"was promoted to '{previous}' before" if passed else
+                                  f"was never promoted to '{previous}' (promote it there first)")})
+    metrics = metrics if isinstance(metrics, dict) else {}
+    measured = metrics.get("gates") if isinstance(metrics.get("gates"), dict) else {}
+    if config is not None:
+        if config.max_ppl_ratio is not None:
+            checks.append(_check("ppl_ratio", "gates.ppl_ratio", "<=", config.max_ppl_ratio,
+                                 measured.get("ppl_ratio"), "perplexity ratio vs dense"))
+        if config.max_zeroshot_drop is not None:
+            checks.append(_check("zeroshot_drop", "gates.zeroshot_drop_points", "<=", config.max_zeroshot_drop,
+                                 measured.get("zeroshot_drop_points"), "zero-shot mean accuracy drop (points)"))
+        if config.min_sparsity is not None:
+            checks.append(_check("sparsity", "gates.sparsity", ">=", config.min_sparsity,
+                                 measured.get("sparsity"), "achieved sparsity"))
+        else:
+            target = _number(metrics.get("target_sparsity"))
+            if target is None:
+                checks.append({"gate": "sparsity", "metric": "target_sparsity", "op": ">=", "threshold": None,
+                               "value": measured.get("sparsity"), "passed": False, "by": None,
+                               "detail": "no sparsity target (metrics target_sparsity is missing and "
+                                         "min_sparsity is null)"})
+            else:
+                check = _check("sparsity", "gates.sparsity", ">=", target - SPARSITY_TOLERANCE,
+                               measured.get("sparsity"), "achieved sparsity")
+                check["target"] = target
+                checks.append(check)
+    failed = [check["gate"] for check in checks if not check["passed"]]
+    return {
+        "stage": stage,
+        "thresholds": config.model_dump(mode="json") if config is not None else None,
+        "checks": checks,
+        "passed": not failed,
+        "failed": failed,
+    }
+
+
+def describe_failures(evaluation: dict[str, Any]) -> str:
+    return "; ".join(f"gate {c['gate']} failed: {c['detail']}" for c in evaluation["checks"] if not c["passed"])

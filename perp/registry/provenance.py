@@ -1,0 +1,119 @@
+"""Who, when, which code: the provenance recorded in manifests and events, and secret scrubbing.
+
+Nothing here reads credentials. `scrub_secrets` removes what could leak one through user-supplied params,
+metrics, lineage or extra fields: values of keys that name a secret (password, token, secret, api key, access
+key, credential...), the user:password@ part of URLs, signature/credential parameters of presigned URLs, and
+AWS access key ids.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import getpass
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+REDACTED = "***"
+_SECRET_KEY = re.compile(
+    r"(secret|passw(or)?d|passwd|token|credential|api[_-]?key|access[_-]?key|session[_-]?key|private[_-]?key"
+    r"|authorization)", re.IGNORECASE)
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+_PRESIGNED = re.compile(r"(?P<key>X-Amz-(Credential|Signature|Security-Token)|AWSAccessKeyId|Signature)=[^&\s]+",
+                        re.IGNORECASE)
+_AWS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def who() -> dict[str, str]:
+    try:
+        user = getpass.getuser()
+    except Exception:  # no USER and no passwd entry (some containers)
+        user = f"uid:{os.getuid()}" if hasattr(os, "getuid") else "unknown"
+    return {"user": user, "host": socket.gethostname()}
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> dict[str, Any]:
+    """perp's package version and, when perp runs from a git checkout, its commit and whether it is dirty."""
+    import perp
+
+    info: dict[str, Any] = {"perp_version": perp.__version__, "git_commit": None, "git_dirty": None}
+    source = Path(perp.__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        info["git_commit"] = commit or None
+        status = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+        info["git_dirty"] = bool(status.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def dvc_lock_sha256(directory: Optional[Path] = None) -> Optional[str]:
+    from perp.io.hashing import sha256_file
+
+    path = (directory or Path.cwd()) / "dvc.lock"
+    return sha256_file(path) if path.is_file() else None
+
+
+def prefect_flow_run_id() -> Optional[str]:
+    """The Prefect flow-run id when running inside a flow. Prefect is never imported here unless the process
+    already did (a flow run always has); a subprocess of a flow run sees PREFECT__FLOW_RUN_ID instead."""
+    if "prefect" in sys.modules:
+        try:
+            from prefect.runtime import flow_run
+
+            run_id = flow_run.id
+            if run_id:
+                return str(run_id)
+        except Exception:
+            pass
+    return os.environ.get("PREFECT__FLOW_RUN_ID") or None
+
+
+def scrub_secrets(value: Any, key: str = "") -> Any:
+    """A copy of a JSON-like value with secrets redacted (see the module docstring)."""
+    if isinstance(value, dict):
+        return {str(k): scrub_secrets(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [scrub_secrets(v, key) for v in value]
+    if key and _SECRET_KEY.search(key) and value not in (None, "", True, False):
+        return REDACTED
+    if isinstance(value, str):
+        value = _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", value)
+        value = _PRESIGNED.sub(lambda m: f"{m.group('key')}={REDACTED}", value)
+        return _AWS_KEY_ID.sub(REDACTED, value)
+    return value
+
+
+def jsonable(value: Any) -> Any:
+    """A strict-JSON copy: paths and unknown objects become strings, non-finite floats 'inf'/'-inf'/'nan'."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [jsonable(v) for v in value]
+        return sorted(items, key=str) if isinstance(value, (set, frozenset)) else items
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        try:
+            return jsonable(value.item())
+        except (TypeError, ValueError):
+            pass
+    if hasattr(value, "model_dump"):  # pydantic models
+        return jsonable(value.model_dump(mode="json"))
+    return str(value)

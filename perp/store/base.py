@@ -1,0 +1,205 @@
+"""The artifact store interface shared by the local and S3 backends.
+
+A store is a flat namespace of keys (``a/b/c.json``) under one root. Backends implement a few primitives (get,
+conditional put, head, list, file upload/download, streaming read); this base class builds on them:
+
+- content-addressed blobs: ``blobs/sha256/<2 hex>/<sha256>``, uploaded once (dedup), never overwritten;
+- verified downloads: the sha256 of what arrives is compared with the address, and a mismatch is an error
+  (`StoreIntegrityError`), the partial file is removed, never silently used;
+- conditional writes: ``if_none_match=True`` creates only if absent and ``if_match=ETAG`` replaces only the
+  version that was read; a lost race is a `StoreConflict`. These back the registry's event log and stage pointers.
+
+Keys are validated: relative, ``/``-separated, each segment ``[A-Za-z0-9_][A-Za-z0-9._-]*`` (so no ``..``, no
+hidden or temporary names, no absolute keys), at most 1024 characters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from perp.errors import PerpError
+
+MAX_KEY_LENGTH = 1024
+_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+CHUNK = 8 * 1024 * 1024
+
+
+class StoreError(PerpError):
+    """A store operation failed (bad key, missing bucket, unknown scheme...)."""
+
+
+class StoreNotFound(StoreError):
+    """The key does not exist."""
+
+
+class StoreConflict(StoreError):
+    """A conditional write lost: the object exists (If-None-Match) or changed since it was read (If-Match)."""
+
+
+class StoreIntegrityError(StoreError):
+    """Stored content does not match its recorded sha256."""
+
+
+class StoreUnreachable(StoreError):
+    """The backend cannot be reached, after retries."""
+
+
+def validate_key(key: str) -> str:
+    if not isinstance(key, str) or not key:
+        raise StoreError("store key must be a non-empty string")
+    if len(key) > MAX_KEY_LENGTH:
+        raise StoreError(f"store key too long ({len(key)} > {MAX_KEY_LENGTH} characters)")
+    if key.startswith("/") or "\\" in key:
+        raise StoreError(f"store key '{key}' must be relative and use '/' separators")
+    for segment in key.split("/"):
+        if not _SEGMENT.match(segment):
+            raise StoreError(f"store key '{key}': segment '{segment}' is not allowed "
+                             "(letters, digits, '.', '_', '-'; not starting with '.' or '-'; no '..')")
+    return key
+
+
+def validate_sha256(digest: str) -> str:
+    if not isinstance(digest, str) or not _SHA256.match(digest):
+        raise StoreError(f"'{digest}' is not a sha256 hex digest")
+    return digest
+
+
+def blob_key(digest: str) -> str:
+    validate_sha256(digest)
+    return f"blobs/sha256/{digest[:2]}/{digest}"
+
+
+def md5_etag(data: bytes) -> str:
+    return '"' + hashlib.md5(data).hexdigest() + '"'
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    sha256: str
+    size: int
+    uploaded: bool  # False when the store already held it
+
+
+class Store(ABC):
+    """One store: a local directory or an S3 bucket/prefix."""
+
+    uri: str
+
+    # ---------------------------------------------------------------- backend primitives
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> tuple[bytes, str]:
+        """(content, etag). Raises StoreNotFound."""
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: Optional[str] = None) -> str:
+        """Write atomically; returns the new etag. Raises StoreConflict when a condition fails."""
+
+    @abstractmethod
+    def head(self, key: str) -> Optional[ObjectInfo]:
+        """Size of the object, or None if absent."""
+
+    @abstractmethod
+    def list_keys(self, prefix: str) -> list[str]:
+        """Every key under `prefix/` (recursively), sorted."""
+
+    @abstractmethod
+    def list_children(self, prefix: str) -> list[str]:
+        """Names directly under `prefix/` (objects and 'directories'), sorted."""
+
+    @abstractmethod
+    def iter_bytes(self, key: str) -> Iterator[bytes]:
+        """Stream an object's content in chunks. Raises StoreNotFound."""
+
+    @abstractmethod
+    def _upload_file(self, key: str, path: Path, sha256: str) -> None:
+        """Store a file under `key`; the object appears whole or not at all."""
+
+    @abstractmethod
+    def _download_file(self, key: str, dest: Path) -> None:
+        """Copy an object to `dest` (a temporary path the caller verifies). Raises StoreNotFound."""
+
+    def describe(self) -> str:
+        return self.uri
+
+    # ---------------------------------------------------------------- content-addressed blobs
+
+    def put_blob(self, path: str | Path, sha256: Optional[str] = None) -> BlobRef:
+        """Upload a file under its sha256 unless the store already holds it (same size); returns its ref."""
+        from perp.io.hashing import cached_sha256
+
+        path = Path(path)
+        digest = validate_sha256(sha256) if sha256 else cached_sha256(path)
+        size = path.stat().st_size
+        key = blob_key(digest)
+        existing = self.head(key)
+        if existing is not None and existing.size == size:
+            return BlobRef(digest, size, uploaded=False)
+        self._upload_file(key, path, digest)
+        return BlobRef(digest, size, uploaded=True)
+
+    def put_blob_bytes(self, data: bytes) -> BlobRef:
+        digest = hashlib.sha256(data).hexdigest()
+        key = blob_key(digest)
+        existing = self.head(key)
+        if existing is not None and existing.size == len(data):
+            return BlobRef(digest, len(data), uploaded=False)
+        self.put_bytes(key, data)
+        return BlobRef(digest, len(data), uploaded=True)
+
+    def get_blob(self, digest: str, dest: str | Path) -> Path:
+        """Download a blob to `dest`, verified against its sha256; a mismatch removes it and raises."""
+        key = blob_key(digest)
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
+        try:
+            self._download_file(key, tmp)
+            actual = _sha256_path(tmp)
+            if actual != digest:
+                raise StoreIntegrityError(f"{self.describe()}/{key} is corrupt: its content has sha256 {actual}; "
+                                          "refusing to use it")
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return dest
+
+    def get_blob_bytes(self, digest: str) -> bytes:
+        key = blob_key(digest)
+        data, _ = self.get_bytes(key)
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != digest:
+            raise StoreIntegrityError(f"{self.describe()}/{key} is corrupt: its content has sha256 {actual}; "
+                                      "refusing to use it")
+        return data
+
+    def hash_object(self, key: str) -> tuple[str, int]:
+        """(sha256, size) of an object's current content, streamed (nothing written locally)."""
+        digest = hashlib.sha256()
+        size = 0
+        for chunk in self.iter_bytes(key):
+            digest.update(chunk)
+            size += len(chunk)
+        return digest.hexdigest(), size
+
+
+def _sha256_path(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

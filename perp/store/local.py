@@ -1,0 +1,167 @@
+"""The local-directory store: the embedded default.
+
+Every write goes to a hidden temporary file in the target directory, is fsynced, then renamed into place, so an
+object appears whole or not at all. Conditional writes: create-if-absent is an atomic ``link()`` (which fails if
+the name exists); replace-if-unchanged holds an exclusive ``flock`` on a hidden per-key lock file while it
+compares and renames. Hidden names never collide with keys (keys cannot start with '.') and are never listed.
+POSIX only for conditional replaces (flock); use a local disk, not NFS, for concurrent writers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator, Optional
+
+from perp.store.base import CHUNK, ObjectInfo, Store, StoreConflict, StoreError, StoreNotFound, md5_etag, validate_key
+
+
+class LocalStore(Store):
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().absolute()
+        self.uri = str(self.root)
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"store '{self.root}' exists and is not a directory")
+
+    def _path(self, key: str) -> Path:
+        return self.root / validate_key(key)
+
+    def _prefix_dir(self, prefix: str) -> Path:
+        return self.root / validate_key(prefix) if prefix else self.root
+
+    # ---------------------------------------------------------------- primitives
+
+    def get_bytes(self, key: str) -> tuple[bytes, str]:
+        path = self._path(key)
+        try:
+            data = path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise StoreNotFound(f"{self.uri}/{key} does not exist") from None
+        return data, md5_etag(data)
+
+    def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: Optional[str] = None) -> str:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._write_tmp(path, data)
+        try:
+            if if_none_match:
+                try:
+                    os.link(tmp, path)  # atomic create-if-absent
+                except FileExistsError:
+                    raise StoreConflict(f"{self.uri}/{key} already exists") from None
+                except OSError:  # a filesystem without hard links: check and rename under the key's lock
+                    with self._lock(path):
+                        if path.exists():
+                            raise StoreConflict(f"{self.uri}/{key} already exists") from None
+                        os.replace(tmp, path)
+            elif if_match is not None:
+                with self._lock(path):
+                    try:
+                        current = md5_etag(path.read_bytes())
+                    except FileNotFoundError:
+                        raise StoreConflict(f"{self.uri}/{key} does not exist (expected etag {if_match})") from None
+                    if current != if_match:
+                        raise StoreConflict(f"{self.uri}/{key} changed since it was read")
+                    os.replace(tmp, path)
+            else:
+                os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+        return md5_etag(data)
+
+    def head(self, key: str) -> Optional[ObjectInfo]:
+        path = self._path(key)
+        try:
+            if not path.is_file():
+                return None
+            return ObjectInfo(key, path.stat().st_size)
+        except FileNotFoundError:
+            return None
+
+    def list_keys(self, prefix: str) -> list[str]:
+        base = self._prefix_dir(prefix)
+        if not base.is_dir():
+            return []
+        keys = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                if not name.startswith("."):
+                    keys.append((Path(dirpath) / name).relative_to(self.root).as_posix())
+        return sorted(keys)
+
+    def list_children(self, prefix: str) -> list[str]:
+        base = self._prefix_dir(prefix)
+        if not base.is_dir():
+            return []
+        return sorted(name for name in os.listdir(base) if not name.startswith("."))
+
+    def iter_bytes(self, key: str) -> Iterator[bytes]:
+        path = self._path(key)
+        try:
+            handle = open(path, "rb")
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise StoreNotFound(f"{self.uri}/{key} does not exist") from None
+        with handle:
+            while chunk := handle.read(CHUNK):
+                yield chunk
+
+    def _upload_file(self, key: str, path: Path, sha256: str) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".tmp-{uuid.uuid4().hex}")
+        try:
+            with open(path, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, CHUNK)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(target.parent)
+
+    def _download_file(self, key: str, dest: Path) -> None:
+        source = self._path(key)
+        if not source.is_file():
+            raise StoreNotFound(f"{self.uri}/{key} does not exist")
+        shutil.copyfile(source, dest)
+
+    # ---------------------------------------------------------------- helpers
+
+    @staticmethod
+    def _write_tmp(path: Path, data: bytes) -> Path:
+        tmp = path.with_name(f".tmp-{uuid.uuid4().hex}")
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return tmp
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _lock(path: Path) -> Iterator[None]:
+        import fcntl
+
+        with open(path.with_name(f".lock-{path.name}"), "a+b") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,548 @@
+"""The model registry, against the local backend and a real S3 API (a moto server on 127.0.0.1).
+
+Covers the round trip, gates and forced promotions, rollback, bad input (nothing written), tampering found by
+`verify`, corrupted objects, uploads killed halfway, and promotions racing from several processes.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+
+from perp.config import GatesConfig
+from perp.io.hashing import sha256_file
+from perp.registry import (
+    GateRefused,
+    RegistryError,
+    RegistryIntegrityError,
+    deregister,
+    history,
+    list_models,
+    promote,
+    pull,
+    register_version,
+    rollback,
+    show,
+    verify,
+)
+from perp.registry.events import event_hash, event_key, pointer_key
+from perp.store import StoreUnreachable, blob_key, open_store
+from perp.store.testing import cached_pruned_tiny, free_port, moto_s3
+
+BUCKET = "perp-registry-test"
+GOOD = {"sparsity": 0.5, "target_sparsity": 0.5,
+        "perplexity": {"wiki": {"ppl": 20.0, "dense_ppl": 18.0, "ratio": 1.11}},
+        "zeroshot": {"mean_acc": 0.5, "dense_mean_acc": 0.51, "drop_points": 1.0},
+        "gates": {"ppl_ratio": 1.11, "zeroshot_drop_points": 1.0, "sparsity": 0.5}}
+BAD = {**GOOD, "gates": {"ppl_ratio": 1.5, "zeroshot_drop_points": 3.5, "sparsity": 0.5}}
+LINEAGE = {"base_model": {"source": "smollm2-135m", "sha256": "ab" * 32}, "calibration_sha256": "cd" * 32,
+           "training_data_sha256": "ef" * 32, "prune": {"method": "wanda", "sparsity": 0.5},
+           "recover": {"method": "norm"}}
+
+
+# --------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    with moto_s3((BUCKET,)) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    return cached_pruned_tiny()
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_uri(request, tmp_path, monkeypatch):
+    if request.param == "local":
+        return str(tmp_path / "store")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", request.getfixturevalue("s3_endpoint"))
+    return f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}"
+
+
+def store_keys(uri):
+    store = open_store(uri)
+    return store.list_keys("") if uri.startswith("s3://") or Path(uri).exists() else []
+
+
+def overwrite(uri, key, data: bytes):
+    """Change an object behind the registry's back (what an attacker or a bad disk would do)."""
+    store = open_store(uri)
+    if uri.startswith("s3://"):
+        boto3.client("s3", endpoint_url=store.endpoint_url).put_object(
+            Bucket=store.bucket, Key=f"{store.prefix}/{key}", Body=data)
+    else:
+        (Path(uri) / key).write_bytes(data)
+
+
+def delete(uri, key):
+    store = open_store(uri)
+    if uri.startswith("s3://"):
+        boto3.client("s3", endpoint_url=store.endpoint_url).delete_object(Bucket=store.bucket,
+                                                                          Key=f"{store.prefix}/{key}")
+    else:
+        (Path(uri) / key).unlink()
+
+
+def tree_sha(directory: Path) -> dict[str, str]:
+    return {p.relative_to(directory).as_posix(): sha256_file(p) for p in sorted(directory.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")}
+
+
+def to_prod(uri, version):
+    for stage in ("dev", "staging", "prod"):
+        promote(uri, "tiny", version, stage, reason=f"ship v{version}")
+
+
+# --------------------------------------------------------------------------------------------- round trip
+
+
+def test_register_promote_pull_round_trip(store_uri, model_dir, tmp_path):
+    manifest = register_version(store_uri, "tiny", model_dir, GOOD, {"prune": {"sparsity": 0.5}}, LINEAGE)
+    assert manifest["version"] == 1 and manifest["event"]["seq"] == 1
+    assert manifest["files"] == {k: {"sha256": v, "size": (model_dir / k).stat().st_size}
+                                 for k, v in tree_sha(model_dir).items()}
+    assert manifest["storage"]["model.safetensors"]["encoding"] == "perp-sparse/1"
+    assert manifest["stored_bytes"] < manifest["bytes"]
+    assert manifest["lineage"] == LINEAGE and manifest["metrics"] == GOOD
+    assert manifest["code"]["perp_version"] and set(manifest["who"]) == {"user", "host"}
+    assert manifest["when"].endswith("Z")
+    assert register_version(store_uri, "tiny", model_dir, GOOD)["version"] == 2
+
+    to_prod(store_uri, 1)
+    result = promote(store_uri, "tiny", 2, "dev")
+    assert result["previous_version"] == 1 and not result["forced"]
+
+    out = tmp_path / "pulled"
+    pulled = pull(store_uri, "tiny@prod", out)
+    assert pulled["version"] == 1 and tree_sha(out) == tree_sha(model_dir)
+    record = json.loads((out / ".perp-registry.json").read_text())
+    assert record["version"] == 1 and record["manifest_sha256"] == manifest["manifest_sha256"]
+    assert pull(store_uri, "tiny@2", out)["version"] == 2  # replaces its own previous output
+    assert pull(store_uri, "tiny@latest", tmp_path / "latest")["version"] == 2
+
+    assert list_models(store_uri) == [{"name": "tiny", "versions": 2, "latest": 2, "events": 6,
+                                       "stages": {"dev": 2, "prod": 1, "staging": 1},
+                                       "updated": history(store_uri, "tiny")[-1]["when"]}]
+    summary = show(store_uri, "tiny")
+    assert [v["stages"] for v in summary["versions"]] == [["prod", "staging"], ["dev"]]
+    assert show(store_uri, "tiny", "prod")["version"] == 1
+    assert show(store_uri, "tiny", 2)["manifest_sha256"]
+    events = history(store_uri, "tiny")
+    assert [(e["type"], e.get("stage"), e["version"]) for e in events] == [
+        ("register", None, 1), ("register", None, 2), ("promote", "dev", 1), ("promote", "staging", 1),
+        ("promote", "prod", 1), ("promote", "dev", 2)]
+    assert all(e["prev_hash"] == p["hash"] for p, e in zip(events, events[1:]))
+    assert [e["seq"] for e in history(store_uri, "tiny", stage="dev")] == [3, 6]
+    report = verify(store_uri)
+    assert report["ok"], report["problems"]
+    assert report["checked"]["events"] == 6 and report["checked"]["manifests"] == 2
+
+
+def test_gate_refusal_then_forced_promotion(store_uri, model_dir):
+    register_version(store_uri, "tiny", model_dir, BAD)
+    promote(store_uri, "tiny", 1, "dev")
+    promote(store_uri, "tiny", 1, "staging")  # no gates on staging by default
+    before = store_keys(store_uri)
+    with pytest.raises(GateRefused) as refusal:
+        promote(store_uri, "tiny", 1, "prod", reason="try")
+    message = str(refusal.value)
+    assert "gate ppl_ratio failed" in message and "1.5 exceeds the maximum 1.25 by 0.25" in message
+    assert "gate zeroshot_drop failed" in message and "3.5 exceeds the maximum 2 by 1.5" in message
+    assert "sparsity" not in refusal.value.evaluation["failed"]
+    with pytest.raises(RegistryError, match="--force needs a reason"):
+        promote(store_uri, "tiny", 1, "prod", force=True, reason="  ")
+    assert store_keys(store_uri) == before  # nothing written by either refusal
+
+    forced = promote(store_uri, "tiny", 1, "prod", reason="incident 42: hotfix", force=True)
+    assert forced["forced"] and forced["failed_gates"] == ["ppl_ratio", "zeroshot_drop"]
+    event = history(store_uri, "tiny", stage="prod")[-1]
+    assert event["forced"] and event["reason"] == "incident 42: hotfix"
+    assert event["failed_gates"] == ["ppl_ratio", "zeroshot_drop"]
+    by_gate = {c["gate"]: c for c in event["gates"]["checks"]}
+    assert by_gate["ppl_ratio"]["value"] == 1.5 and by_gate["ppl_ratio"]["threshold"] == 1.25
+    assert by_gate["ppl_ratio"]["by"] == pytest.approx(0.25) and by_gate["sparsity"]["passed"]
+    assert verify(store_uri)["ok"]
+
+
+def test_gates_follow_the_stage_order_and_config(tmp_path, model_dir):
+    uri = str(tmp_path / "store")
+    register_version(uri, "tiny", model_dir, {"gates": {"ppl_ratio": 1.1}})  # no zero-shot, no target sparsity
+    with pytest.raises(GateRefused, match="was never promoted to 'dev'"):
+        promote(uri, "tiny", 1, "staging")
+    gates = {"qa": GatesConfig(max_ppl_ratio=1.2, max_zeroshot_drop=None, min_sparsity=None)}
+    with pytest.raises(GateRefused, match="no sparsity target"):
+        promote(uri, "tiny", 1, "qa", stages=["qa"], gates=gates)
+    gates["qa"] = GatesConfig(max_ppl_ratio=1.2, max_zeroshot_drop=None, min_sparsity=0.4)
+    with pytest.raises(GateRefused, match=r"achieved sparsity not measured"):
+        promote(uri, "tiny", 1, "qa", stages=["qa"], gates=gates)
+    gates_off = {"qa": {"max_ppl_ratio": 1.2, "max_zeroshot_drop": None, "min_sparsity": 0.0}}
+    with pytest.raises(GateRefused):
+        promote(uri, "tiny", 1, "qa", stages=["qa"], gates=gates_off)  # sparsity missing still fails closed
+    assert promote(uri, "tiny", 1, "qa", stages=["qa"], gates={"qa": None})["stage"] == "qa"
+
+
+def test_rollback_walks_back_and_deregister_guards(tmp_path, model_dir):
+    uri = str(tmp_path / "store")
+    for _ in range(3):
+        register_version(uri, "tiny", model_dir, GOOD)
+    for version in (1, 2, 3):
+        to_prod(uri, version)
+    with pytest.raises(RegistryError, match="rollback needs a reason"):
+        rollback(uri, "tiny", "prod")
+    assert rollback(uri, "tiny", "prod", reason="v3 regressed")["version"] == 2
+    with pytest.raises(RegistryError, match="is in prod"):
+        deregister(uri, "tiny", 2, reason="bad")
+    with pytest.raises(RegistryError, match="is in dev, staging"):
+        deregister(uri, "tiny", 3, reason="regressed")
+    promote(uri, "tiny", 1, "dev", reason="back to v1")
+    promote(uri, "tiny", 1, "staging", reason="back to v1")
+    with pytest.raises(RegistryError, match="deregister needs a reason"):
+        deregister(uri, "tiny", 3)
+    assert deregister(uri, "tiny", 3, reason="regressed")["version"] == 3
+    # v3 leaves every stage's history: staging [1, 2, 3, 1] rolls back to 2, not to the withdrawn 3.
+    assert rollback(uri, "tiny", "staging", reason="undo")["version"] == 2
+    with pytest.raises(RegistryError, match="deregistered"):
+        promote(uri, "tiny", 3, "dev", reason="again")
+    with pytest.raises(RegistryError, match="deregistered"):
+        pull(uri, "tiny@3", tmp_path / "out")
+    assert rollback(uri, "tiny", "prod", reason="v2 too")["version"] == 1
+    with pytest.raises(RegistryError, match="no previous version"):
+        rollback(uri, "tiny", "prod", reason="again")
+    assert pull(uri, "tiny@prod", tmp_path / "out")["version"] == 1
+    pointer = json.loads((Path(uri) / pointer_key("tiny", "prod")).read_text())
+    last = history(uri, "tiny", stage="prod")[-1]
+    assert (pointer["version"], pointer["seq"]) == (1, last["seq"]) == (last["version"], last["seq"])
+    assert show(uri, "tiny", 3)["deregistered"] and verify(uri)["ok"]
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_a_clear_error_and_writes_nothing(store_uri, model_dir, tmp_path):
+    register_version(store_uri, "tiny", model_dir, GOOD)
+    before = store_keys(store_uri)
+    cases = [
+        (lambda: promote(store_uri, "tiny", 7, "dev"), "has no version 7"),
+        (lambda: promote(store_uri, "tiny", 1, "qa"), r"unknown stage 'qa' \(allowed: dev, staging, prod\)"),
+        (lambda: promote(store_uri, "tiny", 1, "prod", force=True), "--force needs a reason"),
+        (lambda: promote(store_uri, "missing", 1, "dev"), "model 'missing' not found"),
+        (lambda: promote(store_uri, "../tiny", 1, "dev"), "not a valid model name"),
+        (lambda: promote(store_uri, "a/b", 1, "dev"), "not a valid model name"),
+        (lambda: promote(store_uri, "x" * 200, 1, "dev"), "not a valid model name"),
+        (lambda: promote(store_uri, "tiny", "-1", "dev"), "not a version number"),
+        (lambda: promote(store_uri, "tiny", 0, "dev"), "out of range"),
+        (lambda: promote(store_uri, "tiny", 1, "../prod"), "not a valid stage name"),
+        (lambda: rollback(store_uri, "tiny", "prod", reason="x"), "holds no version"),
+        (lambda: register_version(store_uri, "..", model_dir), "not a valid model name"),
+        (lambda: register_version(store_uri, "tiny", tmp_path / "nope"), "does not exist"),
+        (lambda: register_version(store_uri, "tiny", model_dir, metrics=[1]), "metrics must be a mapping"),
+        (lambda: pull(store_uri, "tiny@qa", tmp_path / "o"), "no version in stage 'qa'"),
+        (lambda: pull(store_uri, "tiny@1/../x", tmp_path / "o"), "not a valid stage name"),
+        (lambda: show(store_uri, "tiny", 9), "has no version 9"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RegistryError, match=message):
+            call()
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    with pytest.raises(RegistryError, match="exists and is not empty"):
+        pull(store_uri, "tiny@1", occupied)
+    assert (occupied / "keep.txt").read_text() == "mine"
+    assert store_keys(store_uri) == before
+    assert not (tmp_path / "o").exists()
+
+
+def test_requests_against_an_absent_local_store_create_nothing(tmp_path):
+    uri = str(tmp_path / "never")
+    with pytest.raises(RegistryError, match="not found"):
+        promote(uri, "tiny", 1, "dev")
+    with pytest.raises(RegistryError):
+        rollback(uri, "tiny", "prod", reason="x")
+    assert list_models(uri) == [] and verify(uri)["ok"]
+    assert not (tmp_path / "never").exists()
+
+
+def test_unreachable_endpoint_fails_clearly_after_retries(model_dir):
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    store = open_store(f"s3://{BUCKET}/x", endpoint_url=endpoint, max_attempts=2)
+    with pytest.raises(StoreUnreachable, match=f"{endpoint} unreachable after 2 attempts"):
+        promote(store, "tiny", 1, "dev")
+    with pytest.raises(StoreUnreachable, match=endpoint):
+        register_version(store, "tiny", model_dir, GOOD)
+
+
+def test_secrets_never_reach_the_store(store_uri, model_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "perp-secret-8c1f")  # moto accepts any; it must not be stored
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "1b2c3d4e-flow-run")
+    secret = "AKIAABCDEFGHIJKLMNOP"
+    params = {"aws_access_key_id": secret, "store": {"password": "hunter2"},
+              "model": {"name": "https://user:hunter2@hub.example/model"},
+              "data": {"source": "https://bucket.s3/x?X-Amz-Signature=sig123&X-Amz-Credential=cred456"}}
+    manifest = register_version(store_uri, "tiny", model_dir, GOOD, params, {"note": f"key {secret}"})
+    assert manifest["dvc_lock_sha256"] == sha256_file(tmp_path / "dvc.lock")
+    assert manifest["prefect_flow_run_id"] == "1b2c3d4e-flow-run"
+    assert manifest["params"]["store"]["password"] == "***"
+    promote(store_uri, "tiny", 1, "dev", reason="secret check")
+    store = open_store(store_uri)
+    everything = b"".join(store.get_bytes(key)[0] for key in store.list_keys("") if "/sha256/" not in key
+                          or store.head(key).size < 100_000)
+    for leaked in (secret.encode(), b"hunter2", b"sig123", b"cred456", b"perp-secret-8c1f"):
+        assert leaked not in everything
+
+
+# --------------------------------------------------------------------------------------------- tampering
+
+
+def test_tampered_events_are_named_by_verify_and_block_writes(store_uri, model_dir):
+    register_version(store_uri, "tiny", model_dir, GOOD)
+    promote(store_uri, "tiny", 1, "dev", reason="first")
+    promote(store_uri, "tiny", 1, "staging", reason="second")
+    store = open_store(store_uri)
+    key = event_key("tiny", 2)
+    original = store.get_bytes(key)[0]
+    event = json.loads(original)
+
+    # 1. An edit that keeps the old hash: the event's own hash check names it.
+    overwrite(store_uri, key, json.dumps({**event, "reason": "someone else"}).encode())
+    problems = verify(store_uri)["problems"]
+    assert [(p["kind"], p["seq"], p["key"]) for p in problems] == [("event_altered", 2, key)]
+    assert f"event 2 of 'tiny' ({key}) was altered" in problems[0]["message"]
+    with pytest.raises(RegistryIntegrityError, match=f"event 2 of 'tiny' \\({key}\\) was altered"):
+        promote(store_uri, "tiny", 1, "prod", reason="x")
+
+    # 2. An edit with a recomputed hash: the next event's link names it.
+    forged = {**event, "reason": "someone else"}
+    forged["hash"] = event_hash(forged)
+    overwrite(store_uri, key, json.dumps(forged).encode())
+    problems = verify(store_uri)["problems"]
+    assert [(p["kind"], p.get("seq")) for p in problems][0] == ("chain_broken", 2), problems
+    assert "event 2 of 'tiny'" in problems[0]["message"] and "prev_hash recorded by event 3" in problems[0]["message"]
+    assert {p["kind"] for p in problems[1:]} <= {"pointer_altered"}  # the dev pointer recorded the true hash
+
+    # 3. A deleted event.
+    overwrite(store_uri, key, original)
+    assert verify(store_uri)["ok"]
+    delete(store_uri, key)
+    assert [(p["kind"], p["seq"]) for p in verify(store_uri)["problems"]][0] == ("event_missing", 2)
+    with pytest.raises(RegistryIntegrityError, match="event 2 of 'tiny'.*missing"):
+        pull(store_uri, "tiny@1", "/nonexistent-never-created")
+    overwrite(store_uri, key, original)
+    assert verify(store_uri)["ok"]
+
+    # 4. Dropping the newest events leaves a consistent chain: an anchor kept elsewhere catches it.
+    head = register_version(store_uri, "tiny", model_dir, GOOD)["event"]["hash"]
+    assert verify(store_uri, anchors=[head])["ok"]
+    delete(store_uri, event_key("tiny", 4))
+    assert verify(store_uri)["ok"]
+    problems = verify(store_uri, anchors=[head])["problems"]
+    assert [p["kind"] for p in problems] == ["anchor_missing"] and head in problems[0]["message"]
+
+
+def test_a_stale_stage_pointer_is_reported_then_repaired_by_the_next_write(tmp_path, model_dir):
+    uri = str(tmp_path / "store")
+    register_version(uri, "tiny", model_dir, GOOD)
+    promote(uri, "tiny", 1, "dev", reason="r")
+    (Path(uri) / pointer_key("tiny", "dev")).unlink()  # as if the writer died between event and pointer
+    assert [p["kind"] for p in verify(uri)["problems"]] == ["pointer_missing"]
+    assert pull(uri, "tiny@dev", tmp_path / "out")["version"] == 1  # reads go by the log
+    register_version(uri, "tiny", model_dir, GOOD)
+    assert verify(uri)["ok"]
+
+
+def test_corrupted_objects_fail_pull_and_verify_names_them(store_uri, model_dir, tmp_path):
+    manifest = register_version(store_uri, "tiny", model_dir, GOOD)
+    promote(store_uri, "tiny", 1, "dev", reason="r")
+    weights = blob_key(manifest["storage"]["model.safetensors"]["blob"])
+    original = open_store(store_uri).get_bytes(weights)[0]
+    corrupted = bytearray(original)
+    corrupted[len(corrupted) // 2] ^= 0xFF
+    overwrite(store_uri, weights, bytes(corrupted))
+    with pytest.raises(RegistryIntegrityError, match="file 'model.safetensors' of 'tiny' v1.*corrupt"):
+        pull(store_uri, "tiny@dev", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    problems = verify(store_uri)["problems"]
+    assert [(p["kind"], p["file"], p["key"]) for p in problems] == [("blob_altered", "model.safetensors", weights)]
+    assert verify(store_uri, deep=False)["ok"]  # same size: only the deep check sees it
+    overwrite(store_uri, weights, original)
+
+    manifest_key = blob_key(manifest["manifest_sha256"])
+    overwrite(store_uri, manifest_key, open_store(store_uri).get_bytes(manifest_key)[0].replace(b'"tiny"', b'"tinx"'))
+    problems = verify(store_uri)["problems"]
+    assert [(p["kind"], p["key"]) for p in problems] == [("manifest_altered", manifest_key)]
+    with pytest.raises(RegistryIntegrityError, match="manifest of 'tiny' v1 .* was altered"):
+        pull(store_uri, "tiny@1", tmp_path / "out")
+
+
+def test_tampered_stage_pointer_is_reported_and_ignored(store_uri, model_dir, tmp_path):
+    register_version(store_uri, "tiny", model_dir, GOOD)
+    register_version(store_uri, "tiny", model_dir, BAD)
+    promote(store_uri, "tiny", 1, "dev", reason="r")
+    key = pointer_key("tiny", "dev")
+    pointer = json.loads(open_store(store_uri).get_bytes(key)[0])
+    overwrite(store_uri, key, json.dumps({**pointer, "version": 2}).encode())
+    overwrite(store_uri, pointer_key("tiny", "prod"), json.dumps({**pointer, "stage": "prod"}).encode())
+    problems = verify(store_uri)["problems"]
+    assert sorted((p["kind"], p["key"]) for p in problems) == [
+        ("pointer_altered", key), ("pointer_altered", pointer_key("tiny", "prod"))]
+    assert pull(store_uri, "tiny@dev", tmp_path / "o")["version"] == 1  # the log decides, not the pointer
+
+
+# --------------------------------------------------------------------------------------------- killed uploads
+
+
+def _process_context():
+    """fork where the platform has it (children start in milliseconds), else spawn."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+def _register_then_die(mode, uri, model, endpoint):
+    """Register in a child process that SIGKILLs itself at a chosen point of the upload."""
+    import shutil
+    import signal
+
+    if endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+    os.environ["PERP_S3_MULTIPART_MB"] = "5"
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if mode == "mid-file" and uri.startswith("s3://"):
+        import perp.io.s3
+
+        make = perp.io.s3.s3_client
+
+        def client(*args, **kwargs):  # dies while the second part of a multipart upload is in flight
+            created = make(*args, **kwargs)
+            parts = []
+
+            def on_part(**_):
+                parts.append(1)
+                if len(parts) == 2:
+                    die()
+
+            created.meta.events.register("before-call.s3.UploadPart", on_part)
+            return created
+
+        perp.io.s3.s3_client = client
+    elif mode == "mid-file":
+        copy = shutil.copyfileobj
+
+        def partial(src, dst, length=0):  # dies with half a large file written
+            if os.fstat(src.fileno()).st_size > 1_000_000:
+                dst.write(src.read(500_000))
+                dst.flush()
+                die()
+            return copy(src, dst, length)
+
+        shutil.copyfileobj = partial
+    else:
+        from perp.store.base import Store
+
+        put = Store.put_blob_bytes
+
+        def then_die(self, data):  # dies with every blob and the manifest stored, before the event
+            put(self, data)
+            die()
+
+        Store.put_blob_bytes = then_die
+    register_version(uri, "tiny", Path(model), {"gates": {}})
+
+
+@pytest.mark.parametrize("mode", ["mid-file", "after-manifest"])
+def test_upload_killed_halfway_leaves_no_visible_version(store_uri, model_dir, tmp_path, mode):
+    model = tmp_path / "model"
+    model.mkdir()
+    for item in model_dir.iterdir():
+        (model / item.name).write_bytes(item.read_bytes())
+    (model / "extra.bin").write_bytes(os.urandom(11 * 1024 * 1024))  # multipart on S3 (5 MiB parts)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") if store_uri.startswith("s3://") else None
+    child = _process_context().Process(target=_register_then_die, args=(mode, store_uri, str(model), endpoint))
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == -9  # SIGKILL: no cleanup ran
+
+    store = open_store(store_uri)
+    if store_uri.startswith("s3://") and mode == "mid-file":
+        uploads = boto3.client("s3", endpoint_url=store.endpoint_url).list_multipart_uploads(
+            Bucket=BUCKET, Prefix=store.prefix)
+        assert uploads.get("Uploads"), "the kill should have interrupted a multipart upload"
+    assert store.list_keys("blobs"), "the child should have stored some blobs before dying"
+    assert store.list_keys("models") == []  # no event, no pointer: nothing visible
+    assert list_models(store_uri) == []
+    with pytest.raises(RegistryError, match="not found"):
+        pull(store_uri, "tiny@1", tmp_path / "out")
+    assert verify(store_uri)["ok"]
+
+    assert register_version(store_uri, "tiny", model, GOOD)["version"] == 1  # no gap in version numbers
+    assert tree_sha(Path(pull(store_uri, "tiny@1", tmp_path / "out")["out"])) == tree_sha(model)
+
+
+# --------------------------------------------------------------------------------------------- races
+
+
+def _race_worker(uri, endpoint, worker, rounds, barrier, results):
+    if endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+    from perp.registry import RegistryError, promote
+
+    outcomes = []
+    barrier.wait()
+    for i in range(rounds):
+        version = (worker + i) % 3 + 1
+        try:
+            event = promote(uri, "tiny", version, "dev", reason=f"worker {worker} round {i}")["event"]
+            outcomes.append(("ok", event["seq"], event["hash"], version))
+        except RegistryError as error:  # the clean loser's answer: already there
+            outcomes.append(("refused", str(error), None, version))
+        except Exception as error:  # anything else fails the test
+            outcomes.append(("crash", repr(error), None, version))
+    results.put((worker, outcomes))
+
+
+def test_racing_promotions_lose_no_event_and_keep_the_chain(store_uri, model_dir, monkeypatch):
+    for _ in range(3):
+        register_version(store_uri, "tiny", model_dir, GOOD)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") if store_uri.startswith("s3://") else None
+    workers, rounds = 4, 4
+    context = _process_context()
+    barrier, results = context.Barrier(workers), context.Queue()
+    processes = [context.Process(target=_race_worker, args=(store_uri, endpoint, w, rounds, barrier, results))
+                 for w in range(workers)]
+    for process in processes:
+        process.start()
+    outcomes = [item for _ in processes for item in results.get(timeout=180)[1]]
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+
+    assert not [o for o in outcomes if o[0] == "crash"], outcomes
+    refused = [o for o in outcomes if o[0] == "refused"]
+    assert all("already in 'dev'" in o[1] for o in refused), refused
+    won = [o for o in outcomes if o[0] == "ok"]
+    events = history(store_uri, "tiny")
+    assert len(events) == 3 + len(won)  # every success is in the log, nothing else
+    by_seq = {e["seq"]: e for e in events}
+    for _, seq, digest, version in won:
+        assert by_seq[seq]["hash"] == digest and by_seq[seq]["version"] == version
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert all(e["prev_hash"] == p["hash"] for p, e in zip(events, events[1:]))
+    promotions = [e for e in events if e["type"] == "promote"]
+    assert all(e["previous_version"] == p["version"] for p, e in zip(promotions, promotions[1:]))
+    pointer = json.loads(open_store(store_uri).get_bytes(pointer_key("tiny", "dev"))[0])
+    assert (pointer["version"], pointer["seq"]) == (promotions[-1]["version"], promotions[-1]["seq"])
+    report = verify(store_uri)
+    assert report["ok"], report["problems"]

@@ -1,0 +1,175 @@
+"""`perp registry ...` and `perp pull`: --json outputs, exit codes, bad-input messages (run in-process)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from perp.io.hashing import sha256_file
+from perp.registry.events import event_key
+from perp.store.testing import cached_pruned_tiny, free_port, moto_s3
+
+GOOD = {"sparsity": 0.5, "target_sparsity": 0.5,
+        "gates": {"ppl_ratio": 1.1, "zeroshot_drop_points": 0.5, "sparsity": 0.5}}
+BAD = {**GOOD, "gates": {"ppl_ratio": 1.4, "zeroshot_drop_points": 0.5, "sparsity": 0.5}}
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys, tmp_path):
+    """Run `perp ARGS...` through the real entry point; returns (exit code, stdout, stderr)."""
+    from perp.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no params.yaml: the register defaults apply
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["perp", *args])
+        try:
+            main()
+            code = 0
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 1
+        out, err = capsys.readouterr()
+        return code, out, " ".join(err.split())  # rich wraps long lines
+
+    return run
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "good.json").write_text(json.dumps(GOOD))
+    (tmp_path / "bad.json").write_text(json.dumps(BAD))
+    (tmp_path / "lineage.json").write_text(json.dumps({"base_model": {"source": "tiny-llama", "sha256": "0" * 64}}))
+    return tmp_path
+
+
+def tree(directory: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")}
+
+
+def test_full_lifecycle_with_json(cli, files, tmp_path):
+    model = str(cached_pruned_tiny())
+    store = str(tmp_path / "store")
+    code, out, err = cli("registry", "register", model, "--name", "tiny", "--metrics", "good.json",
+                         "--lineage", "lineage.json", "--store", store, "--json")
+    assert code == 0, err
+    registered = json.loads(out)
+    assert registered["version"] == 1 and registered["lineage"]["base_model"]["source"] == "tiny-llama"
+    assert registered["params"]["register"]["store"] == store and registered["metrics"] == GOOD
+    code, out, _ = cli("registry", "register", model, "-n", "tiny", "--metrics", "bad.json", "--store", store, "--json")
+    assert json.loads(out)["version"] == 2
+
+    for stage in ("dev", "staging", "prod"):
+        code, out, err = cli("registry", "promote", "tiny", "1", "--to", stage, "--reason", "ok", "--store", store,
+                             "--json")
+        assert code == 0 and json.loads(out)["promoted"] and json.loads(out)["stage"] == stage, err
+    for stage in ("dev", "staging"):
+        assert cli("registry", "promote", "tiny", "2", "--to", stage, "--store", store)[0] == 0
+
+    code, out, err = cli("registry", "promote", "tiny", "2", "--to", "prod", "--store", store, "--json")
+    assert code == 2
+    refusal = json.loads(out)
+    assert refusal["ok"] is False and refusal["gates"]["failed"] == ["ppl_ratio"]
+    assert "gate ppl_ratio failed: perplexity ratio vs dense 1.4 exceeds the maximum 1.25 by 0.15" in err
+
+    code, _, err = cli("registry", "promote", "tiny", "2", "--to", "prod", "--force", "--store", store)
+    assert code == 2 and "--force needs a reason" in err
+    code, out, err = cli("registry", "promote", "tiny", "2", "--to", "prod", "--force", "--reason", "hotfix",
+                         "--store", store, "--json")
+    assert code == 0 and json.loads(out)["forced"] and json.loads(out)["failed_gates"] == ["ppl_ratio"]
+
+    code, out, _ = cli("registry", "list", "--store", store, "--json")
+    assert json.loads(out)["models"][0]["stages"] == {"dev": 2, "prod": 2, "staging": 2}
+    code, out, _ = cli("registry", "show", "tiny", "--store", store, "--json")
+    assert [v["version"] for v in json.loads(out)["versions"]] == [1, 2]
+    code, out, _ = cli("registry", "show", "tiny", "prod", "--store", store, "--json")
+    assert json.loads(out)["version"] == 2 and json.loads(out)["stages"] == ["dev", "prod", "staging"]
+    code, out, _ = cli("registry", "history", "tiny", "--stage", "prod", "--store", store, "--json")
+    prod_events = json.loads(out)["events"]
+    assert [(e["version"], e["forced"]) for e in prod_events] == [(1, False), (2, True)]
+
+    code, out, err = cli("registry", "rollback", "tiny", "--store", store, "--json")
+    assert code == 2 and "rollback needs a reason" in err
+    code, out, _ = cli("registry", "rollback", "tiny", "--stage", "prod", "--reason", "v2 regressed",
+                       "--store", store, "--json")
+    assert code == 0 and json.loads(out)["version"] == 1 and json.loads(out)["previous_version"] == 2
+
+    code, out, _ = cli("pull", "tiny@prod", "--out", "deploy", "--store", store, "--json")
+    assert code == 0 and json.loads(out)["version"] == 1
+    assert tree(tmp_path / "deploy") == tree(Path(model))
+
+    code, out, _ = cli("registry", "verify", "--store", store, "--json")
+    assert code == 0 and json.loads(out)["ok"] and json.loads(out)["checked"]["events"] == 9
+
+    # Human-readable forms print without error.
+    for args in (("registry", "list"), ("registry", "show", "tiny"), ("registry", "show", "tiny", "1"),
+                 ("registry", "history", "tiny"), ("registry", "verify")):
+        code, out, err = cli(*args, "--store", store)
+        assert code == 0, (args, err)
+    assert "forced" in cli("registry", "history", "tiny", "--store", store)[1]
+
+    # A tampered event: verify exits non-zero and names it.
+    key = event_key("tiny", 4)
+    path = Path(store) / key
+    path.write_text(path.read_text().replace('"reason":"ok"', '"reason":"approved by CEO"'))
+    code, out, err = cli("registry", "verify", "--store", store)
+    assert code == 1 and f"event 4 of 'tiny' ({key}) was altered" in err
+    code, out, _ = cli("registry", "verify", "--store", store, "--json")
+    assert code == 1 and json.loads(out)["problems"][0]["key"] == key
+
+
+def test_bad_input_messages_and_exit_codes(cli, files, tmp_path):
+    store = str(tmp_path / "store")
+    assert cli("registry", "register", str(cached_pruned_tiny()), "-n", "tiny", "--metrics", "good.json",
+               "--store", store)[0] == 0
+    cases = [
+        (("registry", "promote", "tiny", "5", "--to", "dev"), "model 'tiny' has no version 5"),
+        (("registry", "promote", "tiny", "1", "--to", "qa"), "unknown stage 'qa' (allowed: dev, staging, prod)"),
+        (("registry", "promote", "tiny", "x1", "--to", "dev"), "'x1' is not a version number"),
+        (("registry", "promote", "../tiny", "1", "--to", "dev"), "'../tiny' is not a valid model name"),
+        (("registry", "rollback", "tiny", "--reason", "r"), "'prod' of 'tiny' holds no version"),
+        (("registry", "show", "ghost"), "model 'ghost' not found"),
+        (("registry", "register", "missing-dir", "-n", "tiny"), "model directory 'missing-dir' does not exist"),
+        (("registry", "register", str(cached_pruned_tiny()), "-n", "tiny", "--metrics", "nope.json"),
+         "metrics file 'nope.json' does not exist"),
+        (("pull", "tiny@9", "--out", "o"), "model 'tiny' has no version 9"),
+    ]
+    before = sorted(p for p in Path(store).rglob("*"))
+    for args, message in cases:
+        code, out, err = cli(*args, "--store", store)
+        assert code == 2 and message in err, (args, err)
+    assert sorted(p for p in Path(store).rglob("*")) == before
+    code, _, err = cli("registry", "list", "--store", "gs://bucket/prefix")
+    assert code == 2 and "unknown store scheme 'gs://'" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_store_defaults_to_params_yaml(cli, files, tmp_path):
+    (tmp_path / "params.yaml").write_text("register:\n  store: ./team-store\n  name: from-params\n")
+    code, out, err = cli("registry", "register", str(cached_pruned_tiny()), "--metrics", "good.json", "--json")
+    assert code == 0, err
+    assert json.loads(out)["name"] == "from-params" and (tmp_path / "team-store" / "models" / "from-params").is_dir()
+    code, out, _ = cli("registry", "list", "--json")
+    assert [m["name"] for m in json.loads(out)["models"]] == ["from-params"]
+
+
+def test_s3_store_through_the_cli(cli, files, tmp_path, monkeypatch):
+    with moto_s3(("perp-cli",)) as endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        store = f"s3://perp-cli/{uuid.uuid4().hex[:8]}"
+        model = str(cached_pruned_tiny())
+        assert cli("registry", "register", model, "-n", "tiny", "--metrics", "good.json", "--store", store)[0] == 0
+        assert cli("registry", "promote", "tiny", "1", "--to", "dev", "--store", store)[0] == 0
+        code, out, err = cli("pull", "tiny@dev", "--out", "pulled", "--store", store, "--json")
+        assert code == 0, err
+        assert tree(tmp_path / "pulled") == tree(Path(model))
+        assert cli("registry", "verify", "--store", store)[0] == 0
+
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", unreachable)
+    monkeypatch.setenv("PERP_S3_MAX_ATTEMPTS", "2")
+    code, _, err = cli("registry", "promote", "tiny", "1", "--to", "dev", "--store", "s3://perp-cli/x")
+    assert code == 2 and f"S3 endpoint {unreachable} unreachable after 2 attempts" in err
