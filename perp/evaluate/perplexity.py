@@ -34,10 +34,16 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 @torch.no_grad()
 def window_nll_sum(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Summed next-token NLL for a [B, L] batch of windows, computed in fp32 whatever the model's dtype."""
-    logits = model(input_ids=batch, use_cache=False).logits[:, :-1, :]
-    targets = batch[:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum")
+    """Summed next-token NLL for a [B, L] batch of windows, computed in fp32 whatever the model's dtype.
+
+    The targets are shifted into a label tensor (the last position ignored) instead of slicing the logits, so the
+    [B, L, V] logits are read in place: `logits[:, :-1].reshape(...)` would copy all of them first.
+    """
+    logits = model(input_ids=batch, use_cache=False).logits
+    labels = torch.full_like(batch, -100)
+    labels[:, :-1] = batch[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100,
+                           reduction="sum")
 
 
 @torch.no_grad()
