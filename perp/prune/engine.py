@@ -1,0 +1,467 @@
+"""The sequential calibration engine: one decoder layer on the compute device at a time.
+
+1. `capture_layer_inputs` runs the calibration windows through the model until the first decoder layer is
+   called (a forward pre-hook with kwargs records its inputs and stops the forward), so only the embeddings run.
+2. For each decoder layer in order (`prune_model`):
+   - bring it to the compute device;
+   - pass 1: run the calibration inputs through it, collecting per-group statistics with one forward pre-hook
+     per input group (Linears reading the same input share one set); once the last group has been seen the
+     forward is cut short, so the rest of the layer is not computed for nothing;
+   - compute masks and updated weights (the method), measure the reconstruction error, write them back;
+   - pass 2: run the now-pruned layer to produce the next layer's inputs, in place;
+   - move the layer back to CPU.
+   Peak device memory is one layer, the calibration hidden states and one micro-batch of activations.
+
+`capture_layer_inputs`, `run_layer` and `propagate` are the reusable pieces for layer-wise recovery: capture the
+inputs of layer 0 once, then for each layer run dense and pruned copies on the same `LayerInputs`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from perp.models.families import FamilyAdapter
+from perp.prune.masks import PackedMask, pack_mask
+from perp.prune.methods.base import PruneMethod
+from perp.prune.selection import LayerPlan, decoder_layers
+from perp.prune.stats import GroupStats, relative_error, sample_positions
+
+ProgressFn = Callable[[int, int, str], None]  # (layers done, layers total, message)
+
+#: Tokens per forward micro-batch when the caller does not choose (windows = max(1, tokens // seqlen)).
+DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass early; never escapes this module."""
+
+
+# --------------------------------------------------------------------------------------------- layer inputs
+
+
+@dataclass
+class LayerInputs:
+    """The inputs of a decoder layer for every calibration micro-batch.
+
+    `hidden[i]` is the hidden-state tensor [b, seqlen, hidden] of micro-batch i; `args[i]` any further positional
+    arguments; `kwargs[i]` the keyword arguments the model passed (attention_mask, position_embeddings,
+    position_ids, cache_position, ...). Kwargs equal across micro-batches share one tensor.
+    """
+
+    hidden: list[torch.Tensor]
+    args: list[tuple] = field(default_factory=list)
+    kwargs: list[dict[str, Any]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    @property
+    def windows(self) -> int:
+        return sum(h.shape[0] for h in self.hidden)
+
+    @property
+    def tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden[0].device
+
+    def batches(self) -> Iterator[tuple[int, torch.Tensor, tuple, dict[str, Any]]]:
+        """(first token position, hidden, args, kwargs) per micro-batch."""
+        offset = 0
+        for hidden, args, kwargs in zip(self.hidden, self.args, self.kwargs):
+            yield offset, hidden, args, kwargs
+            offset += hidden.shape[0] * hidden.shape[1]
+
+    def clone(self) -> "LayerInputs":
+        """A copy whose hidden states can be overwritten independently (kwargs are shared, read-only)."""
+        return LayerInputs([h.clone() for h in self.hidden], list(self.args), list(self.kwargs))
+
+
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(_map_tensors(item, fn) for item in obj)
+    if isinstance(obj, list):
+        return [_map_tensors(item, fn) for item in obj]
+    if isinstance(obj, dict):
+        return {key: _map_tensors(value, fn) for key, value in obj.items()}
+    return obj
+
+
+def _share_equal(obj: Any, reference: Any) -> Any:
+    """`obj` with every tensor equal to the one at the same place in `reference` replaced by that tensor."""
+    if isinstance(obj, torch.Tensor):
+        if (isinstance(reference, torch.Tensor) and reference.shape == obj.shape and reference.dtype == obj.dtype
+                and torch.equal(reference.to(obj.device), obj)):
+            return reference
+        return obj
+    if isinstance(obj, (tuple, list)) and isinstance(reference, type(obj)) and len(obj) == len(reference):
+        return type(obj)(_share_equal(a, b) for a, b in zip(obj, reference))
+    if isinstance(obj, dict) and isinstance(reference, dict):
+        return {key: _share_equal(value, reference.get(key)) for key, value in obj.items()}
+    return obj
+
+
+@contextlib.contextmanager
+def _stem_on(model: nn.Module, family: FamilyAdapter, device: torch.device) -> Iterator[torch.device]:
+    """Temporarily move what runs before the first decoder layer (embeddings, rotary tables...) to `device`.
+
+    Every parameter and buffer outside the decoder layers, the final norm and the LM head moves (tensors are
+    moved in place, so tied weights stay tied) and returns afterwards. Yields the device the stem runs on.
+    """
+    skip = (family.layers_path, family.final_norm_path, family.lm_head_path)
+    moved: list[tuple[Any, str, torch.device]] = []
+    try:
+        for name, module in model.named_modules():
+            if name and any(name == prefix or name.startswith(prefix + ".") for prefix in skip):
+                continue
+            for param in module.parameters(recurse=False):
+                if param.device != device:
+                    moved.append((param, "", param.device))
+                    param.data = param.data.to(device)
+            for key, buffer in list(module.named_buffers(recurse=False)):
+                if buffer is not None and buffer.device != device:
+                    moved.append((module, key, buffer.device))
+                    module._buffers[key] = buffer.to(device)
+        yield device
+    finally:
+        for holder, key, original in reversed(moved):
+            if key:
+                holder._buffers[key] = holder._buffers[key].to(original)
+            else:
+                holder.data = holder.data.to(original)
+
+
+def default_batch_size(seqlen: int, device: torch.device) -> int:
+    tokens = DEFAULT_BATCH_TOKENS.get(torch.device(device).type, 4096)
+    return max(1, tokens // max(1, seqlen))
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, family: FamilyAdapter, ids: torch.Tensor,
+                         device: Optional[torch.device | str] = None, batch_size: Optional[int] = None,
+                         dtype: Optional[torch.dtype] = None) -> LayerInputs:
+    """Inputs of the first decoder layer for calibration token ids [windows, seqlen].
+
+    The stem (embeddings, rotary tables; not the decoder layers or the LM head) visits `device` (default: where
+    the embeddings are) and the forward stops when the first decoder layer is called, so only the stem runs.
+    The captured tensors stay on `device`; hidden states are cast to `dtype` if given. `batch_size` windows per
+    micro-batch (default: about 4096 tokens on CPU, 16384 on CUDA).
+    """
+    layers = decoder_layers(model, family)
+    device = torch.device(device) if device is not None else family.embeddings(model)[0].weight.device
+    batch_size = batch_size or default_batch_size(ids.shape[1], device)
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append((args, dict(kwargs)))
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    was_training = model.training
+    model.eval()
+    inputs = LayerInputs(hidden=[])
+    stem = _stem_on(model, family, device)
+    exec_device = stem.__enter__()
+    try:
+        for batch in ids.split(batch_size):
+            captured.clear()
+            try:
+                model(input_ids=batch.to(exec_device), use_cache=False)
+            except _StopForward:
+                pass
+            if not captured:
+                raise RuntimeError("the model's forward never called its first decoder layer")
+            args, kwargs = captured[0]
+            if args:
+                hidden, rest = args[0], tuple(args[1:])
+            else:
+                hidden, rest = kwargs.pop("hidden_states"), ()
+            hidden = hidden.to(device=device, dtype=dtype or hidden.dtype)
+            if inputs.kwargs:  # reuse batch 0's tensors where equal (masks, rotary tables...)
+                rest = _share_equal(rest, inputs.args[0])
+                kwargs = _share_equal(kwargs, inputs.kwargs[0])
+            move = lambda t: t.to(device) if t.device != device else t  # noqa: E731
+            inputs.hidden.append(hidden)
+            inputs.args.append(_map_tensors(rest, move))
+            inputs.kwargs.append(_map_tensors(kwargs, move))
+    finally:
+        stem.__exit__(None, None, None)
+        handle.remove()
+        model.train(was_training)
+    return inputs
+
+
+def run_layer(layer: nn.Module, hidden: torch.Tensor, layer_kwargs: dict[str, Any], args: tuple = ()) -> torch.Tensor:
+    """One decoder layer on one micro-batch; returns the output hidden states (whatever the layer returns)."""
+    out = layer(hidden, *args, **layer_kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def propagate(layer: nn.Module, inputs: LayerInputs, in_place: bool = True,
+              autocast_dtype: Optional[torch.dtype] = None) -> LayerInputs:
+    """Run every micro-batch through `layer`. In place, `inputs` then holds the layer's outputs."""
+    target = inputs if in_place else LayerInputs([], list(inputs.args), list(inputs.kwargs))
+    with _autocast(inputs.device, autocast_dtype):
+        for index, (_, hidden, args, kwargs) in enumerate(inputs.batches()):
+            out = run_layer(layer, hidden, kwargs, args).to(hidden.dtype)
+            if in_place:
+                inputs.hidden[index] = out
+            else:
+                target.hidden.append(out)
+    return target
+
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------- engine
+
+
+@dataclass
+class EngineOptions:
+    """How the engine runs.
+
+    `sequential`: `layer` (default, the reference algorithms) collects every Linear's statistics from the dense
+    layer, prunes, then runs the pruned layer again for the next layer's inputs: two passes per layer, any
+    number of micro-batches. `linear` ("true sequential") prunes each input group as soon as the forward reaches
+    it, so later Linears of the layer calibrate on the outputs of already-pruned ones, and the same forward
+    produces the next layer's inputs: one pass per layer, but the whole calibration set goes through the layer
+    at once (activation memory ∝ windows × seqlen).
+
+    `compute_dtype`: precision of the calibration forwards (None: the weights' dtype). A lower one than the
+    weights (bf16 for an fp32 model) runs under autocast: matmuls in bf16; residual stream, statistics and all
+    pruning math stay fp32. `error_tokens`: how many calibration tokens (a seeded random subset) estimate the
+    reconstruction error of methods without a Hessian; SparseGPT's is exact, from its Hessian.
+    """
+
+    device: torch.device | str = "cpu"
+    compute_dtype: Optional[torch.dtype] = None
+    batch_size: Optional[int] = None  # windows per micro-batch (sequential="layer")
+    error_tokens: int = 512
+    offload: bool = True  # move each layer back to CPU once pruned (when the device is not the CPU)
+    sequential: str = "layer"  # "layer" or "linear"
+    seed: int = 0
+
+
+SEQUENTIAL_MODES = ("layer", "linear")
+
+
+@dataclass
+class EngineResult:
+    linears: dict[str, dict[str, Any]]  # full name → {shape, pruned, sparsity, rel_error, error}
+    masks: dict[str, PackedMask]  # full name → kept-mask (True = kept), bit-packed on CPU
+    timings: dict[str, float]
+    notes: list[str]
+    peak_device_bytes: Optional[int]
+    tokens: int
+
+
+class _Timer:
+    """Wall time per phase; a phase nested in another is not counted twice (the outer one excludes it)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.totals: dict[str, float] = {}
+        self._stack: list[list[float]] = []  # per open phase: [time spent in nested phases]
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self._sync()
+        start = time.perf_counter()
+        self._stack.append([0.0])
+        try:
+            yield
+        finally:
+            self._sync()
+            elapsed = time.perf_counter() - start
+            nested = self._stack.pop()[0]
+            self.totals[name] = self.totals.get(name, 0.0) + elapsed - nested
+            if self._stack:
+                self._stack[-1][0] += elapsed
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class _Pruner:
+    """Prunes the groups of one layer and records masks, sparsity and errors."""
+
+    def __init__(self, method: PruneMethod, timer: _Timer, device: torch.device) -> None:
+        self.method, self.timer, self.device = method, timer, device
+        self.linears_out: dict[str, dict[str, Any]] = {}
+        self.masks: dict[str, PackedMask] = {}
+
+    @torch.no_grad()
+    def prune_group(self, plan: LayerPlan, group: list[str], linears: dict[str, nn.Linear],
+                    stats: Optional[GroupStats]) -> None:
+        stats = stats or GroupStats(linears[group[0]].in_features, self.device)
+        with self.timer.phase("solve"):
+            work = {name: linears[name].weight.detach().to(torch.float32, copy=True) for name in group}
+            label = plan.full_name(group[0]) if len(group) == 1 else f"{plan.prefix}.{{{','.join(group)}}}"
+            pruned = self.method.prune_group(work, stats, label)
+        for name in group:
+            weight, mask = pruned[name]
+            linear, full = linears[name], plan.full_name(name)
+            with self.timer.phase("error"):
+                error, how = relative_error(linear.weight.detach().float(), weight, stats)
+            with self.timer.phase("solve"):
+                linear.weight.copy_(weight.to(linear.weight.dtype))
+                count = int(mask.sum())
+                self.masks[full] = pack_mask(~mask)
+            self.linears_out[full] = {"shape": list(mask.shape), "pruned": count,
+                                      "sparsity": count / mask.numel(), "rel_error": error, "error": how}
+        stats.free()
+
+
+def _collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], plan: LayerPlan, inputs: LayerInputs,
+                   method: PruneMethod, sample_index: Optional[torch.Tensor], device: torch.device,
+                   autocast_dtype: Optional[torch.dtype]) -> dict[int, GroupStats]:
+    """Pass 1: per-group statistics of the dense layer's inputs, cut short after the last group's input."""
+    stats: dict[int, GroupStats] = {}
+    for index, group in enumerate(plan.groups):
+        stats[index] = GroupStats(linears[group[0]].in_features, device, colsq=method.needs_colsq,
+                                  hessian=method.needs_hessian, sample_index=sample_index)
+    state = {"offset": 0, "calls": 0, "expected": None}
+
+    def make_hook(index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            with torch.autocast(device_type=device.type, enabled=False):
+                stats[index].add(args[0], state["offset"])
+            state["calls"] += 1
+            if state["expected"] is not None and state["calls"] >= state["expected"]:
+                raise _StopForward
+
+        return hook
+
+    handles = [linears[group[0]].register_forward_pre_hook(make_hook(index)) for index, group in enumerate(plan.groups)]
+    try:
+        with _autocast(device, autocast_dtype):
+            for batch_index, (offset, hidden, args, kwargs) in enumerate(inputs.batches()):
+                state["offset"], state["calls"] = offset, 0
+                try:
+                    run_layer(layer, hidden, kwargs, args)
+                except _StopForward:
+                    pass
+                if batch_index == 0:
+                    state["expected"] = state["calls"]  # the hooks fire in the same order for every batch
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def _prune_in_forward(layer: nn.Module, linears: dict[str, nn.Linear], plan: LayerPlan, inputs: LayerInputs,
+                      pruner: _Pruner, sample_index: Optional[torch.Tensor], device: torch.device,
+                      autocast_dtype: Optional[torch.dtype]) -> None:
+    """sequential="linear": one forward of the whole calibration set; each group is pruned in its pre-hook, from
+    the input it receives, before its Linears run. The layer's (pruned) output replaces `inputs`."""
+    method = pruner.method
+    done: set[int] = set()
+
+    def make_hook(index: int) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            if index in done:
+                return
+            done.add(index)
+            group = plan.groups[index]
+            with torch.autocast(device_type=device.type, enabled=False):  # pruning math stays fp32
+                with pruner.timer.phase("stats"):
+                    stats = GroupStats(linears[group[0]].in_features, device, colsq=method.needs_colsq,
+                                       hessian=method.needs_hessian, sample_index=sample_index)
+                    stats.add(args[0], 0)
+                pruner.prune_group(plan, group, linears, stats)
+
+        return hook
+
+    handles = [linears[group[0]].register_forward_pre_hook(make_hook(index)) for index, group in enumerate(plan.groups)]
+    try:
+        with pruner.timer.phase("forward"):
+            propagate(layer, inputs, in_place=True, autocast_dtype=autocast_dtype)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [group for index, group in enumerate(plan.groups) if index not in done]
+    if missing:
+        raise RuntimeError(f"{plan.prefix}: the layer's forward never called {missing}")
+
+
+@torch.no_grad()
+def prune_model(model: nn.Module, family: FamilyAdapter, method: PruneMethod, plans: Sequence[LayerPlan],
+                ids: torch.Tensor, options: Optional[EngineOptions] = None,
+                progress: Optional[ProgressFn] = None) -> EngineResult:
+    """Prune the planned Linears of `model` in place, layer by layer, calibrated on token ids [windows, seqlen].
+
+    The model's weights may live on CPU; each layer visits `options.device` in turn. Validation (`plan_pruning`,
+    `check_calibration`) must have happened before: this function assumes a valid plan.
+    """
+    options = options or EngineOptions()
+    if options.sequential not in SEQUENTIAL_MODES:
+        raise ValueError(f"sequential must be one of {SEQUENTIAL_MODES}, got {options.sequential!r}")
+    device = torch.device(options.device)
+    timer = _Timer(device)
+    pruner = _Pruner(method, timer, device)
+    layers = decoder_layers(model, family)
+    last = max((plan.index for plan in plans if plan.groups), default=-1)
+    total = last + 1
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    single_pass = options.sequential == "linear"
+
+    with timer.phase("capture"):
+        batch_size = ids.shape[0] if single_pass else options.batch_size
+        inputs = capture_layer_inputs(model, family, ids, device, batch_size)
+    tokens = inputs.tokens
+    needs_pass1 = method.needs_calibration or options.error_tokens > 0
+    sample_index = None
+    if not method.needs_hessian and options.error_tokens > 0:
+        sample_index = sample_positions(tokens, options.error_tokens, options.seed)
+    if progress:
+        progress(0, total, "calibration inputs captured")
+
+    for plan in plans[:total]:
+        layer = layers[plan.index]
+        with timer.phase("onload"):
+            layer.to(device)
+        weight_dtype = next(layer.parameters()).dtype
+        autocast_dtype = options.compute_dtype if options.compute_dtype not in (None, weight_dtype) else None
+        linears = family.linears(layer)
+        if single_pass and plan.groups:
+            _prune_in_forward(layer, linears, plan, inputs, pruner, sample_index, device, autocast_dtype)
+        else:
+            if plan.groups:
+                stats: dict[int, GroupStats] = {}
+                if needs_pass1:
+                    with timer.phase("stats"):
+                        stats = _collect_stats(layer, linears, plan, inputs, method, sample_index, device,
+                                               autocast_dtype)
+                for index, group in enumerate(plan.groups):
+                    pruner.prune_group(plan, group, linears, stats.pop(index, None))
+            with timer.phase("propagate"):
+                if plan.index < last:  # the last pruned layer's outputs feed nothing that is pruned
+                    propagate(layer, inputs, in_place=True, autocast_dtype=autocast_dtype)
+        with timer.phase("offload"):
+            if options.offload and device.type != "cpu":
+                layer.to("cpu")
+        if progress:
+            done = [pruner.linears_out[plan.full_name(n)]["rel_error"] for n in plan.names]
+            message = f"layer {plan.index}" + (f": mean rel_error {sum(done) / len(done):.4f}" if done else ": skipped")
+            progress(plan.index + 1, total, message)
+    del inputs
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return EngineResult(linears=pruner.linears_out, masks=pruner.masks, timings=timer.totals,
+                        notes=list(method.notes), peak_device_bytes=peak, tokens=tokens)

@@ -1,0 +1,194 @@
+"""`run_prune`: the mask stage as one library call, shared by the CLI, `perp run`, Prefect and DVC.
+
+Output directory (written atomically: it appears whole or not at all):
+
+- a Hugging Face checkpoint (`save_pretrained`, safetensors) with exact zeros in place, and the tokenizer;
+- `masks.safetensors`: the kept-masks as bitmasks (`perp.prune.masks.load_masks`);
+- `prune_report.json`: method, pattern, target and achieved sparsity, per-Linear sparsity and reconstruction
+  error, time per phase, peak memory, the full config, the calibration token hash and the base model hash.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from perp.config import PerpConfig, dump_params
+from perp.data.windows import TokenSet
+from perp.errors import ConfigError
+from perp.io.atomic import atomic_directory, write_json_atomic
+from perp.prune.engine import SEQUENTIAL_MODES, EngineOptions, EngineResult, default_batch_size, prune_model
+from perp.prune.masks import MASKS_FILE, save_masks
+from perp.prune.methods import create_method
+from perp.prune.patterns import PruneSpec
+from perp.prune.selection import check_calibration, plan_pruning
+
+REPORT_FILE = "prune_report.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def resolve_compute_dtype(value: Optional[str | torch.dtype]) -> Optional[torch.dtype]:
+    """`auto`/None: the weights' dtype; else float32, bfloat16 or float16 (lower precision runs under autocast)."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, torch.dtype):
+        return value
+    if value not in _DTYPES:
+        raise ConfigError(f"prune.compute_dtype: unknown dtype '{value}' (allowed: auto, {', '.join(_DTYPES)})")
+    return _DTYPES[value]
+
+
+def _option(config: PerpConfig, name: str, default: Any) -> Any:
+    """An optional `prune.<name>` setting: read it when the config schema has it, else the default."""
+    value = getattr(config.prune, name, None)
+    return default if value is None else value
+
+
+def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet] = None,
+              progress: Optional[Callable[..., None]] = None, *, compute_dtype: Optional[str] = None,
+              batch_size: Optional[int] = None, error_tokens: Optional[int] = None,
+              sequential: Optional[str] = None) -> dict[str, Any]:
+    """Prune `config.model.name` with `config.prune`, calibrated on `calib` (default: `config.data.calibration`).
+
+    Every check (architecture, Linear selection, pattern vs. shapes, calibration text and vocabulary) runs
+    before the first layer is processed; failures are `PerpError`s with one-line messages. `progress` is called
+    as progress(layers_done, layers_total, message). Returns the report (also written to prune_report.json).
+
+    Keyword options (also read from `prune.compute_dtype`, `prune.batch_size`, `prune.error_tokens`,
+    `prune.sequential` once the config schema has them): the calibration forward precision (`auto` = the
+    weights'), windows per micro-batch, the number of calibration tokens that estimate the reconstruction
+    error of Hessian-free methods, and the engine mode (`layer`: reference, two passes per layer; `linear`:
+    true-sequential, one pass, whole calibration set at once — see `EngineOptions`).
+    """
+    from perp.data import calibration_set
+    from perp.models import load_model
+
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    out_dir = Path(out_dir)
+    spec = PruneSpec.from_config(config.prune)
+    method = create_method(config.prune.method, spec)
+    dtype_option = resolve_compute_dtype(compute_dtype or _option(config, "compute_dtype", None))
+    sequential = sequential or _option(config, "sequential", "layer")
+    if sequential not in SEQUENTIAL_MODES:
+        raise ConfigError(f"prune.sequential: unknown mode '{sequential}' (allowed: {', '.join(SEQUENTIAL_MODES)})")
+
+    # Everything that can be wrong is checked on a weightless (meta) copy of the model first.
+    t0 = time.perf_counter()
+    skeleton, family, tokenizer = model_skeleton(config.model.name, config.model.revision)
+    plan_pruning(skeleton, family, config.prune.include, config.prune.exclude, spec)
+    if calib is None:
+        calib = calibration_set(config.data.calibration, tokenizer)
+    check_calibration(calib.ids, skeleton, family)
+    timings["prepare"] = time.perf_counter() - t0  # validation on a meta model, calibration windows
+    del skeleton
+
+    t0 = time.perf_counter()
+    loaded = load_model(config.model.name, config.model.device, config.model.dtype, config.model.revision,
+                        load_to_device=False)
+    timings["load"] = time.perf_counter() - t0
+    model = loaded.model
+    plans = plan_pruning(model, family, config.prune.include, config.prune.exclude, spec)
+
+    options = EngineOptions(
+        device=loaded.device,
+        compute_dtype=dtype_option,
+        batch_size=batch_size or _option(config, "batch_size", None) or default_batch_size(calib.seqlen, loaded.device),
+        error_tokens=int(error_tokens if error_tokens is not None else _option(config, "error_tokens", 512)),
+        sequential=sequential,
+    )
+    result = prune_model(model, family, method, plans, calib.ids, options, progress)
+    timings.update(result.timings)
+
+    report = build_report(config, loaded, calib, spec, result, options)
+    t0 = time.perf_counter()
+    with atomic_directory(out_dir) as staging:
+        model.save_pretrained(staging)
+        loaded.tokenizer.save_pretrained(staging)
+        save_masks(result.masks, staging / MASKS_FILE)
+        timings["save"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - started
+        report["timings"] = {key: round(value, 4) for key, value in timings.items()}
+        report["peak_memory_bytes"] = result.peak_device_bytes or _peak_rss_bytes()
+        report["peak_rss_bytes"] = _peak_rss_bytes()
+        write_json_atomic(staging / REPORT_FILE, report)
+    return report
+
+
+def model_skeleton(spec: str, revision: Optional[str] = None) -> tuple[torch.nn.Module, Any, Any]:
+    """(model on the meta device, family adapter, tokenizer) without reading a weight; fetches remote sources."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from perp.errors import ModelSourceError
+    from perp.models.loading import peek_family, resolve_model_dir
+
+    _, path = resolve_model_dir(spec, revision)
+    family = peek_family(path)
+    try:
+        model_config = AutoConfig.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ModelSourceError(f"cannot load model from '{path}': {str(error).splitlines()[0]}") from None
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config)
+    return skeleton, family, tokenizer
+
+
+def build_report(config: PerpConfig, loaded: Any, calib: TokenSet, spec: PruneSpec, result: EngineResult,
+                 options: EngineOptions) -> dict[str, Any]:
+    from perp import __version__
+
+    pruned = sum(entry["pruned"] for entry in result.linears.values())
+    total = sum(entry["shape"][0] * entry["shape"][1] for entry in result.linears.values())
+    decoder = loaded.family.decoder_sparsity(loaded.model)
+    errors = [entry["rel_error"] for entry in result.linears.values() if entry["rel_error"] == entry["rel_error"]]
+    how = sorted({entry["error"] for entry in result.linears.values()})
+    return {
+        "method": config.prune.method,
+        "pattern": spec.pattern,
+        "granularity": spec.granularity,
+        "target_sparsity": spec.target_sparsity,
+        "achieved_sparsity": pruned / total if total else 0.0,
+        "pruned_weights": pruned,
+        "selected_weights": total,
+        "decoder_sparsity": decoder["sparsity"],
+        "mean_rel_error": sum(errors) / len(errors) if errors else None,
+        "layers": {name: {"sparsity": entry["sparsity"], "rel_error": entry["rel_error"], "shape": entry["shape"]}
+                   for name, entry in result.linears.items()},
+        "rel_error_estimate": {
+            "how": how,
+            "definition": "‖WX − ŴX‖² / ‖WX‖² over the Linear's calibration inputs X in the dense layer "
+                          "(earlier layers already pruned)",
+            "exact": "from the Hessian XᵀX over every calibration token",
+            "sampled": f"on {min(options.error_tokens, result.tokens)} of {result.tokens} calibration tokens "
+                       f"(seeded random subset)",
+        },
+        "engine": {
+            "device": str(torch.device(options.device)),
+            "weights_dtype": str(loaded.dtype).removeprefix("torch."),
+            "compute_dtype": str(options.compute_dtype or loaded.dtype).removeprefix("torch."),
+            "batch_size": options.batch_size,
+            "sequential": options.sequential,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+        },
+        "notes": result.notes,
+        "config": dump_params(config),
+        "calibration": calib.describe(),
+        "base_model": {"source": loaded.source, "kind": loaded.kind, "sha256": loaded.content_hash,
+                       "family": loaded.family.name},
+        "perp_version": __version__,
+        "masks": {"file": MASKS_FILE, "format": "bitmask, True = kept", "linears": len(result.masks)},
+    }

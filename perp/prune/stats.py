@@ -1,0 +1,147 @@
+"""Calibration statistics of one input group: Linears of a layer that read the same input (q/k/v; gate/up).
+
+Collected in fp32 while the calibration windows stream through the layer, once per group, whatever the number of
+Linears that share it:
+
+- `colsq`: Σ_t x_tj² per input column j (Wanda's ‖X_j‖²);
+- `hessian`: Σ_t x_t x_tᵀ (SparseGPT's H = XᵀX; its scale does not matter, dampening is relative);
+- `sample`: a fixed, seeded subset of the input rows, to estimate the reconstruction error of methods that keep
+  no Hessian.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+_CHUNK_BYTES = 64 * 1024 * 1024
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
+    """a @ b with fp32 output; for half inputs on CUDA the products are exact and accumulated in fp32."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # older torch: no out_dtype
+            return None
+    return None
+
+
+def _syrk():
+    """scipy's BLAS ssyrk (XᵀX from one triangle: half the flops of a GEMM), or None."""
+    try:
+        from scipy.linalg import blas
+    except ImportError:  # scipy comes with gensim; without it, a GEMM does the same job
+        return None
+    return blas.ssyrk
+
+
+class GroupStats:
+    """Running statistics of one group's input, on the compute device."""
+
+    def __init__(self, in_features: int, device: torch.device, colsq: bool = False, hessian: bool = False,
+                 sample_index: Optional[torch.Tensor] = None) -> None:
+        self.in_features = in_features
+        self.tokens = 0
+        self.colsq = torch.zeros(in_features, dtype=torch.float32, device=device) if colsq else None
+        self._hessian: Optional[torch.Tensor] = None
+        # On CPU the Hessian accumulates into one triangle of a column-major array through BLAS syrk.
+        self._syrk = _syrk() if hessian and torch.device(device).type == "cpu" else None
+        self._upper: Optional[np.ndarray] = None
+        if self._syrk is not None:
+            self._upper = np.zeros((in_features, in_features), dtype=np.float32, order="F")
+        elif hessian:
+            self._hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self._sample_index = sample_index  # sorted global token positions (CPU int64), or None
+        self._samples: list[torch.Tensor] = []
+        self._sample: Optional[torch.Tensor] = None
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor, offset: int) -> None:
+        """Accumulate a batch of inputs; `offset` is the global position of its first token (for sampling)."""
+        x = x.reshape(-1, x.shape[-1])
+        rows = x.shape[0]
+        hessian_done = False
+        if self._upper is not None and x.device.type == "cpu":
+            chunk = x.detach().to(torch.float32).contiguous()
+            # x is [rows, d] row-major, so its numpy transpose [d, rows] is column-major: C += Xᵀ X, no copy
+            self._upper = self._syrk(1.0, chunk.numpy().T, beta=1.0, c=self._upper, trans=0, lower=0, overwrite_c=1)
+            hessian_done = True
+        elif self._hessian is not None and x.dtype != torch.float32:
+            product = _mm_fp32(x.t(), x)
+            if product is not None:
+                self._hessian += product
+                hessian_done = True
+        if self.colsq is not None or (self._hessian is not None and not hessian_done):
+            step = max(1, _CHUNK_BYTES // (4 * x.shape[1]))
+            for start in range(0, rows, step):
+                chunk = x[start:start + step].float()
+                if self.colsq is not None:
+                    self.colsq += (chunk * chunk).sum(dim=0)
+                if self._hessian is not None and not hessian_done:
+                    self._hessian.addmm_(chunk.t(), chunk)
+        self.tokens += rows
+        self._add_sample(x, offset)
+
+    @property
+    def hessian(self) -> Optional[torch.Tensor]:
+        """Σ x xᵀ over every token added so far (fp32, symmetric)."""
+        if self._upper is not None:
+            upper = torch.from_numpy(np.triu(self._upper))
+            self._hessian = upper + torch.triu(upper, diagonal=1).t()
+            self._upper = None
+        return self._hessian
+
+    def _add_sample(self, x: torch.Tensor, offset: int) -> None:
+        if self._sample_index is None:
+            return
+        lo = int(torch.searchsorted(self._sample_index, offset))
+        hi = int(torch.searchsorted(self._sample_index, offset + x.shape[0]))
+        if hi > lo:
+            rows = (self._sample_index[lo:hi] - offset).to(x.device)
+            self._samples.append(x.index_select(0, rows).float())
+
+    @property
+    def sample(self) -> Optional[torch.Tensor]:
+        if self._sample is None and self._samples:
+            self._sample = torch.cat(self._samples)
+            self._samples = []
+        return self._sample
+
+    def free(self) -> None:
+        self.colsq = self._hessian = self._upper = self._sample = None
+        self._samples = []
+
+
+def sample_positions(total_tokens: int, budget: int, seed: int = 0) -> Optional[torch.Tensor]:
+    """A sorted, seeded random subset of `budget` token positions out of `total_tokens` (all of them if fewer)."""
+    if budget <= 0:
+        return None
+    if budget >= total_tokens:
+        return torch.arange(total_tokens)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(total_tokens, generator=generator)[:budget].sort().values
+
+
+@torch.no_grad()
+def relative_error(dense: torch.Tensor, pruned: torch.Tensor, stats: GroupStats) -> tuple[float, str]:
+    """‖WX − ŴX‖² / ‖WX‖² on the calibration inputs X: exact from the Hessian when the group kept one, else
+    estimated on the sampled input rows. Returns (value, how)."""
+    delta = dense - pruned
+    if stats.hessian is not None:
+        H = stats.hessian
+        numerator = float(((delta @ H) * delta).sum())
+        denominator = float(((dense @ H) * dense).sum())
+        how = "exact"
+    elif stats.sample is not None:
+        rows = dense.shape[0]
+        both = (stats.sample @ torch.cat([dense, delta]).t()).pow_(2)  # one GEMM for WX and ΔWX
+        denominator, numerator = float(both[:, :rows].sum()), float(both[:, rows:].sum())
+        how = "sampled"
+    else:
+        return float("nan"), "none"
+    return (numerator / denominator if denominator > 0 else float("nan")), how

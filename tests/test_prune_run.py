@@ -1,0 +1,224 @@
+"""`run_prune` and `perp prune`: outputs (checkpoint, masks, report), reload with plain transformers, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from perp.config import load_params
+from perp.data.windows import TokenSet
+from perp.errors import ConfigError, DataSourceError, PerpError, UnsupportedArchitectureError
+from perp.prune import MASKS_FILE, REPORT_FILE, load_masks, run_prune
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _calib(windows: int = 4, seqlen: int = 32) -> TokenSet:
+    ids = torch.randint(3, 259, (windows, seqlen), generator=torch.Generator().manual_seed(0))
+    return TokenSet(ids, "test:random", {"seed": 0})
+
+
+def _config(model: str | Path, *sets: str):
+    return load_params(None, [f"model.name={model}", "model.device=cpu", *sets])
+
+
+@pytest.fixture(scope="module")
+def tied_llama_dir(tmp_path_factory) -> Path:
+    from transformers import LlamaForCausalLM
+
+    from perp.models.tiny import byte_tokenizer, tiny_config
+
+    config = tiny_config("llama")
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tied-llama")
+    LlamaForCausalLM(config).save_pretrained(directory)
+    byte_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def _reload_and_compare(out: Path, pruned_state: dict[str, torch.Tensor]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    state = reloaded.state_dict()
+    for name, tensor in pruned_state.items():
+        assert torch.equal(state[name], tensor), name
+
+
+@pytest.mark.parametrize("method, sets", [
+    ("sparsegpt", ["prune.pattern=2:4"]),
+    ("wanda", ["prune.sparsity=0.5"]),
+])
+def test_outputs_reload_with_plain_transformers(tied_llama_dir, tmp_path, method, sets):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "pruned"
+    config = _config(tied_llama_dir, f"prune.method={method}", "prune.blocksize=32", *sets)
+    calib = _calib()
+    report = run_prune(config, out, calib=calib)
+
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()  # still tied
+    dense = AutoModelForCausalLM.from_pretrained(tied_llama_dir, dtype=torch.float32)
+    assert torch.equal(reloaded.model.embed_tokens.weight, dense.model.embed_tokens.weight)
+
+    masks = load_masks(out)
+    linears = {name: module for name, module in reloaded.named_modules() if name in masks}
+    assert len(masks) == 14 and set(linears) == set(masks)
+    for name, kept in masks.items():
+        weight = linears[name].weight
+        assert kept.dtype == torch.bool and kept.shape == weight.shape
+        assert torch.equal(weight != 0, kept), name
+        assert not torch.signbit(weight[~kept]).any(), f"{name}: -0.0 at a pruned position"
+
+    assert report == json.loads((out / REPORT_FILE).read_text())
+    assert report["method"] == method and report["target_sparsity"] == 0.5
+    assert report["achieved_sparsity"] == pytest.approx(0.5)
+    assert set(report["layers"]) == set(masks)
+    entry = report["layers"]["model.layers.0.self_attn.q_proj"]
+    assert entry["sparsity"] == pytest.approx(0.5) and 0 < entry["rel_error"] < 1
+    assert report["calibration"]["sha256"] == calib.hash
+    assert report["base_model"]["sha256"] and report["config"]["prune"]["method"] == method
+    assert {"load", "capture", "stats", "solve", "propagate", "save", "total"} <= set(report["timings"])
+    assert report["peak_memory_bytes"] > 0
+
+    # the output reloads through perp too, with the same weights
+    from perp.models import load_model
+
+    again = load_model(str(out), "cpu", "float32")
+    _reload_and_compare(out, {k: v for k, v in again.model.state_dict().items()})
+
+
+def test_opt_checkpoint_reloads_and_matches(tiny_opt_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from perp.models import load_model
+
+    out = tmp_path / "opt"
+    run_prune(_config(tiny_opt_dir, "prune.method=wanda", "prune.pattern=4:8"), out, calib=_calib())
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    masks = load_masks(out / MASKS_FILE)
+    assert any(name.startswith("model.decoder.layers.1.fc2") for name in masks)
+    ours = load_model(str(out), "cpu", "float32").model.state_dict()
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, ours[name]), name
+
+
+def test_run_prune_reads_calibration_from_config(tiny_llama_dir, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"word{i}" for i in range(400)))
+    config = _config(tiny_llama_dir, "prune.method=magnitude", f"data.calibration.source={text}",
+                     "data.calibration.nsamples=2", "data.calibration.seqlen=64", "prune.granularity=matrix")
+    calls = []
+    report = run_prune(config, tmp_path / "out", progress=lambda done, total, msg: calls.append((done, total)))
+    assert report["calibration"]["windows"] == 2 and report["calibration"]["seqlen"] == 64
+    assert calls[0] == (0, 2) and calls[-1] == (2, 2)
+
+
+def test_true_sequential_bf16_run_is_exact_in_pattern(tiny_llama_dir, tmp_path):
+    config = _config(tiny_llama_dir, "prune.method=sparsegpt", "prune.pattern=4:8", "prune.blocksize=32")
+    report = run_prune(config, tmp_path / "out", calib=_calib(), sequential="linear", compute_dtype="bfloat16")
+    assert report["engine"]["sequential"] == "linear" and report["engine"]["compute_dtype"] == "bfloat16"
+    assert report["achieved_sparsity"] == pytest.approx(0.5)
+    for name, kept in load_masks(tmp_path / "out").items():
+        assert (kept.view(kept.shape[0], -1, 8).sum(-1) == 4).all(), name
+    with pytest.raises(ConfigError, match="prune.sequential"):
+        run_prune(config, tmp_path / "bad", calib=_calib(), sequential="diagonal")
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def no_engine(monkeypatch):
+    """Bad input must fail before the first layer: the engine must never be reached."""
+    def fail(*args, **kwargs):
+        raise AssertionError("the engine ran on bad input")
+
+    monkeypatch.setattr("perp.prune.run.prune_model", fail)
+
+
+def _expect(error_type, needles, config, out, calib=None):
+    with pytest.raises(error_type) as info:
+        run_prune(config, out, calib=calib)
+    message = str(info.value)
+    assert isinstance(info.value, PerpError) and "\n" not in message
+    for needle in needles:
+        assert needle in message, message
+    assert not out.exists()
+
+
+def test_model_without_decoder_layers(no_engine, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from perp.models.tiny import byte_tokenizer, tiny_config
+
+    directory = tmp_path / "empty"
+    LlamaForCausalLM(tiny_config("llama", layers=0)).save_pretrained(directory)
+    byte_tokenizer().save_pretrained(directory)
+    _expect(UnsupportedArchitectureError, ["no recognised decoder layers", "model.layers"],
+            _config(directory), tmp_path / "out", _calib())
+
+
+def test_calibration_text_shorter_than_one_window(no_engine, tiny_llama_dir, tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text("far too short")
+    config = _config(tiny_llama_dir, f"data.calibration.source={text}", "data.calibration.seqlen=512")
+    _expect(DataSourceError, ["shorter than one window of 512"], config, tmp_path / "out")
+
+
+def test_sparsity_that_prunes_nothing(no_engine, tiny_llama_dir, tmp_path):
+    _expect(ConfigError, ["prune.sparsity: 0.01 prunes no weight of model.layers.0.self_attn.q_proj", "64 inputs"],
+            _config(tiny_llama_dir, "prune.sparsity=0.01"), tmp_path / "out", _calib())
+    _expect(ConfigError, ["prune.sparsity: 0 prunes no weight"],
+            _config(tiny_llama_dir, "prune.sparsity=0.0", "prune.granularity=matrix"), tmp_path / "out", _calib())
+
+
+def test_nm_pattern_on_indivisible_inputs(no_engine, tiny_llama_dir, tmp_path):
+    _expect(ConfigError, ["prune.pattern: 3:7", "divisible by 7", "model.layers.0.self_attn.q_proj has 64 inputs"],
+            _config(tiny_llama_dir, "prune.pattern=3:7"), tmp_path / "out", _calib())
+
+
+def test_selection_that_matches_nothing_and_foreign_tokens(no_engine, tiny_llama_dir, tmp_path):
+    _expect(ConfigError, ["select no decoder Linear", "model.layers.0.self_attn.q_proj"],
+            _config(tiny_llama_dir, "prune.include=['lm_head']"), tmp_path / "out", _calib())
+    foreign = TokenSet(torch.full((2, 16), 50_000), "test:foreign")
+    _expect(DataSourceError, ["vocabulary has 259 entries"], _config(tiny_llama_dir), tmp_path / "out", foreign)
+
+
+def test_unknown_compute_dtype_fails_before_loading(no_engine, tiny_llama_dir, tmp_path):
+    with pytest.raises(ConfigError, match="prune.compute_dtype"):
+        run_prune(_config(tiny_llama_dir), tmp_path / "out", calib=_calib(), compute_dtype="int8")
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_prune_json_and_one_line_error(cli, tiny_llama_dir, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"token{i}" for i in range(300)))
+    out = tmp_path / "pruned"
+    result = cli("prune", "--model", str(tiny_llama_dir), "--calib", str(text), "--method", "sparsegpt",
+                 "--pattern", "2:4", "--nsamples", "2", "--seqlen", "64", "--out", str(out), "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["achieved_sparsity"] == pytest.approx(0.5) and payload["out"] == str(out)
+    assert payload["report"]["pattern"] == "2:4" and (out / MASKS_FILE).is_file()
+
+    bad = cli("prune", "--model", str(tiny_llama_dir), "--calib", str(text), "--sparsity", "0.01", "--seqlen", "64",
+              "--out", str(tmp_path / "bad"), cwd=tmp_path)
+    assert bad.returncode == 2
+    lines = [line for line in bad.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: prune.sparsity: 0.01 prunes no weight"), bad.stderr
+    assert not (tmp_path / "bad").exists()
