@@ -1,0 +1,224 @@
+"""Layer-wise reconstruction: each pruned decoder block is trained to reproduce the dense block's outputs.
+
+For block i, with X_i the hidden states entering it (from the already reconstructed blocks before it):
+
+1. the dense block i runs on X_i, giving the targets Y_i (computed on the fly from the dense weights);
+2. the selected parameters of the pruned block i train to minimise MSE(block_i(X_i), Y_i);
+3. the block is merged (masks verified), and X_{i+1} = block_i(X_i) feeds the next block.
+
+Only one block (dense or pruned) is on the device at a time; both models stay on the CPU otherwise, so this is
+the mode that scales past the device's memory. The LM head and the final norm are outside every block and do not
+train here. Blocks run in eval mode (no dropout): the targets are deterministic, so is the regression.
+
+The data flow is the pruning engine's (`perp.prune.engine`): `capture_layer_inputs` for the inputs of block 0,
+`run_layer` for one block on a batch, `propagate` for a block over every window.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from perp.config import PerpConfig
+from perp.data import evaluation_set
+from perp.models import load_model
+from perp.models.families import count_parameters
+from perp.recover.base import RecoverError, Settings, block_scope
+from perp.prune.engine import LayerInputs, capture_layer_inputs, propagate, run_layer
+from perp.recover.data import WindowStream, training_windows
+from perp.recover.masks import capture_masks, mask_violations, require_pruned
+from perp.recover.memory import PeakMemory
+from perp.recover.selection import attach, autocast_context, require_trainable
+from perp.recover.train import optimize
+
+
+def check_same_architecture(pruned: nn.Module, dense: nn.Module, family, model: str, dense_name: str) -> None:
+    a, b = pruned.config, dense.config
+    layers_a = family.num_layers(pruned)
+    layers_b = family.num_layers(dense) if a.model_type == b.model_type else None
+    if a.model_type != b.model_type or layers_a != layers_b:
+        raise RecoverError(
+            f"--dense '{dense_name}' ({b.model_type}, {b.num_hidden_layers} layers) is not the dense version "
+            f"of '{model}' ({a.model_type}, {layers_a} layers)"
+        )
+    for (name, linear), (_, other) in zip(family.named_decoder_linears(pruned), family.named_decoder_linears(dense)):
+        if linear.weight.shape != other.weight.shape:
+            raise RecoverError(f"--dense '{dense_name}': {name} is {tuple(other.weight.shape)} there but "
+                               f"{tuple(linear.weight.shape)} in '{model}'; not the same architecture")
+
+
+class BlockData:
+    """Hidden states entering the current block for every window, [n, L, d], and the block's call arguments.
+
+    The inputs of block 0 are captured one window at a time, so every captured argument (causal mask, rotary
+    tables, positions) has batch size one and broadcasts (or expands) to any batch of windows.
+    """
+
+    def __init__(self, captured: LayerInputs) -> None:
+        self.hidden = torch.cat(captured.hidden)
+        self.args = captured.args[0]
+        self.kwargs = captured.kwargs[0]
+
+    def call_kwargs(self, batch: int) -> dict[str, Any]:
+        return {key: _expand(value, batch) for key, value in self.kwargs.items()}
+
+    def chunks(self, batch_size: int, hidden: Optional[torch.Tensor] = None) -> LayerInputs:
+        """`hidden` (default: the current inputs) as the engine's micro-batches of `batch_size` windows."""
+        parts = list((self.hidden if hidden is None else hidden).split(batch_size))
+        return LayerInputs(parts, [self.args] * len(parts), [self.call_kwargs(p.shape[0]) for p in parts])
+
+    def run(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return run_layer(layer, hidden, self.call_kwargs(hidden.shape[0]), self.args)
+
+
+def _expand(value: Any, batch: int) -> Any:
+    if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == 1 and batch > 1:
+        return value.expand(batch, *value.shape[1:])
+    if isinstance(value, tuple):
+        return tuple(_expand(v, batch) for v in value)
+    return value
+
+
+@torch.no_grad()
+def outputs(layer: nn.Module, data: BlockData, batch_size: int, autocast_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """The block's outputs for every window (the engine's `propagate`), as one [n, L, d] tensor."""
+    return torch.cat(propagate(layer, data.chunks(batch_size), in_place=False, autocast_dtype=autocast_dtype).hidden)
+
+
+@torch.no_grad()
+def block_mse(layer: nn.Module, data: BlockData, targets: torch.Tensor, batch_size: int,
+              autocast_dtype: Optional[torch.dtype]) -> float:
+    out = outputs(layer, data, batch_size, autocast_dtype)
+    return float(F.mse_loss(out.float(), targets.float()))
+
+
+def _ppl_on_device(net: nn.Module, eval_set, batch_size: int, device: torch.device, run_ppl, progress, stage):
+    home = next(net.parameters()).device
+    net.to(device)
+    try:
+        return run_ppl(net, eval_set, batch_size, progress, stage)
+    finally:
+        net.to(home)
+
+
+def run_layerwise(config: PerpConfig, model: str, dense: str, methods: list[str], settings: Settings,
+                  preserves: bool, progress) -> dict[str, Any]:
+    from perp.recover.run import _common_report, _emit, _ppl
+
+    rc = config.recover
+    mc = config.model
+    loaded = load_model(model, mc.device, mc.dtype, mc.revision, load_to_device=False)
+    net, family, device = loaded.model, loaded.family, loaded.device
+    if methods == ["bias"] and not any(n.endswith("bias") for n, _ in family.layers(net).named_parameters()):
+        raise RecoverError(f"recover.method: 'bias' selects no trainable parameters in '{model}' "
+                           "(LLaMA-style models have no biases)")
+    sparsity_before = require_pruned(net, family, model, methods) if preserves else family.decoder_sparsity(net)
+    dense_loaded = load_model(dense, mc.device, mc.dtype, mc.revision, load_to_device=False)
+    dense_net = dense_loaded.model
+    check_same_architecture(net, dense_net, family, model, dense)
+    net.requires_grad_(False)  # each block's `attach` selects its own trainable parameters
+    dense_net.requires_grad_(False)
+    total_params = count_parameters(net)
+    train_set = training_windows(config, loaded.tokenizer)
+    eval_set = evaluation_set(config.data.evaluation, loaded.tokenizer)
+    ppl_before = _ppl_on_device(net, eval_set, config.evaluate.batch_size, device, _ppl, progress, "ppl_before")
+
+    autocast = lambda: autocast_context(device, loaded.dtype)  # noqa: E731
+    autocast_dtype = _autocast_dtype(device, loaded.dtype)
+    store_dtype = torch.float32 if device.type == "cpu" else loaded.dtype
+    layers, dense_layers = family.layers(net), family.layers(dense_net)
+    n_layers = len(layers)
+    stream = WindowStream(train_set, rc.batch_size, rc.seed)
+    batches_needed = rc.steps * rc.grad_accum
+    plan = stream.plan(batches_needed)
+    stream.warn_if_repeating(batches_needed)  # once: every block uses the same plan
+    total_steps = rc.steps * n_layers
+    _emit(progress, "train", 0, total_steps)
+
+    torch.manual_seed(rc.seed)
+    meter = PeakMemory(device)
+    meter.start()
+    started = time.perf_counter()
+    data = BlockData(capture_layer_inputs(net, family, train_set.ids, device, batch_size=1, dtype=store_dtype))
+    loss_curve: list[list[float]] = []
+    blocks: list[dict[str, Any]] = []
+    adapter: dict[str, torch.Tensor] = {}
+    trainable = 0
+    tokens = 0
+    notes: dict[str, Any] = {}
+    for index in range(n_layers):
+        layer, dense_layer = layers[index], dense_layers[index]
+        home = next(layer.parameters()).device
+        dense_layer.to(device)
+        targets = outputs(dense_layer, data, rc.batch_size, autocast_dtype)
+        dense_layer.to(home)
+
+        layer.to(device)
+        layer.eval()
+        scope = block_scope(layer, family)
+        masks = capture_masks(scope.linears) if preserves else {}
+        mse_before = block_mse(layer, data, targets, rc.batch_size, autocast_dtype)
+        block_settings = Settings(rank=settings.rank, alpha=settings.alpha, seed=settings.seed + index)
+        attachment = attach(scope, methods, block_settings)
+        require_trainable(attachment, rc.method, f"decoder block {index}")
+        trainable += attachment.trainable_params
+        indices = stream.index_batches(batches_needed)
+
+        def micro_batch_loss() -> tuple[torch.Tensor, int]:
+            pick = next(indices)
+            x, y = data.hidden[pick].to(device), targets[pick].to(device)
+            with autocast():
+                out = data.run(layer, x)
+            return F.mse_loss(out.float(), y.float()), x.shape[0] * x.shape[1]
+
+        def on_step(global_step: int, loss: float) -> None:
+            _emit(progress, "train", global_step, total_steps, f"block {index} mse {loss:.4g}")
+
+        result = optimize(attachment, rc, micro_batch_loss, device, loaded.dtype, on_step, index * rc.steps)
+        loss_curve.extend(result.loss_curve)
+        tokens += result.tokens
+        prefix = f"{family.layer_prefix(index)}."
+        if "full" not in methods:
+            adapter.update(attachment.state_dict(prefix))
+        notes.update(attachment.describe())
+        attachment.merge()
+        violations = mask_violations(((n, m.weight) for n, m in family.linears(layer).items()), masks)
+        if violations:  # pragma: no cover - a bug, never a user error
+            raise RuntimeError(f"pruning masks violated after merging block {index}: {violations}")
+        mse_after = block_mse(layer, data, targets, rc.batch_size, autocast_dtype)
+        data.hidden = outputs(layer, data, rc.batch_size, autocast_dtype)  # reconstructed outputs feed block i+1
+        layer.to(home)
+        targets = None  # free before the next block's targets
+        blocks.append({"block": index, "mse_before": mse_before, "mse_after": mse_after,
+                       "trainable_params": attachment.trainable_params})
+    seconds = time.perf_counter() - started
+    peak = meter.stop()
+    dense_sha256 = dense_loaded.content_hash
+    data = dense_net = dense_loaded = None  # free the captured states and the dense model
+
+    ppl_after = _ppl_on_device(net, eval_set, config.evaluate.batch_size, device, _ppl, progress, "ppl_after")
+    net.to("cpu")
+    report = {
+        **_common_report(trainable, total_params, loss_curve, ppl_before, ppl_after, seconds, tokens, meter, peak,
+                         train_set, config, plan),
+        "blocks": blocks,
+        "sparsity_before": sparsity_before,
+        "sparsity_after": family.decoder_sparsity(net),
+        "masks_held": bool(preserves),
+        "tied_embeddings_action": ("tied, unchanged" if family.ties_embeddings(net) else "not tied")
+                                  + " (layer-wise mode does not retrain the LM head)",
+        "dense_sha256": dense_sha256,
+        **{k: v for k, v in notes.items() if k != "tied_embeddings_action"},
+    }
+    return {"loaded": loaded, "report": report, "adapter": adapter}
+
+
+def _autocast_dtype(device: torch.device, model_dtype: torch.dtype) -> Optional[torch.dtype]:
+    """The engine's `autocast_dtype` for the same policy as `autocast_context` (None: no autocast)."""
+    if device.type == "cuda":
+        return torch.float16 if model_dtype == torch.float16 else torch.bfloat16
+    return model_dtype if model_dtype in (torch.bfloat16, torch.float16) else None

@@ -1,0 +1,57 @@
+"""Pruning masks: read from the weights, held during training, verified bit for bit afterwards.
+
+A mask is True where a weight is kept and False where it was pruned. Recovery reads it from the pruned
+checkpoint itself (`weight != 0`), so it needs no side file and always matches the weights it protects.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from perp.models.families import FamilyAdapter
+from perp.recover.base import RecoverError
+
+#: Below this fraction of exact zeros in the decoder Linears a model counts as never pruned. Dense checkpoints
+#: dequantized from GGUF carry a few exact zeros (SmolLM2's Q4_1 weights: 0.03%), so "any zero" is not enough.
+MIN_PRUNED_SPARSITY = 0.01
+
+
+@torch.no_grad()
+def capture_masks(linears: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    """name → bool mask (True = kept) for every Linear that has at least one pruned weight."""
+    masks = {}
+    for name, linear in linears.items():
+        keep = linear.weight != 0
+        if not bool(keep.all()):
+            masks[name] = keep
+    return masks
+
+
+@torch.no_grad()
+def mask_violations(weights: Iterable[tuple[str, torch.Tensor]], masks: dict[str, torch.Tensor]) -> dict[str, int]:
+    """name → number of pruned positions that are not exactly +0.0 (sign bit included)."""
+    violations = {}
+    for name, weight in weights:
+        if name not in masks:
+            continue
+        pruned = ~masks[name].to(weight.device)
+        values = weight[pruned]
+        bad = int((values != 0).sum()) + int(torch.signbit(values).sum())
+        if bad:
+            violations[name] = bad
+    return violations
+
+
+def require_pruned(model: nn.Module, family: FamilyAdapter, source: str, methods: list[str]) -> dict[str, float]:
+    """Sparsity-preserving recovery of a model that was never pruned is a mistake; say so before training."""
+    sparsity = family.decoder_sparsity(model)
+    if sparsity["sparsity"] < MIN_PRUNED_SPARSITY:
+        raise RecoverError(
+            f"model '{source}' has {sparsity['sparsity']:.2%} zero weights in its decoder Linears: it was never "
+            f"pruned, so there is no sparsity for '{'+'.join(methods)}' to preserve (prune it first with "
+            "`perp prune`, or use --method lora for a dense LoRA baseline)"
+        )
+    return sparsity

@@ -1,0 +1,241 @@
+"""`run_recover`: load a pruned model, retrain the selected parameters, merge, verify the masks, write outputs.
+
+Outputs (written atomically: the directory appears complete or not at all):
+
+- the merged Hugging Face checkpoint and tokenizer, sparse wherever the method keeps sparsity;
+- `adapter.safetensors`: the unmerged trainable tensors (LoRA factors, norms, biases) for audit;
+- `masks.safetensors` copied from the pruned checkpoint when it has one and the result is still sparse;
+- `recover_report.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import peft
+import torch
+import transformers
+
+from perp import __version__
+from perp.config import PerpConfig, classify_model_source, dump_params
+from perp.data import evaluation_set
+from perp.evaluate.perplexity import perplexity
+from perp.io.atomic import atomic_directory
+from perp.models import load_model
+from perp.models.families import count_parameters
+from perp.recover.base import METHODS, DataRepeatWarning, RecoverError, Settings, model_scope
+from perp.recover.data import WindowStream, training_source, training_windows
+from perp.recover.masks import capture_masks, mask_violations, require_pruned
+from perp.recover.memory import PeakMemory
+from perp.recover.selection import attach, require_trainable
+from perp.recover.train import MAX_GRAD_NORM, linear_schedule, train_end2end
+
+#: progress(stage, done, total, status): stages are "load", "ppl_before", "train", "merge", "ppl_after", "save".
+Progress = Callable[[str, int, int, str], None]
+
+ADAPTER_FILE = "adapter.safetensors"
+REPORT_FILE = "recover_report.json"
+
+
+def settings_for(config: PerpConfig) -> Settings:
+    return Settings(rank=config.recover.rank, alpha=config.recover.alpha, seed=config.recover.seed)
+
+
+def validate_request(config: PerpConfig, model: str, dense: Optional[str]) -> list[str]:
+    """Everything that can be checked without loading weights; raises RecoverError / ConfigError."""
+    rc = config.recover
+    methods = rc.methods
+    if rc.rank <= 0:
+        raise RecoverError(f"recover.rank: LoRA rank must be > 0, got {rc.rank}")
+    if not rc.lr > 0 or not math.isfinite(rc.lr):
+        raise RecoverError(f"recover.lr: the learning rate must be > 0, got {rc.lr}")
+    classify_model_source(model)
+    if rc.mode == "layerwise":
+        if dense is None:
+            raise RecoverError(
+                "recover.mode: layerwise reconstruction matches each pruned block to the dense block's outputs, so "
+                "it needs the dense reference model: pass --dense DENSE (or use --mode end2end)"
+            )
+        classify_model_source(dense)
+        if not any(METHODS.get(name).in_blocks for name in methods):
+            raise RecoverError(
+                f"recover.method: '{rc.method}' trains nothing inside decoder blocks (the LM head is outside "
+                "them); layer-wise mode needs bias, norm, lora, masklora, scalelora or full"
+            )
+    return methods
+
+
+def _emit(progress: Optional[Progress], stage: str, done: int = 0, total: int = 0, status: str = "") -> None:
+    if progress is not None:
+        progress(stage, done, total, status)
+
+
+def _ppl(model, windows, batch_size: int, progress: Optional[Progress], stage: str) -> dict[str, Any]:
+    done = [0]
+
+    def advance(n: int) -> None:
+        done[0] += n
+        _emit(progress, stage, done[0], windows.num_windows)
+
+    _emit(progress, stage, 0, windows.num_windows)
+    return perplexity(model, windows, batch_size, progress=advance).as_dict()
+
+
+def run_recover(config: PerpConfig, model: str, out_dir: Path, dense: Optional[str] = None,
+                progress: Optional[Progress] = None) -> dict[str, Any]:
+    """Recover the pruned `model` per `config.recover`; write the outputs into `out_dir`; return the report."""
+    started = time.perf_counter()
+    rc = config.recover
+    methods = validate_request(config, model, dense)
+    preserves = all(METHODS.get(name).preserves_sparsity for name in methods)
+    settings = settings_for(config)
+
+    _emit(progress, "load")
+    if rc.mode == "layerwise":
+        from perp.recover.layerwise import run_layerwise
+
+        outcome = run_layerwise(config, model, dense, methods, settings, preserves, progress)
+    else:
+        outcome = _run_end2end(config, model, methods, settings, preserves, progress)
+    loaded = outcome["loaded"]
+
+    report: dict[str, Any] = {
+        "method": rc.method,
+        "methods": methods,
+        "mode": rc.mode,
+        "model": model,
+        "model_sha256": loaded.content_hash,
+        "dense": dense,
+        "family": loaded.family.name,
+        "device": str(loaded.device),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        **outcome["report"],
+        "dense_result": not preserves,
+        "config": dump_params(config),
+        "versions": {"perp": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": peft.__version__},
+        "threads": torch.get_num_threads(),
+    }
+    report["wall_seconds"] = round(time.perf_counter() - started, 3)
+
+    _emit(progress, "save")
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as staging:
+        loaded.model.save_pretrained(staging)
+        loaded.tokenizer.save_pretrained(staging)
+        adapter = outcome["adapter"]
+        if adapter:
+            from safetensors.torch import save_file
+
+            save_file(adapter, str(staging / ADAPTER_FILE),
+                      metadata={"method": rc.method, "mode": rc.mode, "rank": str(rc.rank), "alpha": str(rc.alpha)})
+            report["adapter_file"] = ADAPTER_FILE
+        else:
+            report["adapter_file"] = None  # `full`: the trained weights are the checkpoint itself
+        source_masks = Path(loaded.path) / "masks.safetensors"
+        if preserves and Path(loaded.path).is_dir() and source_masks.is_file():
+            shutil.copy2(source_masks, staging / "masks.safetensors")
+        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+    _emit(progress, "done")
+    return report
+
+
+def _run_end2end(config: PerpConfig, model: str, methods: list[str], settings: Settings, preserves: bool,
+                 progress: Optional[Progress]) -> dict[str, Any]:
+    rc = config.recover
+    loaded = load_model(model, config.model.device, config.model.dtype, config.model.revision)
+    net, family, device = loaded.model, loaded.family, loaded.device
+    sparsity_before = require_pruned(net, family, model, methods) if preserves else family.decoder_sparsity(net)
+    total_params = count_parameters(net)
+    train_set = training_windows(config, loaded.tokenizer)
+    eval_set = evaluation_set(config.data.evaluation, loaded.tokenizer)
+
+    ppl_before = _ppl(net, eval_set, config.evaluate.batch_size, progress, "ppl_before")
+
+    scope = model_scope(net, family)
+    masks = capture_masks(scope.linears) if preserves else {}
+    attachment = attach(scope, methods, settings)
+    require_trainable(attachment, rc.method, "the model")
+    stream = WindowStream(train_set, rc.batch_size, rc.seed)
+    batches_needed = rc.steps * rc.grad_accum
+    plan = stream.plan(batches_needed)
+    batches = stream.batches(batches_needed)
+
+    def on_step(step: int, loss: float) -> None:
+        _emit(progress, "train", step, rc.steps, f"loss {loss:.4f}")
+
+    _emit(progress, "train", 0, rc.steps)
+    torch.manual_seed(rc.seed)
+    meter = PeakMemory(device)
+    meter.start()
+    result = train_end2end(net, attachment, batches, rc, device, loaded.dtype, on_step)
+    peak = meter.stop()
+
+    _emit(progress, "merge")
+    adapter = attachment.state_dict() if "full" not in methods else {}
+    notes = attachment.describe()
+    attachment.merge()
+    violations = mask_violations(((n, m.weight) for n, m in family.named_decoder_linears(net)), masks)
+    if violations:  # pragma: no cover - a bug, never a user error
+        raise RuntimeError(f"pruning masks violated after merge: {violations}")
+    ppl_after = _ppl(net, eval_set, config.evaluate.batch_size, progress, "ppl_after")
+    net.eval()
+
+    report = {
+        **_common_report(attachment.trainable_params, total_params, result.loss_curve, ppl_before, ppl_after,
+                         result.seconds, result.tokens, meter, peak, train_set, config, plan),
+        "optimizer_state_bytes": result.optimizer_state_bytes,
+        "sparsity_before": sparsity_before,
+        "sparsity_after": family.decoder_sparsity(net),
+        "masks_held": bool(preserves),
+        "masked_linears": len(masks),
+        "tied_embeddings_action": notes.pop("tied_embeddings_action", _tie_note(loaded)),
+        **notes,
+    }
+    return {"loaded": loaded, "report": report, "adapter": adapter}
+
+
+def _tie_note(loaded) -> str:
+    tied = loaded.family.ties_embeddings(loaded.model)
+    return "tied, unchanged (the LM head was not retrained)" if tied else "not tied (the LM head was not retrained)"
+
+
+def _common_report(trainable: int, total: int, loss_curve, ppl_before, ppl_after, seconds: float, tokens: int,
+                   meter: PeakMemory, peak: int, train_set, config: PerpConfig, plan: dict[str, Any]
+                   ) -> dict[str, Any]:
+    rc = config.recover
+    source = training_source(config)
+    peak_kind, baseline = meter.kind, meter.baseline
+    return {
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_fraction": trainable / total if total else 0.0,
+        "loss_curve": loss_curve,
+        "ppl_before": ppl_before["ppl"],
+        "ppl_after": ppl_after["ppl"],
+        "eval": {"source": config.data.evaluation.source, "windows": ppl_after["windows"],
+                 "seqlen": ppl_after["seqlen"], "data_sha256": ppl_after["data_sha256"],
+                 "before": ppl_before, "after": ppl_after},
+        "seconds": round(seconds, 3),
+        "tokens": tokens,
+        "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": peak_kind,
+        "peak_memory_above_start_bytes": max(0, peak - baseline),
+        "data_sha256": train_set.hash,
+        "data": {**train_set.describe(), "text_field": source.text_field, **plan},
+        "schedule": {"optimizer": "AdamW", "lr": rc.lr, "weight_decay": rc.weight_decay,
+                     "warmup_steps": sum(1 for s in range(rc.steps) if s < round(rc.warmup_fraction * rc.steps)),
+                     "decay": "linear", "max_grad_norm": MAX_GRAD_NORM, "steps": rc.steps,
+                     "batch_size": rc.batch_size, "grad_accum": rc.grad_accum, "seqlen": rc.seqlen,
+                     "gradient_checkpointing": rc.gradient_checkpointing,
+                     "first_lr_factor": linear_schedule(rc.steps, rc.warmup_fraction)(0)},
+    }
+
+
+__all__ = ["ADAPTER_FILE", "REPORT_FILE", "DataRepeatWarning", "RecoverError", "run_recover", "validate_request"]
