@@ -49,3 +49,21 @@ def test_failed_calibration_leaves_no_output(tmp_path):
         run_calibrate(config, tmp_path / "calibration")
     assert not (tmp_path / "calibration").exists()
     assert not any(p.name.startswith(".calibration") for p in tmp_path.iterdir())
+
+
+def test_staging_left_by_a_killed_process_is_removed(tmp_path):
+    import subprocess
+    import sys
+
+    from perp.io.atomic import atomic_directory
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+
+    stale = tmp_path / f".out.partial-{socket.gethostname()}-{dead.stdout.strip()}-deadbeef"
+    stale.mkdir()
+    (stale / "weights.bin").write_bytes(b"x" * 10)
+    with atomic_directory(tmp_path / "out") as staging:
+        (staging / "ok").write_text("1")
+    assert not stale.exists()
+    assert (tmp_path / "out" / "ok").is_file()

@@ -83,3 +83,9 @@ def test_pattern_and_method_parsers():
     assert parse_recover_methods("norm+bias+masklora") == ["norm", "bias", "masklora"]
     with pytest.raises(ValueError, match="cannot be combined"):
         parse_recover_methods("full+norm")
+
+
+def test_paper_profile_is_valid():
+    config = load_params(REPO / "params.paper.yaml")
+    assert config.data.calibration.nsamples == 128 and config.data.calibration.seqlen == 2048
+    assert len(config.evaluate.zeroshot.tasks) == 7

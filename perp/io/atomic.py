@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,12 +18,38 @@ from typing import Any, Iterator
 COMPLETE_MARKER = ".perp-complete"
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(target: Path) -> list[Path]:
+    """Remove staging directories of `target` left by killed processes on this host (a checkpoint's worth of disk)."""
+    host = socket.gethostname()
+    removed = []
+    for staging in target.parent.glob(f".{target.name}.partial-*"):
+        try:
+            stage_host, pid, _ = staging.name.rsplit(".partial-", 1)[1].rsplit("-", 2)
+        except ValueError:
+            continue
+        if stage_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+            removed.append(staging)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces `target` atomically, on error it is removed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    remove_stale_staging(target)
+    staging = target.parent / f".{target.name}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
         yield staging

@@ -111,23 +111,36 @@ def download_object(client: Any, bucket: str, key: str, dest: Path) -> str:
     return digest
 
 
+def _inside(root: Path, key: str, uri: str) -> Path:
+    """The cache path of an S3 key; keys that would escape the cache (`..`, absolute) are refused."""
+    if key.startswith("/") or "\\" in key or any(part in ("", ".", "..") for part in key.rstrip("/").split("/")):
+        raise S3Error(f"refusing S3 key '{key}' under {uri}: empty, '.', '..' or absolute path segments")
+    dest = root / key
+    if not dest.resolve().is_relative_to(root.resolve()):
+        raise S3Error(f"refusing S3 key '{key}' under {uri}: it resolves outside the download cache")
+    return dest
+
+
 def fetch_s3(uri: str, client: Any = None) -> Path:
     """Mirror an object, or every object under a prefix, into the local cache; returns the local path."""
     bucket, key = parse_s3_uri(uri)
+    if "/" in bucket or bucket in (".", ".."):
+        raise S3Error(f"'{uri}' names an invalid bucket")
     client = client or s3_client()
     root = cache_dir("s3", bucket)
     prefix = key.rstrip("/")
     keys = _list_keys(client, bucket, prefix)
     if prefix in keys:  # a single object
-        dest = root / prefix
+        dest = _inside(root, prefix, uri)
         download_object(client, bucket, prefix, dest)
         return dest
-    children = [k for k in keys if k.startswith(prefix + "/")]
+    children = [k for k in keys if k.startswith(prefix + "/") and not k.endswith("/")]
     if not children:
         raise S3Error(f"nothing at {uri} (endpoint {_endpoint(client)})")
-    for child in children:
-        download_object(client, bucket, child, root / child)
-    return root / prefix
+    destinations = [(child, _inside(root, child, uri)) for child in children]  # all checked before any download
+    for child, dest in destinations:
+        download_object(client, bucket, child, dest)
+    return _inside(root, prefix, uri)
 
 
 def clear_cached(uri: str) -> None:

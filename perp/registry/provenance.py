@@ -21,9 +21,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 REDACTED = "***"
+# Whole key words only: `aws_secret_access_key`, `api_token`, `password` are secrets; `tokens`, `tokens_sha256`,
+# `tokenizer` and `max_new_tokens` are not.
 _SECRET_KEY = re.compile(
-    r"(secret|passw(or)?d|passwd|token|credential|api[_-]?key|access[_-]?key|session[_-]?key|private[_-]?key"
-    r"|authorization)", re.IGNORECASE)
+    r"(^|[_-])(secret([_-]access)?([_-]key)?|passw(or)?d|passwd|(access|auth|session|refresh|bearer|api|security)?"
+    r"[_-]?token|credentials?|api[_-]?key|access[_-]?key([_-]id)?|session[_-]?key|private[_-]?key|authorization)$",
+    re.IGNORECASE)
 _URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 _PRESIGNED = re.compile(r"(?P<key>X-Amz-(Credential|Signature|Security-Token)|AWSAccessKeyId|Signature)=[^&\s]+",
                         re.IGNORECASE)

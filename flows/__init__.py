@@ -1,0 +1,1 @@
+"""Prefect flows: `compress` (the chain), `promote` (gated promotion) and `sweep` (a grid fanned out)."""

@@ -1,0 +1,205 @@
+"""The compression chain, stage by stage: calibrate → mask → recover → evaluate → register.
+
+Each stage takes only the config sections it depends on plus references (URI + sha256) to the outputs of the
+stages before it, and writes into a directory named by the hash of those inputs. So:
+
+- a stage whose inputs did not change finds its complete output and returns it without recomputing;
+- changing one parameter recomputes only the stages downstream of it;
+- an interrupted run resumes from the last completed stage (outputs are published atomically).
+
+`perp run` chains these functions directly; the Prefect tasks in `tasks/` wrap the same functions one by one, and
+`dvc.yaml` runs the same stages through the CLI. Nothing here imports Prefect or DVC.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from perp.config import PerpConfig, dump_params, validate_section
+from perp.errors import PerpError
+from perp.io.atomic import is_complete
+from perp.io.hashing import cached_sha256, directory_hash, sha256_file
+
+Ref = dict[str, Any]  # {"uri": str, "sha256": str, ...}
+STAGES = ("calibrate", "mask", "recover", "evaluate", "register")
+
+
+# Bump when a stage's algorithm or output layout changes, so that outputs of older code are not reused.
+STAGE_FORMAT = 1
+
+
+def config_from_sections(**sections: Any) -> PerpConfig:
+    """A full, validated config from the given sections (others default); raises ConfigError early."""
+    return validate_section(PerpConfig, {name: value for name, value in sections.items() if value is not None})
+
+
+def _source_identity(spec: str) -> Any:
+    """What identifies a model or text source's content: the sha256 of a local file or directory, else the spec."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return {"spec": spec, "sha256": cached_sha256(path)}
+    if path.is_dir():
+        return {"spec": spec, "sha256": directory_hash(path)}
+    return spec
+
+
+def stage_key(stage: str, inputs: dict[str, Any]) -> str:
+    from perp import __version__
+
+    payload = json.dumps({"stage": stage, "inputs": inputs, "perp": __version__, "format": STAGE_FORMAT},
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _stage_dir(workdir: str | Path, stage: str, inputs: dict[str, Any]) -> Path:
+    return Path(workdir) / f"{stage}-{stage_key(stage, inputs)[:16]}"
+
+
+def reference(path: Path, **extra: Any) -> Ref:
+    """A stage output as URI + sha256 (of the file, or of the directory's content)."""
+    digest = sha256_file(path) if path.is_file() else directory_hash(path)
+    return {"uri": str(path.resolve()), "sha256": digest, **extra}
+
+
+def require(ref: Ref, what: str) -> Path:
+    """The local path of an upstream stage's output; a clear error if it was removed since it was produced."""
+    path = Path(ref["uri"])
+    if not path.exists() or (path.is_dir() and not is_complete(path)):
+        raise PerpError(f"the {what} output '{path}' is missing or incomplete (removed after it was cached?); "
+                        "re-run without the cache, e.g. delete the work directory and the Prefect result storage")
+    return path
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise PerpError(f"'{path}' is not valid JSON") from None
+
+
+def _full_config(params: Optional[dict[str, Any]], **sections: Any) -> PerpConfig:
+    """The config a stage runs with: the whole run's params (so reports record them), else just its sections."""
+    return config_from_sections(**(params or sections))
+
+
+def calibrate_stage(model: dict[str, Any], calibration: dict[str, Any], workdir: str | Path,
+                    params: Optional[dict[str, Any]] = None) -> Ref:
+    from perp.data.calibrate import META_FILE, run_calibrate
+
+    config = _full_config(params, model=model, data={"calibration": calibration})
+    inputs = {"model": model, "model_content": _source_identity(model["name"]), "calibration": calibration,
+              "source_content": _source_identity(calibration["source"])}
+    out = _stage_dir(workdir, "calibrate", inputs)
+    if not is_complete(out):
+        run_calibrate(config, out)
+    return reference(out, tokens_sha256=read_json(out / META_FILE)["sha256"])
+
+
+def mask_stage(model: dict[str, Any], prune: dict[str, Any], calibration: Ref, workdir: str | Path,
+               params: Optional[dict[str, Any]] = None, progress: Optional[Callable[..., None]] = None) -> Ref:
+    from perp.data.calibrate import load_token_set
+    from perp.prune import run_prune
+
+    config = _full_config(params, model=model, prune=prune)
+    inputs = {"model": model, "model_content": _source_identity(model["name"]), "prune": prune,
+              "calibration": calibration["sha256"]}
+    out = _stage_dir(workdir, "mask", inputs)
+    if not is_complete(out):
+        calib = load_token_set(require(calibration, "calibrate"))
+        run_prune(config, out, calib=calib, progress=progress)
+    return reference(out, report=str(out / "prune_report.json"))
+
+
+def recover_stage(recover: dict[str, Any], pruned: Ref, dense_model: dict[str, Any], data: dict[str, Any],
+                  workdir: str | Path, params: Optional[dict[str, Any]] = None,
+                  progress: Optional[Callable[..., None]] = None) -> Ref:
+    from perp.recover import run_recover
+
+    config = _full_config(params, model=dense_model, data=data, recover=recover)
+    inputs = {"recover": recover, "pruned": pruned["sha256"], "dense": dense_model, "data": data}
+    out = _stage_dir(workdir, "recover", inputs)
+    if not is_complete(out):
+        run_recover(config, str(require(pruned, "mask")), out, dense=dense_model["name"], progress=progress)
+    return reference(out, report=str(out / "recover_report.json"))
+
+
+def evaluate_stage(evaluate: dict[str, Any], candidate: Ref, dense_model: dict[str, Any], prune: dict[str, Any],
+                   workdir: str | Path, params: Optional[dict[str, Any]] = None) -> Ref:
+    from perp.evaluate.stage import run_evaluate
+
+    config = _full_config(params, model=dense_model, evaluate=evaluate, prune=prune)
+    out = _stage_dir(workdir, "evaluate", {"evaluate": evaluate, "candidate": candidate["sha256"],
+                                           "dense": dense_model, "prune": prune})
+    metrics_path = out / "metrics.json"
+    if not metrics_path.is_file():
+        run_evaluate(config, str(require(candidate, "recover")), metrics_path, dense=dense_model["name"])
+    return reference(metrics_path)
+
+
+def lineage(calibration: Ref, pruned: Ref, recovered: Ref) -> dict[str, Any]:
+    prune_report = read_json(Path(pruned["report"]))
+    recover_report = read_json(Path(recovered["report"]))
+    return {
+        "base_model": prune_report.get("base_model"),
+        "calibration_sha256": calibration.get("tokens_sha256"),
+        "training_data_sha256": recover_report.get("data_sha256"),
+        "prune": prune_report.get("config", {}).get("prune"),
+        "recover": recover_report.get("config", {}).get("recover"),
+        "artifacts": {"calibration": calibration, "pruned": pruned, "recovered": recovered},
+    }
+
+
+def register_stage(register: dict[str, Any], candidate: Ref, metrics: Ref, params: dict[str, Any],
+                   run_lineage: dict[str, Any]) -> dict[str, Any]:
+    from perp.registry import register_version
+
+    config = config_from_sections(register=register)
+    model_dir = require(candidate, "recover")
+    measured = read_json(require(metrics, "evaluate"))
+    if not (measured.get("model") or {}).get("sha256"):
+        raise PerpError(f"'{metrics['uri']}' does not name the model it measured (model.sha256); "
+                        "it was not written by perp evaluate")
+    return register_version(config.register.store, config.register.name, model_dir, metrics=measured, params=params,
+                            lineage=run_lineage)
+
+
+def assemble_run(workdir: str | Path, refs: dict[str, Any]) -> Path:
+    """A directory for one run: its reports side by side and `run.json` with every stage's reference.
+
+    Stage outputs are shared between runs (they are keyed by their inputs); this directory is what a person or
+    `perp report` looks at for one run.
+    """
+    import shutil
+
+    run_dir = Path(workdir) / f"run-{stage_key('run', {k: v.get('sha256') for k, v in refs.items() if isinstance(v, dict)})[:16]}"
+    (run_dir / "pruned").mkdir(parents=True, exist_ok=True)
+    (run_dir / "recovered").mkdir(parents=True, exist_ok=True)
+    shutil.copy(refs["pruned"]["report"], run_dir / "pruned" / "prune_report.json")
+    shutil.copy(refs["recovered"]["report"], run_dir / "recovered" / "recover_report.json")
+    shutil.copy(refs["metrics"]["uri"], run_dir / "metrics.json")
+    (run_dir / "run.json").write_text(json.dumps(refs, indent=2, sort_keys=True, default=str) + "\n")
+    return run_dir
+
+
+def run_pipeline(config: PerpConfig, workdir: str | Path = "runs",
+                 on_stage: Optional[Callable[[str, Any], None]] = None) -> dict[str, Any]:
+    """The whole chain in-process (what `perp run` does); returns every stage's reference."""
+    params = dump_params(config)
+    notify = on_stage or (lambda stage, result: None)
+    calibration = calibrate_stage(params["model"], params["data"]["calibration"], workdir, params)
+    notify("calibrate", calibration)
+    pruned = mask_stage(params["model"], params["prune"], calibration, workdir, params)
+    notify("mask", pruned)
+    recovered = recover_stage(params["recover"], pruned, params["model"], params["data"], workdir, params)
+    notify("recover", recovered)
+    metrics = evaluate_stage(params["evaluate"], recovered, params["model"], params["prune"], workdir, params)
+    notify("evaluate", metrics)
+    registered = register_stage(params["register"], recovered, metrics, params, lineage(calibration, pruned, recovered))
+    notify("register", registered)
+    return {"calibration": calibration, "pruned": pruned, "recovered": recovered, "metrics": metrics,
+            "registered": registered}

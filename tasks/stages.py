@@ -1,0 +1,105 @@
+"""One Prefect task per stage. Inputs and outputs are config sections, URIs and sha256s — never model objects.
+
+Caching is INPUTS + TASK_SOURCE with persisted results: the same inputs recompute nothing, and since each task's
+key holds only the sections it depends on, changing one parameter recomputes only the stages downstream of it.
+The run's full params travel along (`params`, left out of the key) only so that reports record them.
+Store I/O failures are retried with exponential backoff; bad input is not retried.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.tasks import exponential_backoff
+
+from perp import pipeline
+from perp.errors import PerpError
+
+CACHE_POLICY = (INPUTS - "params") + TASK_SOURCE
+
+
+def is_store_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry transient I/O (network, S3 throttling, disk); never a user error such as a bad config."""
+    try:
+        state.result()
+    except PerpError as error:
+        return "S3" in type(error).__name__ or "Store" in type(error).__name__
+    except (OSError, TimeoutError, ConnectionError):
+        return True
+    except Exception as error:  # botocore errors arrive unwrapped from boto3 calls
+        return type(error).__module__.startswith(("botocore", "boto3", "urllib3"))
+    return False
+
+
+STAGE_OPTIONS: dict[str, Any] = {
+    "cache_policy": CACHE_POLICY,
+    "persist_result": True,
+    "retries": 3,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=5),
+    "retry_jitter_factor": 0.5,
+    "retry_condition_fn": is_store_error,
+}
+
+
+def _publish(stage: str, rows: dict[str, Any], summary: str) -> None:
+    flat = [{"metric": key, "value": value} for key, value in rows.items() if not isinstance(value, (dict, list))]
+    create_table_artifact(flat, key=f"perp-{stage}", description=f"perp {stage} stage")
+    create_markdown_artifact(summary, key=f"perp-{stage}-summary", description=f"perp {stage} summary")
+
+
+@task(name="calibrate", **STAGE_OPTIONS)
+def calibrate(model: dict[str, Any], calibration: dict[str, Any], workdir: str,
+              params: dict[str, Any] | None = None) -> dict[str, Any]:
+    ref = pipeline.calibrate_stage(model, calibration, workdir, params)
+    _publish("calibrate", {"windows": calibration["nsamples"], "seqlen": calibration["seqlen"],
+                           "tokens_sha256": ref["tokens_sha256"]},
+             f"### Calibration\n\n`{calibration['source']}` → `{ref['uri']}`\n\ntokens sha256 `{ref['tokens_sha256']}`")
+    return ref
+
+
+@task(name="mask", **STAGE_OPTIONS)
+def mask(model: dict[str, Any], prune: dict[str, Any], calibration: dict[str, Any], workdir: str,
+         params: dict[str, Any] | None = None) -> dict[str, Any]:
+    ref = pipeline.mask_stage(model, prune, calibration, workdir, params)
+    report = pipeline.read_json(Path(ref["report"]))
+    _publish("mask", {"method": prune["method"], "pattern": prune["pattern"],
+                      "target_sparsity": report.get("target_sparsity"),
+                      "achieved_sparsity": report.get("achieved_sparsity")},
+             f"### Mask\n\n{prune['method']} {prune['pattern']} → `{ref['uri']}`\n\nreport: `{ref['report']}`")
+    return ref
+
+
+@task(name="recover", **STAGE_OPTIONS)
+def recover(recover: dict[str, Any], pruned: dict[str, Any], dense_model: dict[str, Any], data: dict[str, Any],
+            workdir: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    ref = pipeline.recover_stage(recover, pruned, dense_model, data, workdir, params)
+    report = pipeline.read_json(Path(ref["report"]))
+    _publish("recover", {key: report.get(key) for key in ("method", "mode", "trainable_params",
+                                                          "trainable_fraction", "ppl_before", "ppl_after")},
+             f"### Recovery\n\n{recover['method']} ({recover['mode']}) → `{ref['uri']}`\n\nreport: `{ref['report']}`")
+    return ref
+
+
+@task(name="evaluate", **STAGE_OPTIONS)
+def evaluate(evaluate: dict[str, Any], candidate: dict[str, Any], dense_model: dict[str, Any],
+             prune: dict[str, Any], workdir: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    ref = pipeline.evaluate_stage(evaluate, candidate, dense_model, prune, workdir, params)
+    metrics = pipeline.read_json(Path(ref["uri"]))
+    gates = metrics.get("gates", {})
+    _publish("evaluate", {"sparsity": metrics.get("sparsity"), **{f"gate_{k}": v for k, v in gates.items()}},
+             f"### Evaluation\n\nmetrics: `{ref['uri']}`")
+    return ref
+
+
+@task(name="register", **STAGE_OPTIONS)
+def register(register: dict[str, Any], candidate: dict[str, Any], metrics: dict[str, Any], params: dict[str, Any],
+             lineage: dict[str, Any]) -> dict[str, Any]:
+    manifest = pipeline.register_stage(register, candidate, metrics, params, lineage)
+    name, version = manifest.get("name"), manifest.get("version")
+    _publish("register", {"name": name, "version": version, "store": register["store"]},
+             f"### Registered\n\n**{name}** version **{version}** in `{register['store']}`")
+    return manifest

@@ -1,0 +1,159 @@
+"""The Prefect flows, run for real under `prefect_test_harness` on a tiny random model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_sections(store: Path, **changes: object) -> dict:
+    """params.yaml sections for a run that takes seconds: tiny-llama, small windows, two recovery steps."""
+    sections = {
+        "model": {"name": "tiny-llama"},
+        "data": {"calibration": {"source": "embedded:wiki-calib", "nsamples": 4, "seqlen": 64},
+                 "evaluation": {"source": "embedded:wiki-eval", "seqlen": 64, "max_windows": 2}},
+        "prune": {"method": "wanda", "sparsity": 0.5},
+        "recover": {"method": "norm", "steps": 2, "batch_size": 2, "seqlen": 64},
+        "evaluate": {"perplexity": [{"name": "wiki-eval", "source": "embedded:wiki-eval", "seqlen": 64,
+                                     "max_windows": 2}]},
+        "register": {"store": str(store), "name": "tiny-perp"},
+    }
+    for dotted, value in changes.items():
+        node = sections
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return sections
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    storage = tmp_path_factory.mktemp("prefect-results")
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(storage)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield storage
+
+
+def _task_states(flow_run_id) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+
+
+def _completed_run_ids(task_name: str) -> set:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName, TaskRunFilterState, \
+        TaskRunFilterStateName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(
+            name=TaskRunFilterName(like_=f"{task_name}-"), state=TaskRunFilterState(
+                name=TaskRunFilterStateName(any_=["Completed"]))))
+    return {run.id for run in runs}
+
+
+def _new_completed_runs(task_name: str, before: set) -> set:
+    return _completed_run_ids(task_name) - before
+
+
+def _versions(store: Path) -> list:
+    from perp.registry import list_models
+
+    return list_models(str(store))
+
+
+def test_compress_runs_end_to_end_then_hits_the_cache(harness, tmp_path):
+    from flows.compress import compress
+
+    store, workdir = tmp_path / "store", str(tmp_path / "runs")
+    state = compress(**tiny_sections(store), workdir=workdir, return_state=True)
+    assert state.is_completed(), state
+    result = state.result()
+    assert result["registered"]["version"] == 1
+    assert Path(result["metrics"]["uri"]).is_file()
+    first = _task_states(state.state_details.flow_run_id)
+    assert set(first) == {"calibrate", "mask", "recover", "evaluate", "register"}
+    assert set(first.values()) == {"Completed"}
+
+    again = compress(**tiny_sections(store), workdir=workdir, return_state=True)
+    assert set(_task_states(again.state_details.flow_run_id).values()) == {"Cached"}
+
+    # One changed parameter recomputes only what is downstream of it.
+    changed = compress(**tiny_sections(store, **{"prune.sparsity": 0.6}), workdir=workdir, return_state=True)
+    states = _task_states(changed.state_details.flow_run_id)
+    assert states["calibrate"] == "Cached"
+    assert {states[s] for s in ("mask", "recover", "evaluate", "register")} == {"Completed"}
+
+
+def test_failing_stage_leaves_no_registered_version(harness, tmp_path):
+    from flows.compress import compress
+
+    store = tmp_path / "store"
+    sections = tiny_sections(store, **{"evaluate.zeroshot": {"tasks": ["no_such_task"]}})
+    state = compress(**sections, workdir=str(tmp_path / "runs"), return_state=True)
+    assert state.is_failed()
+    assert _versions(store) == []
+
+
+def test_invalid_params_fail_before_any_task(harness, tmp_path):
+    from flows.compress import compress
+    from perp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="prune.sparsity: must be in"):
+        compress(**tiny_sections(tmp_path / "store", **{"prune.sparsity": 1.5}), workdir=str(tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_killed_run_resumes_from_last_completed_stage(harness, tmp_path):
+    params = tmp_path / "params.yaml"
+    sections = tiny_sections(tmp_path / "store", **{"recover.steps": 300})
+    params.write_text(yaml.safe_dump(sections))
+    workdir = tmp_path / "runs"
+    from prefect.settings import get_current_settings
+
+    env = {**os.environ, "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(harness),
+           "PREFECT_API_URL": str(get_current_settings().api.url)}
+    before = _completed_run_ids("mask")
+    log = tmp_path / "flow.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen([sys.executable, str(REPO / "flows" / "compress.py"), "--params", str(params),
+                                    "--workdir", str(workdir)], env=env, cwd=tmp_path,
+                                   stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            # Kill once Prefect has recorded the mask task as completed (its result is persisted by then), while
+            # the recover task is running.
+            deadline = time.time() + 600
+            while time.time() < deadline and not _new_completed_runs("mask", before):
+                assert process.poll() is None, f"the flow ended before it could be interrupted:\n{log.read_text()}"
+                time.sleep(0.2)
+            assert _new_completed_runs("mask", before), f"mask never completed:\n{log.read_text()}"
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert not list(workdir.glob("recover-*/.perp-complete")), log.read_text()
+
+    from flows.compress import compress
+
+    # The same params again: the completed stages come from the cache, the interrupted one runs from scratch.
+    state = compress(**sections, workdir=str(workdir), return_state=True)
+    assert state.is_completed()
+    states = _task_states(state.state_details.flow_run_id)
+    assert states["calibrate"] == "Cached" and states["mask"] == "Cached"
+    assert states["recover"] == "Completed"
+    assert not list(workdir.glob(".*partial*")), "the killed stage's staging directory must not be reused"
+    assert len(list(workdir.glob("recover-*/.perp-complete"))) == 1
