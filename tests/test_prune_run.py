@@ -205,7 +205,7 @@ def test_unknown_compute_dtype_fails_before_loading(no_engine, tiny_llama_dir, t
 # --------------------------------------------------------------------------------------------- CLI
 
 
-def test_cli_prune_json_and_one_line_error(cli, tiny_llama_dir, tmp_path):
+def test_cli_prune_json(cli, tiny_llama_dir, tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(f"token{i}" for i in range(300)))
     out = tmp_path / "pruned"
@@ -216,9 +216,18 @@ def test_cli_prune_json_and_one_line_error(cli, tiny_llama_dir, tmp_path):
     assert payload["achieved_sparsity"] == pytest.approx(0.5) and payload["out"] == str(out)
     assert payload["report"]["pattern"] == "2:4" and (out / MASKS_FILE).is_file()
 
-    bad = cli("prune", "--model", str(tiny_llama_dir), "--calib", str(text), "--sparsity", "0.01", "--seqlen", "64",
-              "--out", str(tmp_path / "bad"), cwd=tmp_path)
-    assert bad.returncode == 2
-    lines = [line for line in bad.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: prune.sparsity: 0.01 prunes no weight"), bad.stderr
+
+def test_cli_bad_input_is_one_line(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    from perp.cli import main
+
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"token{i}" for i in range(300)))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["perp", "prune", "--model", str(tiny_llama_dir), "--calib", str(text),
+                                     "--sparsity", "0.01", "--seqlen", "64", "--out", str(tmp_path / "bad")])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: prune.sparsity: 0.01 prunes no weight"), lines
     assert not (tmp_path / "bad").exists()

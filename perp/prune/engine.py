@@ -1,8 +1,9 @@
 """The sequential calibration engine: one decoder layer on the compute device at a time.
 
 1. `capture_layer_inputs` runs the calibration windows through the model until the first decoder layer is
-   called (a forward pre-hook with kwargs records its inputs and stops the forward), so only the embeddings run.
-2. For each decoder layer in order (`prune_model`):
+   called (a forward pre-hook with kwargs records its inputs and stops the forward), so only the stem
+   (embeddings, rotary tables) runs, on the compute device.
+2. For each decoder layer in order (`prune_model`, `sequential="layer"`, the reference algorithms):
    - bring it to the compute device;
    - pass 1: run the calibration inputs through it, collecting per-group statistics with one forward pre-hook
      per input group (Linears reading the same input share one set); once the last group has been seen the
@@ -11,6 +12,8 @@
    - pass 2: run the now-pruned layer to produce the next layer's inputs, in place;
    - move the layer back to CPU.
    Peak device memory is one layer, the calibration hidden states and one micro-batch of activations.
+3. `sequential="linear"` (true-sequential) instead prunes each input group inside a single forward of the whole
+   calibration set, in the group's pre-hook, so one pass per layer does statistics, pruning and propagation.
 
 `capture_layer_inputs`, `run_layer` and `propagate` are the reusable pieces for layer-wise recovery: capture the
 inputs of layer 0 once, then for each layer run dense and pruned copies on the same `LayerInputs`.
@@ -170,35 +173,38 @@ def capture_layer_inputs(model: nn.Module, family: FamilyAdapter, ids: torch.Ten
     was_training = model.training
     model.eval()
     inputs = LayerInputs(hidden=[])
-    stem = _stem_on(model, family, device)
-    exec_device = stem.__enter__()
     try:
-        for batch in ids.split(batch_size):
-            captured.clear()
-            try:
-                model(input_ids=batch.to(exec_device), use_cache=False)
-            except _StopForward:
-                pass
-            if not captured:
-                raise RuntimeError("the model's forward never called its first decoder layer")
-            args, kwargs = captured[0]
-            if args:
-                hidden, rest = args[0], tuple(args[1:])
-            else:
-                hidden, rest = kwargs.pop("hidden_states"), ()
-            hidden = hidden.to(device=device, dtype=dtype or hidden.dtype)
-            if inputs.kwargs:  # reuse batch 0's tensors where equal (masks, rotary tables...)
-                rest = _share_equal(rest, inputs.args[0])
-                kwargs = _share_equal(kwargs, inputs.kwargs[0])
-            move = lambda t: t.to(device) if t.device != device else t  # noqa: E731
-            inputs.hidden.append(hidden)
-            inputs.args.append(_map_tensors(rest, move))
-            inputs.kwargs.append(_map_tensors(kwargs, move))
+        with _stem_on(model, family, device) as exec_device:
+            _capture_batches(model, ids, batch_size, exec_device, device, dtype, captured, inputs)
     finally:
-        stem.__exit__(None, None, None)
         handle.remove()
         model.train(was_training)
     return inputs
+
+
+def _capture_batches(model: nn.Module, ids: torch.Tensor, batch_size: int, exec_device: torch.device,
+                     device: torch.device, dtype: Optional[torch.dtype], captured: list, inputs: LayerInputs) -> None:
+    for batch in ids.split(batch_size):
+        captured.clear()
+        try:
+            model(input_ids=batch.to(exec_device), use_cache=False)
+        except _StopForward:
+            pass
+        if not captured:
+            raise RuntimeError("the model's forward never called its first decoder layer")
+        args, kwargs = captured[0]
+        if args:
+            hidden, rest = args[0], tuple(args[1:])
+        else:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        hidden = hidden.to(device=device, dtype=dtype or hidden.dtype)
+        if inputs.kwargs:  # reuse batch 0's tensors where equal (masks, rotary tables...)
+            rest = _share_equal(rest, inputs.args[0])
+            kwargs = _share_equal(kwargs, inputs.kwargs[0])
+        move = lambda t: t.to(device) if t.device != device else t  # noqa: E731
+        inputs.hidden.append(hidden)
+        inputs.args.append(_map_tensors(rest, move))
+        inputs.kwargs.append(_map_tensors(kwargs, move))
 
 
 def run_layer(layer: nn.Module, hidden: torch.Tensor, layer_kwargs: dict[str, Any], args: tuple = ()) -> torch.Tensor:
@@ -298,6 +304,23 @@ class _Timer:
             torch.cuda.synchronize(self.device)
 
 
+@contextlib.contextmanager
+def _single_thread_on_cpu(device: torch.device) -> Iterator[None]:
+    """Solve and error phases are many small ops (the OBS column loop, selections, masked writes, small GEMMs).
+    On CPU, intra-op threads barely help them and, when the cores are shared, their barriers cost more than the
+    work (measured: SparseGPT's solve 11 s on one thread, 390 s on two on a loaded 2-core machine). Run them on
+    one thread; the calibration forwards keep every thread."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class _Pruner:
     """Prunes the groups of one layer and records masks, sparsity and errors."""
 
@@ -309,7 +332,11 @@ class _Pruner:
     @torch.no_grad()
     def prune_group(self, plan: LayerPlan, group: list[str], linears: dict[str, nn.Linear],
                     stats: Optional[GroupStats]) -> None:
-        stats = stats or GroupStats(linears[group[0]].in_features, self.device)
+        with _single_thread_on_cpu(self.device):
+            self._prune_group(plan, group, linears, stats or GroupStats(linears[group[0]].in_features, self.device))
+
+    def _prune_group(self, plan: LayerPlan, group: list[str], linears: dict[str, nn.Linear],
+                     stats: GroupStats) -> None:
         with self.timer.phase("solve"):
             work = {name: linears[name].weight.detach().to(torch.float32, copy=True) for name in group}
             label = plan.full_name(group[0]) if len(group) == 1 else f"{plan.prefix}.{{{','.join(group)}}}"

@@ -11,6 +11,7 @@ Linears that share it:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import numpy as np
@@ -31,13 +32,32 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
     return None
 
 
+_BLAS_CONTROLLER: list = []
+
+
 def _syrk():
-    """scipy's BLAS ssyrk (XᵀX from one triangle: half the flops of a GEMM), or None."""
+    """scipy's BLAS ssyrk (XᵀX from one triangle: half the flops of a GEMM) limited to torch's thread count,
+    or None without scipy (it comes with gensim; a GEMM then does the same job)."""
     try:
         from scipy.linalg import blas
-    except ImportError:  # scipy comes with gensim; without it, a GEMM does the same job
+    except ImportError:
         return None
-    return blas.ssyrk
+    if not _BLAS_CONTROLLER:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS_CONTROLLER.append(ThreadpoolController())
+        except Exception:  # threadpoolctl missing or unable to inspect: run with BLAS's own threads
+            _BLAS_CONTROLLER.append(None)
+    controller = _BLAS_CONTROLLER[0]
+
+    def syrk(*args, **kwargs):
+        # scipy's OpenBLAS keeps its own thread pool; more threads than torch uses only oversubscribe the CPU
+        limit = controller.limit(limits=torch.get_num_threads(), user_api="blas") if controller else None
+        with limit or contextlib.nullcontext():
+            return blas.ssyrk(*args, **kwargs)
+
+    return syrk
 
 
 class GroupStats:
