@@ -20,6 +20,8 @@ EMBEDDED_SPLITS = ("wiki-calib", "wiki-eval")  # the embedded corpus, perp/data/
 MODEL_ALIASES = ("smollm2-135m", "tiny-llama", "tiny-opt")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+PRUNE_COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+PRUNE_SEQUENTIAL_MODES = ("layer", "linear")  # perp.prune.engine.SEQUENTIAL_MODES (kept torch-free here)
 RECOVER_METHODS = ("bias", "norm", "lm_head", "lora", "masklora", "scalelora", "full")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PATTERN = re.compile(r"^(\d+):(\d+)$")
@@ -159,6 +161,11 @@ class PruneConfig(_Section):
     exclude: list[str] = Field(default_factory=list)
     blocksize: int = 128
     percdamp: float = 0.01
+    # How the engine runs (perp.prune.engine.EngineOptions); `perp prune` flags override these.
+    compute_dtype: str = "auto"  # precision of the calibration forwards: auto (the weights') or a lower one
+    batch_size: Optional[int] = None  # windows per micro-batch; None: ~4096 tokens on CPU, ~16384 on CUDA
+    error_tokens: int = 512  # calibration tokens that estimate the reconstruction error (0: none)
+    sequential: str = "layer"  # layer (reference, two passes per layer) | linear (true-sequential, one pass)
 
     @field_validator("method")
     @classmethod
@@ -192,6 +199,34 @@ class PruneConfig(_Section):
     def _percdamp_range(cls, value: float) -> float:
         if not 0.0 < value < 1.0:
             raise ValueError(f"must be in (0, 1), got {value}")
+        return value
+
+    @field_validator("compute_dtype")
+    @classmethod
+    def _known_compute_dtype(cls, value: str) -> str:
+        if value not in PRUNE_COMPUTE_DTYPES:
+            raise ValueError(f"unknown dtype '{value}' (allowed: {', '.join(PRUNE_COMPUTE_DTYPES)})")
+        return value
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_size_positive(cls, value: Optional[int]) -> Optional[int]:
+        if value is not None and value <= 0:
+            raise ValueError(f"must be > 0 or null (automatic), got {value}")
+        return value
+
+    @field_validator("error_tokens")
+    @classmethod
+    def _error_tokens_non_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"must be >= 0 (0: no error estimate), got {value}")
+        return value
+
+    @field_validator("sequential")
+    @classmethod
+    def _known_sequential(cls, value: str) -> str:
+        if value not in PRUNE_SEQUENTIAL_MODES:
+            raise ValueError(f"unknown mode '{value}' (allowed: {', '.join(PRUNE_SEQUENTIAL_MODES)})")
         return value
 
     @property

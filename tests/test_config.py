@@ -36,6 +36,11 @@ def test_repo_params_and_defaults_are_valid():
         ("register.store=ftp://host/x", "register.store: unknown store scheme 'ftp://'"),
         ("register.name=../etc", "register.name: '../etc' is not a valid model name"),
         ("evaluate.zeroshot.task_data=/no/such/dir", "evaluate.zeroshot.task_data: '/no/such/dir' is not a directory"),
+        ("prune.compute_dtype=int8", "prune.compute_dtype: unknown dtype 'int8' (allowed: auto, float32, bfloat16"),
+        ("prune.batch_size=0", "prune.batch_size: must be > 0 or null (automatic), got 0"),
+        ("prune.batch_size=lots", "prune.batch_size: "),
+        ("prune.error_tokens=-1", "prune.error_tokens: must be >= 0"),
+        ("prune.sequential=diagonal", "prune.sequential: unknown mode 'diagonal' (allowed: layer, linear)"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(override, message):
@@ -44,6 +49,29 @@ def test_bad_values_name_the_key_and_what_is_allowed(override, message):
     text = str(excinfo.value)
     assert message in text
     assert "\n" not in text
+
+
+def test_prune_engine_settings_default_to_the_engine_defaults_and_load_from_yaml(tmp_path):
+    import torch
+
+    from perp.config import PRUNE_COMPUTE_DTYPES, PRUNE_SEQUENTIAL_MODES
+    from perp.prune.engine import SEQUENTIAL_MODES, EngineOptions
+    from perp.prune.run import resolve_compute_dtype
+
+    prune = PerpConfig().prune
+    engine = EngineOptions()
+    assert (prune.compute_dtype, prune.batch_size) == ("auto", None)
+    assert (prune.error_tokens, prune.sequential) == (engine.error_tokens, engine.sequential)
+    assert PRUNE_SEQUENTIAL_MODES == SEQUENTIAL_MODES
+    assert all(resolve_compute_dtype(name) in (None, torch.float32, torch.bfloat16, torch.float16)
+               for name in PRUNE_COMPUTE_DTYPES)
+    assert load_params(REPO / "params.yaml").prune == prune  # the quick profile spells out the defaults
+
+    params = tmp_path / "params.yaml"
+    params.write_text("prune:\n  compute_dtype: bfloat16\n  batch_size: 3\n  error_tokens: 0\n  sequential: linear\n")
+    loaded = load_params(params).prune
+    assert (loaded.compute_dtype, loaded.batch_size, loaded.error_tokens, loaded.sequential) == \
+        ("bfloat16", 3, 0, "linear")
 
 
 def test_unquoted_nm_pattern_in_yaml_stays_a_pattern(tmp_path):
@@ -89,3 +117,4 @@ def test_paper_profile_is_valid():
     config = load_params(REPO / "params.paper.yaml")
     assert config.data.calibration.nsamples == 128 and config.data.calibration.seqlen == 2048
     assert len(config.evaluate.zeroshot.tasks) == 7
+    assert config.prune.compute_dtype == "bfloat16" and config.prune.sequential == "layer"

@@ -127,14 +127,107 @@ def test_run_prune_reads_calibration_from_config(tiny_llama_dir, tmp_path):
 
 
 def test_true_sequential_bf16_run_is_exact_in_pattern(tiny_llama_dir, tmp_path):
-    config = _config(tiny_llama_dir, "prune.method=sparsegpt", "prune.pattern=4:8", "prune.blocksize=32")
-    report = run_prune(config, tmp_path / "out", calib=_calib(), sequential="linear", compute_dtype="bfloat16")
+    config = _config(tiny_llama_dir, "prune.method=sparsegpt", "prune.pattern=4:8", "prune.blocksize=32",
+                     "prune.sequential=linear", "prune.compute_dtype=bfloat16", "prune.error_tokens=64")
+    report = run_prune(config, tmp_path / "out", calib=_calib())
     assert report["engine"]["sequential"] == "linear" and report["engine"]["compute_dtype"] == "bfloat16"
+    recorded = report["config"]["prune"]
+    assert (recorded["sequential"], recorded["compute_dtype"], recorded["error_tokens"]) == ("linear", "bfloat16", 64)
     assert report["achieved_sparsity"] == pytest.approx(0.5)
     for name, kept in load_masks(tmp_path / "out").items():
         assert (kept.view(kept.shape[0], -1, 8).sum(-1) == 4).all(), name
     with pytest.raises(ConfigError, match="prune.sequential"):
         run_prune(config, tmp_path / "bad", calib=_calib(), sequential="diagonal")
+
+
+class _EngineReached(Exception):
+    pass
+
+
+@pytest.fixture
+def engine_options(monkeypatch):
+    """The EngineOptions `run_prune` hands the engine (which is then stopped before it does any work)."""
+    seen = []
+
+    def capture(model, family, method, plans, ids, options, progress=None):
+        seen.append(options)
+        raise _EngineReached
+
+    monkeypatch.setattr("perp.prune.run.prune_model", capture)
+    return seen
+
+
+def test_engine_settings_come_from_the_config(engine_options, tiny_llama_dir, tmp_path):
+    config = _config(tiny_llama_dir, "prune.compute_dtype=bfloat16", "prune.batch_size=3", "prune.error_tokens=7",
+                     "prune.sequential=linear")
+    with pytest.raises(_EngineReached):
+        run_prune(config, tmp_path / "out", calib=_calib())
+    options = engine_options[-1]
+    assert (options.compute_dtype, options.batch_size, options.error_tokens, options.sequential) == \
+        (torch.bfloat16, 3, 7, "linear")
+
+    # defaults: the weights' dtype, automatic micro-batches, 512 error tokens, the reference mode
+    with pytest.raises(_EngineReached):
+        run_prune(_config(tiny_llama_dir), tmp_path / "out", calib=_calib())
+    options = engine_options[-1]
+    assert (options.compute_dtype, options.error_tokens, options.sequential) == (None, 512, "layer")
+    assert options.batch_size == 4096 // 32  # default_batch_size on CPU for 32-token windows
+
+
+def test_keyword_options_override_the_config(engine_options, tiny_llama_dir, tmp_path):
+    config = _config(tiny_llama_dir, "prune.compute_dtype=bfloat16", "prune.batch_size=3", "prune.error_tokens=7",
+                     "prune.sequential=linear")
+    with pytest.raises(_EngineReached):
+        run_prune(config, tmp_path / "out", calib=_calib(), sequential="layer", error_tokens=0)
+    options = engine_options[-1]
+    assert (options.compute_dtype, options.batch_size, options.error_tokens, options.sequential) == \
+        (torch.bfloat16, 3, 0, "layer")
+    with pytest.raises(ConfigError, match="prune.batch_size: must be > 0"):
+        run_prune(config, tmp_path / "out", calib=_calib(), batch_size=-2)
+
+
+def test_cli_flags_override_params_yaml(engine_options, tiny_llama_dir, tmp_path, monkeypatch):
+    from perp.cli import main
+
+    (tmp_path / "params.yaml").write_text(
+        f"model: {{name: {tiny_llama_dir}, device: cpu}}\n"
+        "data: {calibration: {source: calib.txt, nsamples: 2, seqlen: 32}}\n"
+        "prune: {compute_dtype: bfloat16, batch_size: 3, error_tokens: 7, sequential: linear}\n")
+    (tmp_path / "calib.txt").write_text(" ".join(f"token{i}" for i in range(300)))
+    monkeypatch.chdir(tmp_path)
+    argv = ["perp", "prune", "--out", str(tmp_path / "out"), "--json"]
+    for extra, expected in [
+        ([], (torch.bfloat16, 3, 7, "linear")),
+        (["--compute-dtype", "float32", "--batch-size", "1", "--error-tokens", "0", "--sequential", "layer"],
+         (torch.float32, 1, 0, "layer")),
+    ]:
+        monkeypatch.setattr("sys.argv", argv + extra)
+        with pytest.raises(_EngineReached):
+            main()
+        options = engine_options[-1]
+        assert (options.compute_dtype, options.batch_size, options.error_tokens, options.sequential) == expected
+
+
+def test_engine_settings_key_the_mask_stage(monkeypatch, tmp_path):
+    """The pipeline keys the mask stage on the whole prune section, so a changed engine setting is a new output."""
+    from perp import pipeline
+    from perp.config import PerpConfig
+
+    seen = []
+    monkeypatch.setattr("perp.prune.run_prune",
+                        lambda config, out, **kwargs: seen.append((Path(out).name, config.prune.sequential)))
+    monkeypatch.setattr("perp.data.calibrate.load_token_set", lambda path: None)
+    monkeypatch.setattr(pipeline, "require", lambda ref, what: tmp_path)
+    monkeypatch.setattr(pipeline, "reference", lambda path, **extra: {"uri": str(path)})
+    defaults = PerpConfig().model_dump(mode="json")
+    model = {**defaults["model"], "name": "tiny-llama"}
+    calibration = {"uri": str(tmp_path), "sha256": "0" * 64}
+    for prune in (defaults["prune"], {**defaults["prune"], "sequential": "linear"},
+                  {**defaults["prune"], "batch_size": 2}, defaults["prune"]):
+        pipeline.mask_stage(model, prune, calibration, tmp_path / "work")
+    assert [mode for _, mode in seen] == ["layer", "linear", "layer", "layer"]
+    names = [name for name, _ in seen]
+    assert len(set(names[:3])) == 3 and names[3] == names[0]
 
 
 # --------------------------------------------------------------------------------------------- bad input

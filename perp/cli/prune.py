@@ -68,9 +68,16 @@ def prune(
     seed: Optional[int] = typer.Option(None, "--seed", help="Calibration sampling seed."),
     granularity: Optional[str] = typer.Option(None, "--granularity", help="row (Wanda reference) or matrix (PERP)."),
     compute_dtype: Optional[str] = typer.Option(
-        None, "--compute-dtype", help="Precision of the calibration forwards: auto (the weights'), float32, bfloat16."),
+        None, "--compute-dtype", help="Precision of the calibration forwards: auto (the weights'), float32, bfloat16, "
+        "float16 (overrides prune.compute_dtype)."),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", help="Calibration windows per micro-batch (overrides prune.batch_size; default automatic)."),
+    error_tokens: Optional[int] = typer.Option(
+        None, "--error-tokens", help="Calibration tokens that estimate the reconstruction error (overrides "
+        "prune.error_tokens; 0: none)."),
     sequential: Optional[str] = typer.Option(
-        None, "--sequential", help="layer (reference: two passes per layer) or linear (true-sequential, one pass)."),
+        None, "--sequential", help="layer (reference: two passes per layer) or linear (true-sequential, one pass); "
+        "overrides prune.sequential."),
     out: Path = typer.Option(Path("out/pruned"), "--out", help="Output directory."),
     params: Optional[Path] = ParamsOption,
     sets: Optional[list[str]] = SetOption,
@@ -83,7 +90,8 @@ def prune(
     config = build_config(params, sets, **{
         "model.name": model, "data.calibration.source": calib, "prune.method": method, "prune.sparsity": sparsity,
         "prune.pattern": pattern, "data.calibration.nsamples": nsamples, "data.calibration.seqlen": seqlen,
-        "data.calibration.seed": seed, "prune.granularity": granularity,
+        "data.calibration.seed": seed, "prune.granularity": granularity, "prune.compute_dtype": compute_dtype,
+        "prune.batch_size": batch_size, "prune.error_tokens": error_tokens, "prune.sequential": sequential,
     })
     from perp.prune import run_prune
 
@@ -96,8 +104,7 @@ def prune(
 
         token_set = load_token_set(calib_set)
     with _LayerProgress(enabled=not as_json) as progress:
-        report = run_prune(config, out, calib=token_set, progress=progress, compute_dtype=compute_dtype,
-                           sequential=sequential)
+        report = run_prune(config, out, calib=token_set, progress=progress)
     if as_json:
         emit({**summary(report, out), "report": report}, as_json=True)
     else:

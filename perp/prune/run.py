@@ -19,11 +19,11 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from perp.config import PerpConfig, dump_params
+from perp.config import PerpConfig, PruneConfig, dump_params, validate_section
 from perp.data.windows import TokenSet
 from perp.errors import ConfigError
 from perp.io.atomic import atomic_directory, write_json_atomic
-from perp.prune.engine import SEQUENTIAL_MODES, EngineOptions, EngineResult, default_batch_size, prune_model
+from perp.prune.engine import EngineOptions, EngineResult, default_batch_size, prune_model
 from perp.prune.masks import MASKS_FILE, save_masks
 from perp.prune.methods import create_method
 from perp.prune.patterns import PruneSpec
@@ -49,14 +49,20 @@ def resolve_compute_dtype(value: Optional[str | torch.dtype]) -> Optional[torch.
     return _DTYPES[value]
 
 
-def _option(config: PerpConfig, name: str, default: Any) -> Any:
-    """An optional `prune.<name>` setting: read it when the config schema has it, else the default."""
-    value = getattr(config.prune, name, None)
-    return default if value is None else value
+def with_engine_overrides(config: PerpConfig, **overrides: Any) -> PerpConfig:
+    """`config` with the given `prune.*` engine settings replaced (None = keep the config's), validated."""
+    given = {key: value for key, value in overrides.items() if value is not None}
+    if "compute_dtype" in given and isinstance(given["compute_dtype"], torch.dtype):
+        given["compute_dtype"] = str(given["compute_dtype"]).removeprefix("torch.")
+    if not given:
+        return config
+    prune = validate_section(PruneConfig, {**config.prune.model_dump(mode="json"), **given}, prefix="prune")
+    return config.model_copy(update={"prune": prune})
 
 
 def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet] = None,
-              progress: Optional[Callable[..., None]] = None, *, compute_dtype: Optional[str] = None,
+              progress: Optional[Callable[..., None]] = None, *,
+              compute_dtype: Optional[str | torch.dtype] = None,
               batch_size: Optional[int] = None, error_tokens: Optional[int] = None,
               sequential: Optional[str] = None) -> dict[str, Any]:
     """Prune `config.model.name` with `config.prune`, calibrated on `calib` (default: `config.data.calibration`).
@@ -65,11 +71,12 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
     before the first layer is processed; failures are `PerpError`s with one-line messages. `progress` is called
     as progress(layers_done, layers_total, message). Returns the report (also written to prune_report.json).
 
-    Keyword options (also read from `prune.compute_dtype`, `prune.batch_size`, `prune.error_tokens`,
-    `prune.sequential` once the config schema has them): the calibration forward precision (`auto` = the
-    weights'), windows per micro-batch, the number of calibration tokens that estimate the reconstruction
-    error of Hessian-free methods, and the engine mode (`layer`: reference, two passes per layer; `linear`:
-    true-sequential, one pass, whole calibration set at once — see `EngineOptions`).
+    The engine settings come from `prune.compute_dtype`, `prune.batch_size`, `prune.error_tokens` and
+    `prune.sequential`: the calibration forward precision (`auto` = the weights'), windows per micro-batch (None:
+    automatic), the number of calibration tokens that estimate the reconstruction error of Hessian-free methods,
+    and the engine mode (`layer`: reference, two passes per layer; `linear`: true-sequential, one pass, whole
+    calibration set at once — see `EngineOptions`). The keyword options of the same names, when given (not
+    None), override the config's; the report's `config` records the values used.
     """
     from perp.data import calibration_set
     from perp.models import load_model
@@ -77,12 +84,11 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
     started = time.perf_counter()
     timings: dict[str, float] = {}
     out_dir = Path(out_dir)
+    config = with_engine_overrides(config, compute_dtype=compute_dtype, batch_size=batch_size,
+                                   error_tokens=error_tokens, sequential=sequential)
     spec = PruneSpec.from_config(config.prune)
     method = create_method(config.prune.method, spec)
-    dtype_option = resolve_compute_dtype(compute_dtype or _option(config, "compute_dtype", None))
-    sequential = sequential or _option(config, "sequential", "layer")
-    if sequential not in SEQUENTIAL_MODES:
-        raise ConfigError(f"prune.sequential: unknown mode '{sequential}' (allowed: {', '.join(SEQUENTIAL_MODES)})")
+    dtype_option = resolve_compute_dtype(config.prune.compute_dtype)
 
     # Everything that can be wrong is checked on a weightless (meta) copy of the model first.
     t0 = time.perf_counter()
@@ -104,9 +110,9 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
     options = EngineOptions(
         device=loaded.device,
         compute_dtype=dtype_option,
-        batch_size=batch_size or _option(config, "batch_size", None) or default_batch_size(calib.seqlen, loaded.device),
-        error_tokens=int(error_tokens if error_tokens is not None else _option(config, "error_tokens", 512)),
-        sequential=sequential,
+        batch_size=config.prune.batch_size or default_batch_size(calib.seqlen, loaded.device),
+        error_tokens=config.prune.error_tokens,
+        sequential=config.prune.sequential,
     )
     result = prune_model(model, family, method, plans, calib.ids, options, progress)
     timings.update(result.timings)
