@@ -87,10 +87,13 @@ def test_metrics_shape_and_cached_baseline(models, baselines, shared_data, tmp_p
 
     on_disk = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
-    assert set(on_disk) == {"model", "sparsity", "target_sparsity", "perplexity", "zeroshot", "gates"}
+    assert set(on_disk) == {"model", "sparsity", "target_sparsity", "planned_sparsity", "perplexity", "zeroshot",
+                            "gates"}
     assert {"source", "sha256"} <= set(on_disk["model"]) and on_disk["model"]["source"] == str(pruned)
     assert on_disk["sparsity"] == pytest.approx(0.5, abs=1e-3)  # measured from the weights
     assert on_disk["target_sparsity"] == 0.5
+    # no prune_report.json here: the plan of the config's prune section (half of every row of every Linear)
+    assert on_disk["planned_sparsity"] == 0.5 and on_disk["model"]["planned_sparsity_from"] == "config"
     assert set(on_disk["perplexity"]) == {"small", "embedded"}
     for entry in on_disk["perplexity"].values():
         assert {"ppl", "dense_ppl", "ratio", "tokens", "windows", "seqlen", "data_sha256"} <= set(entry)
@@ -128,7 +131,7 @@ def test_dense_model_is_its_own_baseline(models, baselines, shared_data, tmp_pat
     calls = _count_loads(monkeypatch)
     metrics = stage.run_evaluate(config, str(dense), tmp_path / "metrics.json")
     assert calls == [str(dense)]
-    assert metrics["sparsity"] == 0.0 and metrics["target_sparsity"] is None
+    assert metrics["sparsity"] == 0.0 and metrics["target_sparsity"] is None and metrics["planned_sparsity"] is None
     assert all(e["ratio"] == 1.0 for e in metrics["perplexity"].values())
     assert metrics["gates"]["zeroshot_drop_points"] == 0.0
     assert len(list(baselines.glob("*.json"))) == 3  # written for the next compressed model

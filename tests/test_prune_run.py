@@ -324,3 +324,75 @@ def test_cli_bad_input_is_one_line(tiny_llama_dir, tmp_path, monkeypatch, capsys
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: prune.sparsity: 0.01 prunes no weight"), lines
     assert not (tmp_path / "bad").exists()
+
+
+# --------------------------------------------------------------------------------------------- sparsity gate
+
+
+def _evaluate(config, model_dir: Path, out: Path, dense: Path) -> dict:
+    from perp.evaluate import stage
+
+    return stage.run_evaluate(config, str(model_dir), out, dense=str(dense))
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("sparsity", [0.6, 0.3])
+def test_sparsity_gate_compares_achieved_with_planned(family, sparsity, tiny_llama_dir, tiny_opt_dir, tmp_path,
+                                                      monkeypatch):
+    """Per-row rounding keeps the achieved sparsity off the nominal one (floor(0.6 × 64) / 64 = 0.59375): the plan
+    knows the exact count, the report records it, and the gate compares with it; un-zeroed weights still fail."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from perp.evaluate import stage
+    from perp.registry.gates import evaluate_gates
+
+    monkeypatch.setattr(stage, "cache_dir", lambda *parts: tmp_path / "baselines")
+    dense = tiny_llama_dir if family == "llama" else tiny_opt_dir
+    config = _config(dense, "prune.method=wanda", f"prune.sparsity={sparsity}", "evaluate.batch_size=1",
+                     "evaluate.perplexity=[{name: wiki, source: 'embedded:wiki-eval', seqlen: 32, max_windows: 1}]")
+    pruned = tmp_path / "pruned"
+    report = run_prune(config, pruned, calib=_calib())
+
+    # the plan, not the result: every Linear's floor(sparsity × in_features) per row, over the planned weights
+    from perp.models.families import adapter_for
+
+    model = AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32)
+    expected = sum(linear.weight.shape[0] * int(sparsity * linear.weight.shape[1])
+                   for _, linear in adapter_for(model).named_decoder_linears(model))
+    assert report["planned_pruned_weights"] == expected == report["pruned_weights"]
+    assert report["planned_sparsity"] == pytest.approx(expected / report["selected_weights"], abs=0)
+    assert report["planned_sparsity"] == report["achieved_sparsity"] < sparsity - 5e-4  # the nominal gate failed
+
+    gates = {"max_ppl_ratio": None, "max_zeroshot_drop": None, "min_sparsity": None}
+    metrics = _evaluate(config, pruned, tmp_path / "pruned.json", dense)
+    assert metrics["target_sparsity"] == sparsity and metrics["model"]["planned_sparsity_from"] == "prune_report"
+    assert metrics["planned_sparsity"] == pytest.approx(report["planned_sparsity"])  # every decoder Linear pruned
+    result = evaluate_gates("dev", ["dev"], gates, metrics, set())
+    assert result["passed"], result
+
+    # a copy without prune_report.json (as a recovered model is evaluated): the plan of the config's prune section
+    bare = tmp_path / "bare"
+    shutil.copytree(pruned, bare)
+    (bare / REPORT_FILE).unlink()
+    metrics = _evaluate(config, bare, tmp_path / "bare.json", dense)
+    assert metrics["model"]["planned_sparsity_from"] == "config"
+    assert metrics["planned_sparsity"] == pytest.approx(report["planned_sparsity"])
+    assert evaluate_gates("dev", ["dev"], gates, metrics, set())["passed"]
+
+    # un-zero a handful of pruned weights of one Linear: the checkpoint no longer holds the plan, the gate fails
+    name, kept = next(iter(load_masks(pruned).items()))
+    linear = model.get_submodule(name)
+    with torch.no_grad():
+        rows, cols = torch.nonzero(~kept, as_tuple=True)
+        linear.weight[rows[:4], cols[:4]] = 0.01
+    unzeroed = tmp_path / "unzeroed"
+    model.save_pretrained(unzeroed)
+    for extra in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", REPORT_FILE):
+        if (pruned / extra).is_file():
+            shutil.copy(pruned / extra, unzeroed / extra)
+    metrics = _evaluate(config, unzeroed, tmp_path / "unzeroed.json", dense)
+    result = evaluate_gates("dev", ["dev"], gates, metrics, set())
+    assert result["failed"] == ["sparsity"], result
+    assert "below the minimum" in result["checks"][0]["detail"]

@@ -190,6 +190,23 @@ def test_gates_follow_the_stage_order_and_config(tmp_path, model_dir):
     assert promote(uri, "tiny", 1, "qa", stages=["qa"], gates={"qa": None})["stage"] == "qa"
 
 
+def test_sparsity_gate_uses_the_planned_sparsity_when_metrics_have_it():
+    from perp.registry.gates import evaluate_gates
+
+    gates = GatesConfig(max_ppl_ratio=None, max_zeroshot_drop=None, min_sparsity=None)
+    planned = 38 / 64  # floor(0.6 × 64) per row of 64 inputs: 0.59375, not 0.6
+
+    def check(achieved: float, **extra: float) -> dict:
+        metrics = {"target_sparsity": 0.6, "gates": {"sparsity": achieved}, **extra}
+        return evaluate_gates("prod", ["prod"], gates, metrics, set())
+
+    assert not check(planned)["passed"]  # metrics without planned_sparsity: the nominal target (older behaviour)
+    result = check(planned, planned_sparsity=planned)
+    assert result["passed"] and result["checks"][0]["planned"] == planned and result["checks"][0]["target"] == 0.6
+    result = check(planned - 1 / (64 * 64), planned_sparsity=planned)  # one weight of a 64×64 Linear un-zeroed
+    assert result["failed"] == ["sparsity"] and "below the minimum" in result["checks"][0]["detail"]
+
+
 def test_rollback_walks_back_and_deregister_guards(tmp_path, model_dir):
     uri = str(tmp_path / "store")
     for _ in range(3):

@@ -5,7 +5,9 @@ For the evaluated model: perplexity on every configured text (`evaluate.perplexi
 baseline's, computed once and cached under `cache_dir("baselines")`, keyed by the dense model's content hash,
 the data hash and the settings that change the number (window length, dtype, device, lm-eval and task versions,
 limit, batch size). Then the relative figures the gates read: the perplexity ratio vs dense (the worst text), the
-zero-shot mean and its drop vs dense in points, and the measured sparsity.
+zero-shot mean and its drop vs dense in points, and the measured sparsity, next to the planned sparsity the
+sparsity gate compares it with (the exact fraction of the decoder Linear weights the pruning plan zeroes, from the
+model's prune_report.json or the plan of the `prune` section; per-row rounding keeps it off the nominal target).
 
 Beside `metrics.json`, `plots/eval_perplexity.csv` and `plots/eval_zeroshot.csv` hold the same series for
 `dvc plots`.
@@ -127,21 +129,48 @@ def _release() -> None:
         torch.cuda.empty_cache()
 
 
-def _target_sparsity(model_path: Path, is_dense: bool, config: PerpConfig) -> tuple[Optional[float], Optional[str]]:
-    """The pruning target: the model's own `prune_report.json` when it has one, else the config's `prune` section
-    (for a compressed model), else none (the dense model itself)."""
+def _prune_report(model_path: Path) -> dict[str, Any]:
+    """The model's own `prune_report.json` (a pruned checkpoint has one), else {}."""
     report_file = model_path / "prune_report.json" if model_path.is_dir() else None
-    if report_file is not None and report_file.is_file():
-        try:
-            report = json.loads(report_file.read_text())
-        except ValueError:
-            report = {}
-        value = report.get("target_sparsity") if isinstance(report, dict) else None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value), "prune_report"
+    if report_file is None or not report_file.is_file():
+        return {}
+    try:
+        report = json.loads(report_file.read_text())
+    except ValueError:
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
+def _target_sparsity(report: dict[str, Any], is_dense: bool, config: PerpConfig) -> tuple[Optional[float], Optional[str]]:
+    """The nominal pruning target: the model's own `prune_report.json` when it has one, else the config's `prune`
+    section (for a compressed model), else none (the dense model itself)."""
+    value = report.get("target_sparsity")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value), "prune_report"
     if is_dense:
         return None, None
     return float(config.prune.target_sparsity), "config"
+
+
+def _planned_zeros(report: dict[str, Any], model: Any, family: Any, config: PerpConfig) -> tuple[Optional[int], Optional[str]]:
+    """How many decoder Linear weights the pruning plan zeroes: `planned_pruned_weights` of the model's own
+    `prune_report.json`, else the plan of its recorded (or the config's) `prune` section on this model's shapes.
+    Computed from the plan, never from the weights; None when that plan does not apply to this model."""
+    count = report.get("planned_pruned_weights")
+    if isinstance(count, int) and not isinstance(count, bool):
+        return count, "prune_report"
+    from perp.config import PruneConfig
+    from perp.prune.patterns import PruneSpec
+    from perp.prune.selection import plan_pruning, planned_counts
+
+    recorded = (report.get("config") or {}).get("prune") if isinstance(report.get("config"), dict) else None
+    try:
+        prune = PruneConfig.model_validate(recorded) if isinstance(recorded, dict) else config.prune
+        spec = PruneSpec.from_config(prune)
+        plans = plan_pruning(model, family, prune.include, prune.exclude, spec)
+        return planned_counts(model, family, plans, spec)[0], "prune_report" if recorded else "config"
+    except (PerpError, ValueError):
+        return None, None
 
 
 def _evaluate_model(model: Any, tokenizer: Any, token_sets: dict[str, Any], batch_size: int,
@@ -233,6 +262,8 @@ def run_evaluate(config: PerpConfig, model: str, out_path: Path, dense: Optional
                   "decoder_linear_zeros": measured["zeros"], "decoder_linear_weights": measured["total"]}
     model_tokenizer_fp = tokenizer_fingerprint(loaded.tokenizer)
     model_path = Path(loaded.path)
+    prune_report = _prune_report(model_path)
+    planned_zeros, planned_from = _planned_zeros(prune_report, loaded.model, loaded.family, config)
     del loaded
     _release()
 
@@ -241,7 +272,11 @@ def run_evaluate(config: PerpConfig, model: str, out_path: Path, dense: Optional
     dense_sha = LoadedModel(model=None, tokenizer=None, family=None, source=dense_spec, kind=dense_kind,  # type: ignore[arg-type]
                             path=dense_path, device=device, dtype=dtype).content_hash
     is_dense = dense_sha == model_sha
-    target, target_from = _target_sparsity(model_path, is_dense, config)
+    target, target_from = _target_sparsity(prune_report, is_dense, config)
+    # What the sparsity gate compares the measured sparsity with: the plan's exact count over the same weights.
+    planned = planned_zeros / measured["total"] if planned_zeros is not None and measured["total"] else None
+    if is_dense:
+        planned, planned_from = None, None
 
     if is_dense:
         dense_sets = token_sets
@@ -293,9 +328,10 @@ def run_evaluate(config: PerpConfig, model: str, out_path: Path, dense: Optional
     ratios = [entry["ratio"] for entry in perplexity_section.values() if entry["ratio"] is not None]
     metrics = {
         "model": {**model_info, "dense_source": dense_spec, "dense_sha256": dense_sha,
-                  "target_sparsity_from": target_from},
+                  "target_sparsity_from": target_from, "planned_sparsity_from": planned_from},
         "sparsity": measured["sparsity"],
         "target_sparsity": target,
+        "planned_sparsity": planned,
         "perplexity": perplexity_section,
         "zeroshot": zeroshot_section,
         "gates": {

@@ -15,11 +15,11 @@ from perp.prune.masks import MASKS_FILE, PackedMask, load_masks, load_packed_mas
 from perp.prune.methods import METHODS, PruneMethod, create_method
 from perp.prune.patterns import PruneSpec, select_mask
 from perp.prune.run import REPORT_FILE, run_prune
-from perp.prune.selection import LayerPlan, check_calibration, plan_pruning
+from perp.prune.selection import LayerPlan, check_calibration, plan_pruning, planned_counts
 
 __all__ = [
     "EngineOptions", "EngineResult", "LayerInputs", "LayerPlan", "MASKS_FILE", "METHODS", "PackedMask",
     "PruneMethod", "PruneSpec", "REPORT_FILE", "SEQUENTIAL_MODES", "capture_layer_inputs", "check_calibration",
-    "create_method", "default_batch_size", "load_masks", "load_packed_masks", "plan_pruning", "propagate",
-    "prune_model", "run_layer", "run_prune", "save_masks", "select_mask",
+    "create_method", "default_batch_size", "load_masks", "load_packed_masks", "plan_pruning", "planned_counts",
+    "propagate", "prune_model", "run_layer", "run_prune", "save_masks", "select_mask",
 ]

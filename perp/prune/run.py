@@ -27,7 +27,7 @@ from perp.prune.engine import EngineOptions, EngineResult, default_batch_size, p
 from perp.prune.masks import MASKS_FILE, save_masks
 from perp.prune.methods import create_method
 from perp.prune.patterns import PruneSpec
-from perp.prune.selection import check_calibration, plan_pruning
+from perp.prune.selection import check_calibration, plan_pruning, planned_counts
 
 REPORT_FILE = "prune_report.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -93,7 +93,8 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
     # Everything that can be wrong is checked on a weightless (meta) copy of the model first.
     t0 = time.perf_counter()
     skeleton, family, tokenizer = model_skeleton(config.model.name, config.model.revision)
-    plan_pruning(skeleton, family, config.prune.include, config.prune.exclude, spec)
+    planned = planned_counts(skeleton, family,
+                             plan_pruning(skeleton, family, config.prune.include, config.prune.exclude, spec), spec)
     if calib is None:
         calib = calibration_set(config.data.calibration, tokenizer)
     check_calibration(calib.ids, skeleton, family)
@@ -117,7 +118,7 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
     result = prune_model(model, family, method, plans, calib.ids, options, progress)
     timings.update(result.timings)
 
-    report = build_report(config, loaded, calib, spec, result, options)
+    report = build_report(config, loaded, calib, spec, result, options, planned)
     t0 = time.perf_counter()
     with atomic_directory(out_dir) as staging:
         model.save_pretrained(staging)
@@ -152,7 +153,8 @@ def model_skeleton(spec: str, revision: Optional[str] = None) -> tuple[torch.nn.
 
 
 def build_report(config: PerpConfig, loaded: Any, calib: TokenSet, spec: PruneSpec, result: EngineResult,
-                 options: EngineOptions) -> dict[str, Any]:
+                 options: EngineOptions, planned: tuple[int, int]) -> dict[str, Any]:
+    """The report; `planned` is (weights the plan prunes, weights of the planned Linears) from `planned_counts`."""
     from perp import __version__
 
     pruned = sum(entry["pruned"] for entry in result.linears.values())
@@ -165,6 +167,9 @@ def build_report(config: PerpConfig, loaded: Any, calib: TokenSet, spec: PruneSp
         "pattern": spec.pattern,
         "granularity": spec.granularity,
         "target_sparsity": spec.target_sparsity,
+        # exact: the per-row / per-matrix / N:M counts of the plan, over the weights of the planned Linears
+        "planned_sparsity": planned[0] / planned[1] if planned[1] else 0.0,
+        "planned_pruned_weights": planned[0],
         "achieved_sparsity": pruned / total if total else 0.0,
         "pruned_weights": pruned,
         "selected_weights": total,

@@ -83,6 +83,25 @@ def plan_pruning(model: nn.Module, family: FamilyAdapter, include: Sequence[str]
     return plans
 
 
+def planned_counts(model: nn.Module, family: FamilyAdapter, plans: Sequence[LayerPlan],
+                   spec: PruneSpec) -> tuple[int, int]:
+    """(weights the plan prunes, weights of the planned Linears), from the shapes alone (a meta model will do).
+
+    The first is exact: what every method prunes in each selected Linear (`PruneSpec.pruned_count`: the per-row or
+    per-matrix floor counts, or M - N of every group of M). So the planned sparsity, the first over the second, is
+    what a correct run achieves to the weight, whatever per-row rounding does to the nominal `prune.sparsity`.
+    """
+    layers = decoder_layers(model, family)
+    pruned = total = 0
+    for plan in plans:
+        present = family.linears(layers[plan.index])
+        for name in plan.names:
+            rows, cols = present[name].weight.shape
+            pruned += spec.pruned_count(rows, cols)
+            total += rows * cols
+    return pruned, total
+
+
 def check_pattern(linears: dict[str, nn.Linear], spec: PruneSpec) -> None:
     """N:M needs in_features divisible by M; unstructured sparsity must prune at least one weight per unit."""
     for name, linear in linears.items():

@@ -3,8 +3,9 @@
 The evaluation stage writes `metrics.json`; the gates read its `gates` section:
 
     {
-      "sparsity": 0.5,                      # measured over the pruned weights
-      "target_sparsity": 0.5,
+      "sparsity": 0.5,                      # measured: exact zeros over the decoder Linear weights
+      "target_sparsity": 0.5,               # nominal (prune.sparsity, or (M-N)/M)
+      "planned_sparsity": 0.4999,           # exact: what the pruning plan zeroes, over the same weights
       "perplexity": {"<text>": {"ppl": 21.3, "dense_ppl": 18.2, "ratio": 1.17}},
       "zeroshot": {"mean_acc": 0.52, "dense_mean_acc": 0.53, "drop_points": 1.0},
       "gates": {"ppl_ratio": 1.17,          # max over the perplexity texts
@@ -16,8 +17,10 @@ Gates (each `null` in the config switches it off):
 
 - ``ppl_ratio``: ``gates.ppl_ratio <= max_ppl_ratio``;
 - ``zeroshot_drop``: ``gates.zeroshot_drop_points <= max_zeroshot_drop``;
-- ``sparsity``: ``gates.sparsity >= min_sparsity``, or ``>= target_sparsity - 0.0005`` when `min_sparsity` is null
-  (the tolerance absorbs per-row rounding of the number of pruned weights);
+- ``sparsity``: ``gates.sparsity >= min_sparsity``; when `min_sparsity` is null, ``>= planned_sparsity - 1e-6``
+  (the plan's exact count: per-row rounding makes the achieved sparsity differ from the nominal target, e.g.
+  floor(0.6 x 64) / 64 = 0.59375, but never from the plan; the tolerance only absorbs float division). Metrics
+  without `planned_sparsity` (written before it existed) fall back to ``>= target_sparsity - 0.0005``;
 - ``previous_stage``: promoting to stage *i* > 0 needs the version to have been promoted to stage *i - 1* before
   (dev → staging → prod).
 
@@ -33,7 +36,8 @@ from typing import Any, Optional
 
 from perp.config import GatesConfig
 
-SPARSITY_TOLERANCE = 5e-4
+PLANNED_SPARSITY_TOLERANCE = 1e-6  # achieved vs planned: the same exact count, over the same weights
+SPARSITY_TOLERANCE = 5e-4  # achieved vs nominal target (older metrics only): absorbs per-row rounding
 
 
 def _number(value: Any) -> Optional[float]:
@@ -96,13 +100,20 @@ def evaluate_gates(stage: str, stages: list[str], config: Optional[GatesConfig |
         if config.min_sparsity is not None:
             checks.append(_check("sparsity", "gates.sparsity", ">=", config.min_sparsity,
                                  measured.get("sparsity"), "achieved sparsity"))
+        elif _number(metrics.get("planned_sparsity")) is not None:
+            planned = float(metrics["planned_sparsity"])
+            check = _check("sparsity", "gates.sparsity", ">=", planned - PLANNED_SPARSITY_TOLERANCE,
+                           measured.get("sparsity"), f"achieved sparsity (planned {planned:.6g})")
+            check["planned"] = planned
+            check["target"] = _number(metrics.get("target_sparsity"))
+            checks.append(check)
         else:
             target = _number(metrics.get("target_sparsity"))
             if target is None:
                 checks.append({"gate": "sparsity", "metric": "target_sparsity", "op": ">=", "threshold": None,
                                "value": measured.get("sparsity"), "passed": False, "by": None,
-                               "detail": "no sparsity target (metrics target_sparsity is missing and "
-                                         "min_sparsity is null)"})
+                               "detail": "no sparsity target (metrics planned_sparsity and target_sparsity are "
+                                         "missing and min_sparsity is null)"})
             else:
                 check = _check("sparsity", "gates.sparsity", ">=", target - SPARSITY_TOLERANCE,
                                measured.get("sparsity"), "achieved sparsity")
