@@ -16,7 +16,7 @@ from torch import nn
 
 from perp.errors import PerpError
 from perp.models.families import FamilyAdapter, is_norm
-from perp.registry import Registry
+from perp.plugins import Registry
 
 
 class RecoverError(PerpError):

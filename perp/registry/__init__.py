@@ -9,16 +9,15 @@
 Modules: `api` (operations), `events` (hash-chained log, concurrency), `gates` (metrics.json shape, gates),
 `names` (validation), `provenance` (who/when/code, secret scrubbing).
 
-This package also re-exports `Registry`, the method-name registry pruning and recovery use (it lived in the
-former `perp/registry.py` module, which this package shadows). Heavy modules load on first use, so
-`from perp.registry import Registry` stays cheap.
+Heavy modules load on first use. The method-name registry pruning and recovery use is `perp.plugins.Registry`;
+this package still re-exports it for imports not yet moved to `perp.plugins`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from perp.registry.methods import Registry
+from perp.plugins import Registry  # re-export only: import it from perp.plugins
 from perp.registry.names import RegistryError
 
 _API = {

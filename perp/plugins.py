@@ -1,7 +1,8 @@
-"""A tiny name → implementation registry, shared by pruning and recovery methods.
+"""Plugins: a tiny name → implementation registry, shared by pruning and recovery methods.
 
-It used to live in `perp/registry.py`; the model registry package `perp.registry` now shadows that module, so
-the class lives here and `perp.registry` re-exports it (`from perp.registry import Registry` keeps working).
+`perp.prune.methods` and `perp.recover` each keep one (`METHODS`), keyed by the config key their names come from
+(`prune.method`, `recover.method`). Not to be confused with the model registry, `perp.registry` (versions,
+promotion, rollback).
 """
 
 from __future__ import annotations
