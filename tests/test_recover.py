@@ -16,6 +16,7 @@ from perp.errors import ConfigError, PerpError
 from perp.models import load_model
 from perp.models.families import adapter_for, count_parameters
 from perp.models.tiny import build_tiny_model, save_tiny_model
+from perp.prune import load_masks, run_prune
 from perp.recover import (METHODS, DataRepeatWarning, MaskLoRALinear, RecoverError, ScaleLoRALinear, Settings,
                           attach, capture_masks, mask_violations, model_scope, run_recover)
 from perp.recover.masklora import _MaskedLoRAFunction
@@ -430,16 +431,15 @@ def test_layerwise_reduces_every_block_mse_and_holds_masks(pruned_dirs, tmp_path
 
 def test_recovers_a_checkpoint_from_the_prune_stage(tiny_llama_dir, tmp_path):
     """perp prune → perp recover (layer-wise): the pruner's masks hold and travel with the recovered model."""
-    prune = pytest.importorskip("perp.prune")
     pruned_dir = tmp_path / "pruned"
     prune_config = tiny_config(f"model.name={tiny_llama_dir}", "prune.method=wanda", "prune.sparsity=0.5",
                                "data.calibration.seqlen=32")
-    prune.run_prune(prune_config, pruned_dir)
+    run_prune(prune_config, pruned_dir)
     out = tmp_path / "recovered"
     report = run_recover(tiny_config("recover.mode=layerwise", "recover.method=norm+masklora", "recover.steps=5"),
                          str(pruned_dir), out, dense=str(tiny_llama_dir))
     assert report["sparsity_after"]["zeros"] == report["sparsity_before"]["zeros"]
-    kept = prune.load_masks(out)
+    kept = load_masks(out)
     recovered = load_model(str(out), device="cpu")
     for name, linear in recovered.family.named_decoder_linears(recovered.model):
         assert torch.equal(linear.weight[~kept[name]], torch.zeros_like(linear.weight[~kept[name]]))
