@@ -279,14 +279,24 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(store_uri, model_dir, tmp
     assert not (tmp_path / "o").exists()
 
 
-def test_requests_against_an_absent_local_store_create_nothing(tmp_path):
+def test_requests_against_an_absent_local_store_fail_naming_it_and_create_nothing(tmp_path, model_dir):
+    """A typo'd local store path is an error, not an empty registry; only a registration creates a store."""
     uri = str(tmp_path / "never")
-    with pytest.raises(RegistryError, match="not found"):
-        promote(uri, "tiny", 1, "dev")
-    with pytest.raises(RegistryError):
-        rollback(uri, "tiny", "prod", reason="x")
-    assert list_models(uri) == [] and verify(uri)["ok"]
-    assert not (tmp_path / "never").exists()
+    calls = [
+        lambda: list_models(uri), lambda: verify(uri), lambda: show(uri, "tiny"), lambda: history(uri, "tiny"),
+        lambda: pull(uri, "tiny@prod", tmp_path / "out"), lambda: promote(uri, "tiny", 1, "dev"),
+        lambda: rollback(uri, "tiny", "prod", reason="x"), lambda: deregister(uri, "tiny", 1, reason="x"),
+        lambda: list_models(open_store(f"file://{uri}")),
+    ]
+    for call in calls:
+        with pytest.raises(RegistryError) as info:
+            call()
+        message = str(info.value)
+        assert f"store '{uri}' does not exist" in message and "\n" not in message, message
+    assert not (tmp_path / "never").exists() and not (tmp_path / "out").exists()
+
+    assert register_version(uri, "tiny", model_dir, GOOD)["version"] == 1  # writing creates it
+    assert [m["name"] for m in list_models(uri)] == ["tiny"] and verify(uri)["ok"]
 
 
 def test_unreachable_endpoint_fails_clearly_after_retries(model_dir):

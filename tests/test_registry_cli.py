@@ -147,6 +147,32 @@ def test_bad_input_messages_and_exit_codes(cli, files, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_missing_local_store_is_an_error_for_reading_commands(cli, files, tmp_path):
+    typo = tmp_path / "typo" / "path"
+    for args in (("registry", "list"), ("registry", "verify"), ("registry", "show", "tiny"),
+                 ("registry", "history", "tiny"), ("pull", "tiny@prod", "--out", "o"),
+                 ("registry", "promote", "tiny", "1", "--to", "dev"),
+                 ("registry", "rollback", "tiny", "--reason", "r"),
+                 ("registry", "deregister", "tiny", "1", "--reason", "r")):
+        code, out, err = cli(*args, "--store", str(typo))
+        assert code == 2 and out == "", (args, out)
+        assert err.startswith("error: ") and f"store '{typo}' does not exist" in err, (args, err)
+    code, out, err = cli("registry", "list", "--store", str(typo), "--json")
+    assert code == 2 and out == "" and f"store '{typo}' does not exist" in err
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "o").exists()
+
+    # no params.yaml, no --store: the default ./perp-store, named as it is resolved
+    code, _, err = cli("registry", "list")
+    assert code == 2 and f"store '{tmp_path / 'perp-store'}' does not exist" in err
+
+    # registering (writing) creates the store; then reading it works
+    code, _, err = cli("registry", "register", str(cached_pruned_tiny()), "-n", "tiny", "--metrics", "good.json",
+                       "--store", str(typo))
+    assert code == 0, err
+    code, out, err = cli("registry", "list", "--store", str(typo), "--json")
+    assert code == 0 and [m["name"] for m in json.loads(out)["models"]] == ["tiny"], err
+
+
 def test_store_defaults_to_params_yaml(cli, files, tmp_path):
     (tmp_path / "params.yaml").write_text("register:\n  store: ./team-store\n  name: from-params\n")
     code, out, err = cli("registry", "register", str(cached_pruned_tiny()), "--metrics", "good.json", "--json")

@@ -78,8 +78,14 @@ class GateRefused(RegistryError):
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _store(store: StoreLike) -> Store:
-    return store if isinstance(store, Store) else open_store(store)
+def _store(store: StoreLike, *, create: bool = False) -> Store:
+    """Open `store`. Only a registration (`create`) may start a new store: for every other request a local store
+    root that does not exist is an error naming it, not an empty registry (a typo'd --store would read as one)."""
+    opened = store if isinstance(store, Store) else open_store(store)
+    if not create and not opened.exists():
+        raise RegistryError(f"store '{opened.describe()}' does not exist (check --store / register.store; "
+                            "only registering a version creates a store)")
+    return opened
 
 
 def _stage_config(stages: Optional[list[str]],
@@ -204,7 +210,7 @@ def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: 
     metrics_d, params_d = _dict_or_none(metrics, "metrics"), _dict_or_none(params, "params")
     _check_metrics_measured_this_model(metrics_d, model_dir)
     lineage_d, extra_d = _dict_or_none(lineage, "lineage"), _dict_or_none(extra, "extra")
-    store = _store(store_uri)
+    store = _store(store_uri, create=True)
     load_state(store, name)  # an altered log refuses registrations before any upload
 
     file_records: dict[str, dict[str, Any]] = {}

@@ -136,6 +136,12 @@ class Store(ABC):
     def describe(self) -> str:
         return self.uri
 
+    def exists(self) -> bool:
+        """False when the store itself is known to be absent (a local root directory that does not exist), so a
+        reader can refuse it rather than see an empty store. True where absence cannot be told from emptiness
+        (an S3 prefix; a missing bucket fails on first use)."""
+        return True
+
     # ---------------------------------------------------------------- content-addressed blobs
 
     def put_blob(self, path: str | Path, sha256: Optional[str] = None) -> BlobRef:

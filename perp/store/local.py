@@ -26,6 +26,9 @@ class LocalStore(Store):
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"store '{self.root}' exists and is not a directory")
 
+    def exists(self) -> bool:
+        return self.root.is_dir()
+
     def _path(self, key: str) -> Path:
         return self.root / validate_key(key)
 
