@@ -6,9 +6,9 @@ For block i, with X_i the hidden states entering it (from the already reconstruc
 2. the selected parameters of the pruned block i train to minimise MSE(block_i(X_i), Y_i);
 3. the block is merged (masks verified), and X_{i+1} = block_i(X_i) feeds the next block.
 
-Only one block (dense or pruned) is on the device at a time; both models stay on the CPU otherwise, so this is
-the mode that scales past the device's memory. The LM head and the final norm are outside every block and do not
-train here. Blocks run in eval mode (no dropout): the targets are deterministic, so is the regression.
+Only one block (dense or pruned) is on the device at a time, for training and for the perplexity before and
+after; both models stay on the CPU otherwise, so this is the mode that scales past the device's memory. The LM
+head and the final norm are outside every block and do not train here. Blocks run in eval mode (no dropout): the targets are deterministic, so is the regression.
 
 The data flow is the pruning engine's (`perp.prune.engine`): `capture_layer_inputs` for the inputs of block 0,
 `run_layer` for one block on a batch, `propagate` for a block over every window.
@@ -25,6 +25,7 @@ from torch import nn
 
 from perp.config import PerpConfig
 from perp.data import evaluation_set
+from perp.evaluate.layered import layered_perplexity
 from perp.models import load_model
 from perp.models.families import count_parameters
 from perp.recover.base import RecoverError, Settings, block_scope
@@ -96,18 +97,20 @@ def block_mse(layer: nn.Module, data: BlockData, targets: torch.Tensor, batch_si
     return float(F.mse_loss(out.float(), targets.float()))
 
 
-def _ppl_on_device(net: nn.Module, eval_set, batch_size: int, device: torch.device, run_ppl, progress, stage):
-    home = next(net.parameters()).device
-    net.to(device)
-    try:
-        return run_ppl(net, eval_set, batch_size, progress, stage)
-    finally:
-        net.to(home)
+def _layered_ppl(net: nn.Module, family, eval_set, batch_size: int, device: torch.device, progress,
+                 stage: str) -> dict[str, Any]:
+    """Perplexity with one block on the device at a time, like the training: the model never has to fit."""
+    from perp.recover.run import _emit
+
+    _emit(progress, stage, 0, family.num_layers(net))
+    result = layered_perplexity(net, family, eval_set, device, batch_size,
+                                progress=lambda done, total: _emit(progress, stage, done, total))
+    return result.as_dict()
 
 
 def run_layerwise(config: PerpConfig, model: str, dense: str, methods: list[str], settings: Settings,
                   preserves: bool, progress) -> dict[str, Any]:
-    from perp.recover.run import _common_report, _emit, _ppl
+    from perp.recover.run import _common_report, _emit
 
     rc = config.recover
     mc = config.model
@@ -125,7 +128,7 @@ def run_layerwise(config: PerpConfig, model: str, dense: str, methods: list[str]
     total_params = count_parameters(net)
     train_set = training_windows(config, loaded.tokenizer)
     eval_set = evaluation_set(config.data.evaluation, loaded.tokenizer)
-    ppl_before = _ppl_on_device(net, eval_set, config.evaluate.batch_size, device, _ppl, progress, "ppl_before")
+    ppl_before = _layered_ppl(net, family, eval_set, config.evaluate.batch_size, device, progress, "ppl_before")
 
     autocast = lambda: autocast_context(device, loaded.dtype)  # noqa: E731
     autocast_dtype = _autocast_dtype(device, loaded.dtype)
@@ -200,8 +203,7 @@ def run_layerwise(config: PerpConfig, model: str, dense: str, methods: list[str]
     dense_sha256 = dense_loaded.content_hash
     data = dense_net = dense_loaded = None  # free the captured states and the dense model
 
-    ppl_after = _ppl_on_device(net, eval_set, config.evaluate.batch_size, device, _ppl, progress, "ppl_after")
-    net.to("cpu")
+    ppl_after = _layered_ppl(net, family, eval_set, config.evaluate.batch_size, device, progress, "ppl_after")
     report = {
         **_common_report(trainable, total_params, loss_curve, ppl_before, ppl_after, seconds, tokens, meter, peak,
                          train_set, config, plan),

@@ -1,0 +1,77 @@
+"""Perplexity with one decoder layer on the device at a time, for models larger than the device.
+
+The same protocol and numbers as `perplexity` (exp of the mean next-token NLL over the windows), computed the
+way the pruning engine walks a model: the inputs of decoder layer 0 are captured for every window, each layer in
+turn visits the device and transforms them in place, then the tail (final norm, OPT's projection, LM head) scores
+them. Peak device memory is one layer, the tail, and the hidden states of every window.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from perp.data.windows import TokenSet
+from perp.evaluate.perplexity import PerplexityResult
+from perp.models.families import FamilyAdapter
+from perp.prune.engine import capture_layer_inputs, propagate
+
+
+def _tail(model: nn.Module, family: FamilyAdapter) -> list[nn.Module]:
+    """What runs after the last decoder layer, in order. OPT may lack the final norm and may project out."""
+    decoder = family.layers_path.rsplit(".", 1)[0]
+    project_out = getattr(model.get_submodule(decoder), "project_out", None)
+    modules = [family.final_norm(model), project_out, family.lm_head(model)]
+    return [module for module in modules if module is not None]
+
+
+def _visit(module: nn.Module, device: torch.device):
+    home = next(module.parameters()).device
+    module.to(device)
+    return home
+
+
+@torch.no_grad()
+def layered_perplexity(model: nn.Module, family: FamilyAdapter, windows: TokenSet, device: torch.device | str,
+                       batch_size: int = 4, progress: Optional[Callable[[int, int], None]] = None) -> PerplexityResult:
+    """exp(mean NLL) over every window; `progress(done_layers, total_layers)` after each layer."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    started = time.perf_counter()
+    layers = family.layers(model)
+    inputs = capture_layer_inputs(model, family, windows.ids, device, batch_size)
+    for index, layer in enumerate(layers):
+        home = _visit(layer, device)
+        propagate(layer, inputs, in_place=True)
+        layer.to(home)
+        if progress is not None:
+            progress(index + 1, len(layers))
+    tail = _tail(model, family)
+    homes = [_visit(module, device) for module in tail]
+    nll_sum = torch.zeros((), dtype=torch.float64)
+    try:
+        start = 0
+        for hidden in inputs.hidden:
+            count = hidden.shape[0]
+            ids = windows.ids[start:start + count].to(device)
+            start += count
+            for module in tail:
+                hidden = module(hidden)
+            labels = torch.full_like(ids, -100)
+            labels[:, :-1] = ids[:, 1:]
+            nll_sum += F.cross_entropy(hidden.reshape(-1, hidden.shape[-1]).float(), labels.reshape(-1),
+                                       ignore_index=-100, reduction="sum").double().cpu()
+    finally:
+        for module, home in zip(tail, homes):
+            module.to(home)
+        model.train(was_training)
+    tokens = windows.num_windows * (windows.seqlen - 1)
+    mean_nll = float(nll_sum) / tokens
+    return PerplexityResult(ppl=math.exp(mean_nll), nll=mean_nll, tokens=tokens, windows=windows.num_windows,
+                            seqlen=windows.seqlen, seconds=time.perf_counter() - started, data_hash=windows.hash)
