@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -64,10 +66,40 @@ def reference(path: Path, **extra: Any) -> Ref:
     return {"uri": str(path.resolve()), "sha256": digest, **extra}
 
 
+WORKDIR_MARKER = ".perp-workdir"
+
+
+def workdir_identity(workdir: str | Path) -> str:
+    """A random id written once into the work directory: a new (or wiped) work directory gets a new one, so
+    orchestrator caches keyed on it never point at outputs that no longer exist."""
+    marker = Path(workdir) / WORKDIR_MARKER
+    if not marker.is_file():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        staging = marker.with_name(f"{WORKDIR_MARKER}.{uuid.uuid4().hex}.tmp")
+        staging.write_text(uuid.uuid4().hex + "\n")
+        try:
+            os.link(staging, marker)  # atomic, and never replaces an id another process wrote first
+        except FileExistsError:
+            pass
+        finally:
+            staging.unlink()
+    return marker.read_text().strip()
+
+
+def is_ref(value: Any) -> bool:
+    return isinstance(value, dict) and "uri" in value and "sha256" in value
+
+
+def ref_present(ref: Ref) -> bool:
+    """Whether a stage output still exists, complete, where its reference says."""
+    path = Path(ref["uri"])
+    return path.is_file() or (path.is_dir() and is_complete(path))
+
+
 def require(ref: Ref, what: str) -> Path:
     """The local path of an upstream stage's output; a clear error if it was removed since it was produced."""
     path = Path(ref["uri"])
-    if not path.exists() or (path.is_dir() and not is_complete(path)):
+    if not ref_present(ref):
         raise PerpError(f"the {what} output '{path}' is missing or incomplete (removed after it was cached?); "
                         "re-run without the cache, e.g. delete the work directory and the Prefect result storage")
     return path

@@ -2,24 +2,46 @@
 
 Caching is INPUTS + TASK_SOURCE with persisted results: the same inputs recompute nothing, and since each task's
 key holds only the sections it depends on, changing one parameter recomputes only the stages downstream of it.
+`OutputsPresent` adds what the inputs cannot show: the identity of the work directory (a wiped or new one
+recomputes everything instead of returning references to outputs that are gone) and whether each upstream output
+still exists (a task whose input was deleted runs, and fails with a clear error, rather than hitting the cache).
 The run's full params travel along (`params`, left out of the key) only so that reports record them.
 Store I/O failures are retried with exponential backoff; bad input is not retried.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+from prefect.utilities.hashing import hash_objects
 from prefect.tasks import exponential_backoff
 
 from perp import pipeline
 from perp.errors import PerpError
 
-CACHE_POLICY = (INPUTS - "params") + TASK_SOURCE
+
+
+@dataclass
+class OutputsPresent(CachePolicy):
+    """Cache key part: the work directory's identity and which upstream outputs still exist."""
+
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> Optional[str]:
+        state: dict[str, Any] = {}
+        if isinstance(inputs.get("workdir"), str):
+            state["workdir"] = pipeline.workdir_identity(inputs["workdir"])
+        for name, value in inputs.items():
+            if pipeline.is_ref(value):
+                state[name] = pipeline.ref_present(value)
+        return hash_objects(state)
+
+
+CACHE_POLICY = (INPUTS - "params") + TASK_SOURCE + OutputsPresent()
 
 
 def is_store_error(task: Any, task_run: Any, state: Any) -> bool:
