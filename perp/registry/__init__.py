@@ -9,15 +9,14 @@
 Modules: `api` (operations), `events` (hash-chained log, concurrency), `gates` (metrics.json shape, gates),
 `names` (validation), `provenance` (who/when/code, secret scrubbing).
 
-Heavy modules load on first use. The method-name registry pruning and recovery use is `perp.plugins.Registry`;
-this package still re-exports it for imports not yet moved to `perp.plugins`.
+Heavy modules load on first use. (The name → class registry of pruning and recovery methods is
+`perp.plugins.Registry`, unrelated to this one.)
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from perp.plugins import Registry  # re-export only: import it from perp.plugins
 from perp.registry.names import RegistryError
 
 _API = {
@@ -39,4 +38,4 @@ def __getattr__(attribute: str) -> Any:
     raise AttributeError(f"module 'perp.registry' has no attribute '{attribute}'")
 
 
-__all__ = sorted({"Registry", "RegistryError"} | _API | _EVENTS)
+__all__ = sorted({"RegistryError"} | _API | _EVENTS)

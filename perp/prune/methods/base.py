@@ -8,7 +8,7 @@ import torch
 
 from perp.prune.patterns import PruneSpec, select_mask, zero_pruned_
 from perp.prune.stats import GroupStats
-from perp.registry import Registry
+from perp.plugins import Registry
 
 #: name → PruneMethod subclass; the names equal `perp.config.PRUNE_METHODS`.
 METHODS: Registry[type["PruneMethod"]] = Registry("prune.method")
