@@ -22,6 +22,7 @@ from perp.registry import (
     RegistryError,
     RegistryIntegrityError,
     deregister,
+    gc,
     history,
     list_models,
     promote,
@@ -286,7 +287,7 @@ def test_requests_against_an_absent_local_store_fail_naming_it_and_create_nothin
         lambda: list_models(uri), lambda: verify(uri), lambda: show(uri, "tiny"), lambda: history(uri, "tiny"),
         lambda: pull(uri, "tiny@prod", tmp_path / "out"), lambda: promote(uri, "tiny", 1, "dev"),
         lambda: rollback(uri, "tiny", "prod", reason="x"), lambda: deregister(uri, "tiny", 1, reason="x"),
-        lambda: list_models(open_store(f"file://{uri}")),
+        lambda: list_models(open_store(f"file://{uri}")), lambda: gc(uri), lambda: gc(uri, dry_run=False),
     ]
     for call in calls:
         with pytest.raises(RegistryError) as info:
@@ -573,3 +574,149 @@ def test_racing_promotions_lose_no_event_and_keep_the_chain(store_uri, model_dir
     assert (pointer["version"], pointer["seq"]) == (promotions[-1]["version"], promotions[-1]["seq"])
     report = verify(store_uri)
     assert report["ok"], report["problems"]
+
+
+# --------------------------------------------------------------------------------------------- gc
+
+
+def _copy_with_extra(model_dir, target: Path, name: str = "extra.bin", size: int = 200_000) -> Path:
+    """A copy of the checkpoint plus one file of its own, so that it has a blob no other version shares."""
+    target.mkdir()
+    for item in model_dir.iterdir():
+        (target / item.name).write_bytes(item.read_bytes())
+    (target / name).write_bytes(os.urandom(size))
+    return target
+
+
+def register_then_fail(uri, model, monkeypatch):
+    """A registration that stores every blob and its manifest, then fails before its event (the in-process twin of
+    the killed child of `_register_then_die`). Returns the blob keys it left."""
+    from perp.store.base import Store
+
+    before = set(open_store(uri).list_keys("blobs")) if store_keys(uri) else set()
+    put = Store.put_blob_bytes
+
+    def then_fail(self, data, **kwargs):
+        put(self, data, **kwargs)
+        raise RuntimeError("killed before the event")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Store, "put_blob_bytes", then_fail)
+        with pytest.raises(RuntimeError, match="killed before the event"):
+            register_version(uri, "tiny", model, GOOD)
+    return set(open_store(uri).list_keys("blobs")) - before
+
+
+def test_gc_deletes_what_a_failed_registration_left_and_keeps_every_version(store_uri, model_dir, tmp_path,
+                                                                            monkeypatch):
+    withdrawn = _copy_with_extra(model_dir, tmp_path / "withdrawn", "notes.bin")
+    register_version(store_uri, "tiny", withdrawn, GOOD)
+    register_version(store_uri, "tiny", model_dir, GOOD)
+    promote(store_uri, "tiny", 2, "dev", reason="ship")
+    deregister(store_uri, "tiny", 1, reason="withdrawn, kept for the audit")
+    store = open_store(store_uri)
+    live = set(store.list_keys("blobs"))
+    withdrawn_blob = blob_key(sha256_file(withdrawn / "notes.bin"))
+    assert withdrawn_blob in live
+
+    failed = _copy_with_extra(model_dir, tmp_path / "failed")
+    orphans = register_then_fail(store_uri, failed, monkeypatch)
+    assert blob_key(sha256_file(failed / "extra.bin")) in orphans and len(orphans) == 2  # its file + its manifest
+    assert verify(store_uri)["ok"]  # orphans are invisible to the registry
+    orphan_bytes = sum(store.head(key).size for key in orphans)
+
+    young = gc(store_uri)  # the default grace period: a registration might still be running
+    assert (young["dry_run"], young["orphaned"], young["kept_young"], young["deleted"]) == (True, 2, 2, 0)
+    dry = gc(store_uri, older_than_seconds=0)
+    assert dry["dry_run"] and dry["deleted_keys"] == sorted(orphans) and dry["bytes_reclaimed"] == orphan_bytes
+    assert (dry["scanned"], dry["referenced"], dry["orphaned"]) == (len(live) + 2, len(live), 2)
+    assert (dry["models"], dry["manifests"]) == (1, 2)
+    assert set(store.list_keys("blobs")) == live | orphans  # a dry run deletes nothing
+
+    done = gc(store_uri, older_than_seconds=0, dry_run=False)
+    assert not done["dry_run"] and done["deleted_keys"] == sorted(orphans) and done["deleted"] == 2
+    assert done["bytes_reclaimed"] == orphan_bytes
+    assert set(store.list_keys("blobs")) == live  # the live and the deregistered version's blobs stay
+    report = verify(store_uri)
+    assert report["ok"], report["problems"]
+    assert report["checked"]["manifests"] == 2 and show(store_uri, "tiny", 1)["deregistered"]
+    assert tree_sha(Path(pull(store_uri, "tiny@dev", tmp_path / "out")["out"])) == tree_sha(model_dir)
+    assert gc(store_uri, older_than_seconds=0, dry_run=False)["orphaned"] == 0
+
+
+def test_gc_refuses_on_an_unreadable_event_or_manifest(store_uri, model_dir):
+    manifest = register_version(store_uri, "tiny", model_dir, GOOD)
+    promote(store_uri, "tiny", 1, "dev", reason="r")
+    store = open_store(store_uri)
+    orphan = blob_key(store.put_blob_bytes(b"left by a failed registration").sha256)
+    manifest_key = blob_key(manifest["manifest_sha256"])
+    first, newest = event_key("tiny", 1), event_key("tiny", 2)
+    originals = {key: store.get_bytes(key)[0] for key in (manifest_key, first, newest)}
+    damages = [
+        (lambda: overwrite(store_uri, manifest_key, originals[manifest_key].replace(b'"tiny"', b'"tinx"')),
+         r"the manifest of 'tiny' v1 \(event 1\) .* was altered"),
+        (lambda: overwrite(store_uri, manifest_key, b"{not json"), "manifest of 'tiny' v1 .* was altered"),
+        (lambda: delete(store_uri, manifest_key), "manifest of 'tiny' v1 .* is missing"),
+        (lambda: overwrite(store_uri, first, b"{not json"), "event 1 of 'tiny' .* is not valid JSON"),
+        (lambda: delete(store_uri, first), "event 1 of 'tiny' .* is missing"),
+        # The newest event gone leaves a consistent chain; the stage pointer still records it.
+        (lambda: delete(store_uri, newest), "records event 2 of 'tiny' but its log ends at event 1"),
+    ]
+    for damage, message in damages:
+        damage()
+        damaged = store.list_keys("")
+        for dry_run in (True, False):
+            with pytest.raises(RegistryError, match=f"^gc refused, nothing deleted: .*{message}"):
+                gc(store_uri, older_than_seconds=0, dry_run=dry_run)
+        assert store.list_keys("") == damaged and orphan in damaged
+        for key, data in originals.items():
+            overwrite(store_uri, key, data)
+    assert verify(store_uri)["ok"]
+    assert gc(store_uri, older_than_seconds=0, dry_run=False)["deleted_keys"] == [orphan]
+
+
+def test_gc_keeps_old_orphans_that_a_running_registration_reuses(store_uri, model_dir, tmp_path, monkeypatch):
+    """gc runs between a registration's uploads and its event, while that registration re-uses (deduplicates)
+    blobs a failed attempt left long ago: they are refreshed on re-use, so the grace period keeps them."""
+    import time
+
+    import perp.registry.api as api
+    register_version(store_uri, "tiny", model_dir, GOOD)
+    retry = _copy_with_extra(model_dir, tmp_path / "retry")
+    orphans = register_then_fail(store_uri, retry, monkeypatch)
+    reused = blob_key(sha256_file(retry / "extra.bin"))
+    (stale_manifest,) = orphans - {reused}
+    time.sleep(3.5)  # the orphans are now older than the 2 s grace period below (S3 times are whole seconds)
+    assert gc(store_uri, older_than_seconds=2)["deleted_keys"] == sorted(orphans)
+
+    reports = []
+    append = api.append_event
+
+    def gc_then_append(store, name, build):
+        reports.append(gc(store_uri, older_than_seconds=2, dry_run=False))
+        return append(store, name, build)
+
+    monkeypatch.setattr(api, "append_event", gc_then_append)
+    assert register_version(store_uri, "tiny", retry, GOOD)["version"] == 2
+    (report,) = reports
+    assert report["deleted_keys"] == [stale_manifest]  # the failed attempt's manifest: nobody re-used it
+    assert report["kept_young"] == 2  # the re-used blob and the new manifest
+    assert verify(store_uri)["ok"]
+    assert tree_sha(Path(pull(store_uri, "tiny@2", tmp_path / "out")["out"])) == tree_sha(retry)
+
+
+def test_gc_checks_each_blob_again_before_deleting_it(store_uri, monkeypatch):
+    """A blob re-used after gc listed the store is kept, even though the listing said it was old."""
+    from perp.store.base import BlobInfo
+
+    store = open_store(store_uri)
+    orphan = blob_key(store.put_blob_bytes(b"re-used while gc runs").sha256)
+    listing = type(store).list_blobs
+
+    def stale(self):  # the listing as it was a day ago
+        return (BlobInfo(blob.sha256, blob.size, blob.last_modified - 2 * 86400) for blob in listing(self))
+
+    monkeypatch.setattr(type(store), "list_blobs", stale)
+    assert gc(store_uri)["deleted_keys"] == [orphan]  # a dry run trusts the listing
+    report = gc(store_uri, dry_run=False)
+    assert (report["deleted"], report["kept_young"]) == (0, 1) and store.head(orphan) is not None

@@ -153,7 +153,7 @@ def test_a_missing_local_store_is_an_error_for_reading_commands(cli, files, tmp_
                  ("registry", "history", "tiny"), ("pull", "tiny@prod", "--out", "o"),
                  ("registry", "promote", "tiny", "1", "--to", "dev"),
                  ("registry", "rollback", "tiny", "--reason", "r"),
-                 ("registry", "deregister", "tiny", "1", "--reason", "r")):
+                 ("registry", "deregister", "tiny", "1", "--reason", "r"), ("registry", "gc", "--delete")):
         code, out, err = cli(*args, "--store", str(typo))
         assert code == 2 and out == "", (args, out)
         assert err.startswith("error: ") and f"store '{typo}' does not exist" in err, (args, err)
@@ -199,3 +199,40 @@ def test_s3_store_through_the_cli(cli, files, tmp_path, monkeypatch):
     monkeypatch.setenv("PERP_S3_MAX_ATTEMPTS", "2")
     code, _, err = cli("registry", "promote", "tiny", "1", "--to", "dev", "--store", "s3://perp-cli/x")
     assert code == 2 and f"S3 endpoint {unreachable} unreachable after 2 attempts" in err
+
+
+def test_gc_dry_run_then_delete(cli, files, tmp_path):
+    from perp.store import blob_key, open_store
+
+    store = str(tmp_path / "store")
+    assert cli("registry", "register", str(cached_pruned_tiny()), "-n", "tiny", "--metrics", "good.json",
+               "--store", store)[0] == 0
+    orphan = blob_key(open_store(store).put_blob_bytes(b"left by a killed registration").sha256)
+
+    code, out, err = cli("registry", "gc", "--store", store, "--json")  # default: 24h grace, dry run
+    report = json.loads(out)
+    assert code == 0 and report["dry_run"] and report["older_than_seconds"] == 86400, err
+    assert (report["orphaned"], report["kept_young"], report["deleted_keys"]) == (1, 1, [])
+    code, out, err = cli("registry", "gc", "--store", store, "--older-than", "0s")
+    assert code == 0 and "would delete" in out and f"would delete {orphan}" in err, (out, err)
+    assert "run again with --delete to delete 1 orphan blob(s)" in err
+    assert (Path(store) / orphan).is_file()
+    code, out, err = cli("registry", "gc", "--store", store, "--older-than", "7d", "--delete", "--json")
+    assert code == 0 and json.loads(out)["older_than_seconds"] == 7 * 86400 and json.loads(out)["deleted"] == 0
+    code, out, err = cli("registry", "gc", "--store", store, "--older-than", "0s", "--delete", "--json")
+    report = json.loads(out)
+    assert code == 0 and not report["dry_run"] and report["deleted_keys"] == [orphan], err
+    assert report["bytes_reclaimed"] == len(b"left by a killed registration")
+    assert not (Path(store) / orphan).exists()
+    code, out, err = cli("registry", "gc", "--store", store, "--older-than", "90s", "--delete")
+    assert code == 0 and "deleted" in out, err
+    assert cli("registry", "verify", "--store", store)[0] == 0
+
+
+@pytest.mark.parametrize("duration", ["5x", "24", "-1h", "h", "1.h", "1 day"])
+def test_gc_bad_duration_is_one_line(cli, files, tmp_path, duration):
+    store = tmp_path / "store"
+    code, out, err = cli("registry", "gc", "--store", str(store), "--older-than", duration, "--delete")
+    assert code == 2 and out == "", (out, err)
+    assert err == (f"error: --older-than: '{duration}' is not a duration (a number and a unit s, m, h or d: "
+                   "90s, 30m, 24h, 7d)"), err

@@ -91,6 +91,52 @@ def test_blobs_are_content_addressed_deduplicated_and_verified(store_uri, tmp_pa
     assert store.hash_object(blob_key(ref.sha256)) == (ref.sha256, 100_000)
 
 
+def test_list_delete_and_refresh_blobs(store_uri, tmp_path):
+    import time
+
+    store = open_store(store_uri)
+    assert list(store.list_blobs()) == []
+    source = tmp_path / "weights.bin"
+    source.write_bytes(os.urandom(10_000))
+    started = time.time()
+    first, second = store.put_blob(source), store.put_blob_bytes(b"manifest")
+    store.put_bytes("blobs/sha256/ab/not-a-blob", b"x")  # under the prefix, not laid out as a blob: not listed
+    store.put_bytes(f"blobs/sha256/zz/{first.sha256}", b"x")  # a blob name in the wrong shard: not listed
+    listed = {blob.sha256: blob for blob in store.list_blobs()}
+    assert sorted(listed) == sorted([first.sha256, second.sha256])
+    assert listed[first.sha256].size == 10_000 and listed[second.sha256].size == len(b"manifest")
+    assert abs(listed[first.sha256].last_modified - started) < 60  # the store's clock, seconds since the epoch
+    assert store.head(blob_key(first.sha256)).last_modified == listed[first.sha256].last_modified
+
+    time.sleep(1.2)  # S3 keeps whole seconds
+    assert not store.put_blob(source, refresh=False).uploaded
+    assert store.head(blob_key(first.sha256)).last_modified == listed[first.sha256].last_modified
+    assert not store.put_blob(source).uploaded  # re-used: refreshed, content and metadata unchanged
+    assert store.head(blob_key(first.sha256)).last_modified >= listed[first.sha256].last_modified + 1
+    assert store.get_blob(first.sha256, tmp_path / "back.bin").read_bytes() == source.read_bytes()
+    if store_uri.startswith("s3://"):
+        head = raw_s3(store.endpoint_url).head_object(Bucket=BUCKET, Key=f"{store.prefix}/{blob_key(first.sha256)}")
+        assert head["Metadata"]["sha256"] == first.sha256
+
+    store.delete_blob(first.sha256)
+    store.delete_blob(first.sha256)  # absent: not an error
+    assert [blob.sha256 for blob in store.list_blobs()] == [second.sha256]
+    with pytest.raises(StoreNotFound):
+        store._touch(blob_key(first.sha256))
+
+    # Deleted between the existence check and the refresh (a gc): uploaded again, not assumed present.
+    store.put_blob(source)
+    touch = store._touch
+
+    def deleted_first(key):
+        store.delete(key)
+        touch(key)
+
+    store._touch = deleted_first
+    assert store.put_blob(source).uploaded
+    assert store.hash_object(blob_key(first.sha256)) == (first.sha256, 10_000)
+
+
 def test_corrupted_object_fails_verified_download_and_leaves_nothing(store_uri, tmp_path):
     store = open_store(store_uri)
     source = tmp_path / "weights.bin"
@@ -115,6 +161,13 @@ def test_s3_multipart_upload_round_trip(s3_endpoint, tmp_path, monkeypatch):
     assert head["ETag"].strip('"').endswith("-3")  # three parts
     assert head["Metadata"]["sha256"] == ref.sha256
     assert store.get_blob(ref.sha256, tmp_path / "back.bin").read_bytes() == source.read_bytes()
+    # Re-used through a store whose threshold makes the refresh a single-part copy: still a valid object.
+    single = open_store(f"s3://{BUCKET}/multipart", endpoint_url=s3_endpoint, multipart_threshold=64 * 2**20,
+                        multipart_chunksize=64 * 2**20)
+    assert not single.put_blob(source).uploaded
+    head = raw_s3(s3_endpoint).head_object(Bucket=BUCKET, Key=f"multipart/{blob_key(ref.sha256)}")
+    assert not head["ETag"].strip('"').endswith("-3") and head["Metadata"]["sha256"] == ref.sha256
+    assert single.get_blob(ref.sha256, tmp_path / "again.bin").read_bytes() == source.read_bytes()
 
 
 def test_retries_through_throttling_and_5xx(s3_endpoint, tmp_path):
@@ -130,6 +183,21 @@ def test_retries_through_throttling_and_5xx(s3_endpoint, tmp_path):
         store = open_store(f"s3://{BUCKET}/throttled", endpoint_url=proxy.url, max_attempts=5)
         assert store.list_keys("") == sorted([blob_key(ref.sha256), "pointer.json"])
     assert proxy.failures == 2
+
+
+def test_download_retried_when_the_blob_is_replaced_mid_way(s3_endpoint, tmp_path):
+    """A refresh (gc's grace) copies a blob onto itself; a ranged download racing it gets 412: it starts over."""
+    source = tmp_path / "w.bin"
+    source.write_bytes(os.urandom(50_000))
+    ref = open_store(f"s3://{BUCKET}/refreshed", endpoint_url=s3_endpoint).put_blob(source)
+    with FaultProxy(s3_endpoint, fail_first=1, status=412, code="PreconditionFailed") as proxy:
+        store = open_store(f"s3://{BUCKET}/refreshed", endpoint_url=proxy.url)
+        assert store.get_blob(ref.sha256, tmp_path / "back.bin").read_bytes() == source.read_bytes()
+    assert proxy.failures == 1
+    with FaultProxy(s3_endpoint, always=True, status=412, code="PreconditionFailed") as proxy:
+        with pytest.raises(StoreConflict):
+            open_store(f"s3://{BUCKET}/refreshed", endpoint_url=proxy.url).get_blob(ref.sha256, tmp_path / "x.bin")
+    assert proxy.requests >= 3 and not (tmp_path / "x.bin").exists()  # three attempts, then the error
 
 
 def test_endpoint_that_keeps_failing_is_a_clear_error_after_retries(s3_endpoint):

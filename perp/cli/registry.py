@@ -1,4 +1,4 @@
-"""`perp registry {register,promote,rollback,deregister,list,show,history,verify}` and `perp pull`.
+"""`perp registry {register,promote,rollback,deregister,list,show,history,verify,gc}` and `perp pull`.
 
 `--store` defaults to `register.store` of params.yaml (./perp-store); stages and gates come from
 `register.stages` and `register.gates`. Every command takes `--json` for machine-readable output on stdout.
@@ -281,6 +281,46 @@ def verify_cmd(
         console.print(f"[bold red]problem:[/] {problem['message']}", highlight=False, soft_wrap=True)
     if not report["ok"]:
         raise SystemExit(1)  # not typer.Exit: perp's main runs click in non-standalone mode
+
+
+@registry_app.command("gc")
+def gc_cmd(
+    older_than: str = typer.Option("24h", "--older-than", help="Grace period: only orphans older than this are "
+                                                              "deleted (90s, 30m, 24h, 7d). It protects "
+                                                              "registrations in progress."),
+    delete: bool = typer.Option(False, "--delete", help="Delete them (default: a dry run that only reports)."),
+    store: Optional[str] = StoreOption,
+    params: Optional[Path] = ParamsOption,
+    sets: Optional[list[str]] = SetOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Find (and with --delete, remove) blobs no version names: what failed or killed registrations left."""
+    from perp.registry import RegistryError, gc
+    from perp.registry.names import parse_duration
+
+    try:
+        grace = parse_duration(older_than)
+    except RegistryError as error:
+        raise RegistryError(f"--older-than: {error}") from None
+    config = _config(params, sets, store)
+    report = gc(config.register.store, older_than_seconds=grace, dry_run=not delete)
+    if as_json:
+        _print_json(report)
+        return
+    emit({key: report[key] for key in ("store", "older_than_seconds", "models", "manifests", "scanned",
+                                       "scanned_bytes", "referenced", "orphaned", "orphaned_bytes", "kept_young")}
+         | {"would delete" if not delete else "deleted": report["deleted"],
+            "bytes to reclaim" if not delete else "bytes reclaimed": report["bytes_reclaimed"]},
+         False, "gc (dry run)" if not delete else "gc")
+    shown = report["deleted_keys"][:20]
+    for key in shown:
+        console.print(f"  {'would delete' if not delete else 'deleted'} {key}", highlight=False, soft_wrap=True)
+    if len(report["deleted_keys"]) > len(shown):
+        console.print(f"  ... and {len(report['deleted_keys']) - len(shown)} more (--json lists them all)",
+                      highlight=False)
+    if not delete and report["deleted"]:
+        console.print(f"dry run: nothing deleted; run again with --delete to delete {report['deleted']} orphan "
+                      f"blob(s), {report['bytes_reclaimed']} bytes", highlight=False, soft_wrap=True)
 
 
 @app.command("pull")

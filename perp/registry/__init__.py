@@ -1,10 +1,11 @@
 """Model registry: immutable verified versions, gated promotion dev → staging → prod, tamper-evident audit trail.
 
-    from perp.registry import register_version, promote, rollback, pull, verify
+    from perp.registry import register_version, promote, rollback, pull, verify, gc
 
     manifest = register_version("s3://bucket/registry", "smollm2-perp", Path("out/recovered"), metrics, params, lineage)
     promote("s3://bucket/registry", "smollm2-perp", manifest["version"], "dev", reason="nightly")
     pull("s3://bucket/registry", "smollm2-perp@prod", "deploy/model")
+    gc("s3://bucket/registry", older_than_seconds=86400, dry_run=False)   # orphans of failed registrations
 
 Modules: `api` (operations), `events` (hash-chained log, concurrency), `gates` (metrics.json shape, gates),
 `names` (validation), `provenance` (who/when/code, secret scrubbing).
@@ -21,7 +22,7 @@ from perp.registry.names import RegistryError
 
 _API = {
     "register_version", "promote", "rollback", "deregister", "list_models", "show", "history", "verify", "pull",
-    "GateRefused",
+    "gc", "GateRefused",
 }
 _EVENTS = {"RegistryIntegrityError", "RegistryConflict"}
 

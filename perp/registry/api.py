@@ -1,9 +1,10 @@
-"""Model registry operations: register, promote, rollback, deregister, list, show, history, verify, pull.
+"""Model registry operations: register, promote, rollback, deregister, list, show, history, verify, pull, gc.
 
 A version is immutable: ``register`` uploads every file of the checkpoint as a content-addressed blob (each
 ``*.safetensors`` in the compact perp-sparse format, rebuilt byte for byte on pull), then a manifest blob, and
 only then appends the ``register`` event that makes the version visible. A registration killed at any point
-before that event leaves only unreferenced blobs: no visible version, no gap in the version numbers.
+before that event leaves only unreferenced blobs: no visible version, no gap in the version numbers. ``gc``
+deletes such orphans once they are older than a grace period (see `gc` for what keeps it safe alongside writers).
 
 Manifest fields: ``files`` (every file's sha256 and size, as pulled), ``storage`` (how each is stored),
 ``metrics`` (metrics.json), ``params``, ``lineage`` (base_model {source, sha256}, calibration_sha256,
@@ -19,8 +20,11 @@ metrics.json shape and the gates.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -58,12 +62,15 @@ from perp.registry.provenance import (
     who,
 )
 from perp.store import Store, StoreError, StoreIntegrityError, StoreNotFound, blob_key, open_store
+from perp.store.base import validate_sha256
 
 MANIFEST_SCHEMA = "perp.registry.manifest/1"
 PULL_RECORD = ".perp-registry.json"
 ENCODING_RAW = "raw"
 ENCODING_SPARSE = "perp-sparse/1"
+ENCODINGS = (ENCODING_RAW, ENCODING_SPARSE)
 MAX_REASON = 2000
+GC_GRACE_SECONDS = 86400.0
 StoreLike = Union[str, Store]
 
 
@@ -211,7 +218,8 @@ def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: 
     _check_metrics_measured_this_model(metrics_d, model_dir)
     lineage_d, extra_d = _dict_or_none(lineage, "lineage"), _dict_or_none(extra, "extra")
     store = _store(store_uri, create=True)
-    load_state(store, name)  # an altered log refuses registrations before any upload
+    _, state = load_state(store, name)  # an altered log refuses registrations before any upload
+    recorded = _blobs_of_latest_version(store, name, state)
 
     file_records: dict[str, dict[str, Any]] = {}
     storage: dict[str, dict[str, Any]] = {}
@@ -225,12 +233,13 @@ def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: 
                 if info["sha256"] != digest:
                     raise RegistryError(f"'{path}' changed while it was being registered")
                 if info["packed_size"] < size:
-                    ref = store.put_blob(packed)
+                    packed_digest = cached_sha256(packed)
+                    ref = store.put_blob(packed, packed_digest, refresh=packed_digest not in recorded)
                     storage[rel] = {"encoding": ENCODING_SPARSE, "blob": ref.sha256, "size": ref.size}
                     packed.unlink()
                     continue
                 packed.unlink()
-            ref = store.put_blob(path, digest)
+            ref = store.put_blob(path, digest, refresh=digest not in recorded)
             storage[rel] = {"encoding": ENCODING_RAW, "blob": ref.sha256, "size": ref.size}
 
     manifest = jsonable({
@@ -259,6 +268,21 @@ def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: 
     event, _ = append_event(store, name, build)
     return {**manifest, "version": event["version"], "manifest_sha256": manifest_ref.sha256,
             "event": _event_summary(event)}
+
+
+def _blobs_of_latest_version(store: Store, name: str, state: ModelState) -> set[str]:
+    """The blobs the model's newest recorded version names (empty when there is none or it cannot be read).
+
+    A blob a recorded version names is never collected by gc, so re-using it needs no refresh: re-registering
+    unchanged weights (a nightly run) costs no server-side copy. Any other re-used blob is refreshed.
+    """
+    if not state.versions:
+        return set()
+    try:
+        storage = _load_manifest(store, name, state, max(state.versions)).get("storage")
+        return {entry["blob"] for entry in storage.values() if isinstance(entry.get("blob"), str)}
+    except (RegistryError, StoreError, ValueError, AttributeError, TypeError):
+        return set()
 
 
 # --------------------------------------------------------------------------------------------- stage moves
@@ -646,3 +670,146 @@ def _check_blob(store: Store, digest: str, size: Any, deep: bool, checked: dict[
         if actual != digest:
             return f"was altered: its content has sha256 {actual}"
     return None
+
+
+# --------------------------------------------------------------------------------------------- gc
+
+
+def _gc_refusal(message: str) -> RegistryError:
+    return RegistryError(f"gc refused, nothing deleted: {message} (run `perp registry verify`; gc never deletes "
+                         "on a partial view of the store)")
+
+
+def _referenced(store: Store) -> tuple[set[str], dict[str, int]]:
+    """Every manifest an event of any model names (deregistered versions included) and every blob those
+    manifests name. Anything unread or not understood is a RegistryError: the view would be partial."""
+    for child in store.list_children(models_prefix()):
+        if not _is_name(child):
+            raise _gc_refusal(f"models/{child} is not a valid model name, so its events cannot be read")
+    manifests: dict[str, str] = {}  # sha256 -> where, for messages
+    names = _model_names(store)
+    for model in names:
+        try:
+            events, _ = load_state(store, model)  # chain, hashes and replay: any problem refuses
+        except RegistryError as error:
+            raise _gc_refusal(str(error).split(" (run `perp registry verify`")[0]) from None
+        except (KeyError, TypeError, AttributeError) as error:
+            raise _gc_refusal(f"an event of '{model}' is malformed ({type(error).__name__}: {error})") from None
+        head = events[-1]["seq"] if events else 0
+        for child in store.list_children(stages_prefix(model)):
+            pointer, _ = read_pointer(store, model, child[:-len(".json")] if child.endswith(".json") else child)
+            seq = pointer.get("seq") if isinstance(pointer, dict) else None
+            if isinstance(seq, int) and seq > head:
+                raise _gc_refusal(f"stage pointer {stages_prefix(model)}/{child} records event {seq} of '{model}' "
+                                  f"but its log ends at event {head}: events were deleted")
+        for event in events:
+            digest = event.get("manifest_sha256")
+            if digest is None and event.get("type") != "register":
+                continue
+            where = f"'{model}' v{event.get('version')} (event {event.get('seq')})"
+            try:
+                manifests[validate_sha256(digest)] = where
+            except StoreError:
+                raise _gc_refusal(f"{where} names no valid manifest sha256") from None
+
+    def fetch(digest: str) -> Any:
+        try:
+            return store.get_blob_bytes(digest)
+        except (StoreNotFound, StoreIntegrityError) as error:
+            return error
+
+    getattr(store, "client", None)  # create a shared S3 client before the threads do
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        contents = dict(zip(manifests, pool.map(fetch, list(manifests))))
+    referenced = set(manifests)
+    for digest, data in contents.items():
+        where = f"the manifest of {manifests[digest]} ({blob_key(digest)})"
+        if isinstance(data, StoreNotFound):
+            raise _gc_refusal(f"{where} is missing")
+        if isinstance(data, StoreIntegrityError):
+            raise _gc_refusal(f"{where} was altered: its content no longer matches its sha256")
+        try:
+            manifest = json.loads(data)
+        except ValueError:
+            raise _gc_refusal(f"{where} is not valid JSON") from None
+        if not isinstance(manifest, dict) or manifest.get("schema") != MANIFEST_SCHEMA:
+            schema = manifest.get("schema") if isinstance(manifest, dict) else None
+            raise _gc_refusal(f"{where} has schema {schema!r}, not {MANIFEST_SCHEMA!r}: written by another perp "
+                              "version, which may name blobs this one does not know of; upgrade perp")
+        storage = manifest.get("storage")
+        if not isinstance(storage, dict):
+            raise _gc_refusal(f"{where} is malformed (no storage record)")
+        for rel, entry in storage.items():
+            if not isinstance(entry, dict) or entry.get("encoding") not in ENCODINGS:
+                encoding = entry.get("encoding") if isinstance(entry, dict) else None
+                raise _gc_refusal(f"{where} stores '{rel}' with encoding {encoding!r}, which this perp does not "
+                                  "know; upgrade perp")
+            try:
+                referenced.add(validate_sha256(entry.get("blob")))
+            except StoreError:
+                raise _gc_refusal(f"{where} names an invalid blob for '{rel}'") from None
+    return referenced, {"models": len(names), "manifests": len(manifests)}
+
+
+def _grace_seconds(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise RegistryError(f"older_than_seconds must be a number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def gc(store_uri: StoreLike, *, older_than_seconds: float = GC_GRACE_SECONDS, dry_run: bool = True) -> dict[str, Any]:
+    """Delete the blobs no recorded version names (left by registrations that failed or were killed before their
+    event) once they are older than `older_than_seconds`. With `dry_run` (the default) nothing is deleted: the
+    report says what would be.
+
+    Referenced: every manifest any event of any model names, deregistered versions included (their blobs stay
+    for the audit), and every blob those manifests name. Any event or manifest that cannot be read, does not
+    match its hash or is not understood is a `RegistryError` before anything is deleted, and so is a stage
+    pointer recording an event the log no longer has (newest events deleted; a truncated log with no such
+    pointer is invisible here, as it is to `verify` without anchors).
+
+    Safety alongside writers: blobs are listed before the log is read, so a version recorded meanwhile is seen.
+    A registration in progress has blobs no event names yet; they are young (just uploaded, or refreshed by
+    `Store.put_blob` when re-used), so the grace period keeps them as long as a registration takes less than it.
+    Each blob is checked again just before it is deleted and kept if it was refreshed since the listing; what
+    remains is a re-use landing between that check and the delete. Ages are measured on this machine's clock
+    against the store's timestamps (S3: the server's), so keep the grace period well above any clock skew, and
+    use 0 only when nothing is registering. Only blobs are collected: not the hidden temporary file of a killed
+    local upload, nor the parts of a killed S3 multipart upload (a bucket lifecycle rule removes those).
+
+    Returns ``{"store", "dry_run", "older_than_seconds", "models", "manifests", "scanned", "scanned_bytes",
+    "referenced", "orphaned", "orphaned_bytes", "kept_young", "deleted", "bytes_reclaimed", "deleted_keys"}``
+    (`scanned` = `referenced` + `orphaned`; `orphaned` = `kept_young` + `deleted`, less any gone meanwhile); with
+    `dry_run`, `deleted`, `bytes_reclaimed` and `deleted_keys` are what ``dry_run=False`` would delete now.
+    """
+    grace = _grace_seconds(older_than_seconds)
+    store = _store(store_uri)
+    started = time.time()
+    blobs = {blob.sha256: blob for blob in store.list_blobs()}  # listed first: see the note above
+    referenced, counts = _referenced(store)
+    orphans = sorted((blob for digest, blob in blobs.items() if digest not in referenced), key=lambda b: b.sha256)
+    kept_young = 0
+    deleted: list[str] = []
+    reclaimed = 0
+    for blob in orphans:
+        if started - blob.last_modified < grace:
+            kept_young += 1
+            continue
+        key = blob_key(blob.sha256)
+        size = blob.size
+        if not dry_run:
+            current = store.head(key)
+            if current is None:
+                continue  # already gone (another gc)
+            if current.last_modified is None or time.time() - current.last_modified < grace:
+                kept_young += 1  # re-used by a registration since the listing
+                continue
+            store.delete(key)
+            size = current.size
+        deleted.append(key)
+        reclaimed += size
+    return {"store": store.describe(), "dry_run": dry_run, "older_than_seconds": grace, **counts,
+            "scanned": len(blobs), "scanned_bytes": sum(b.size for b in blobs.values()),
+            "referenced": len(blobs) - len(orphans),
+            "orphaned": len(orphans), "orphaned_bytes": sum(b.size for b in orphans), "kept_young": kept_young,
+            "deleted": len(deleted), "bytes_reclaimed": reclaimed, "deleted_keys": deleted}

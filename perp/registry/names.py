@@ -1,4 +1,4 @@
-"""Validation of model names, versions, stages and `NAME@STAGE|NAME@VERSION` references.
+"""Validation of model names, versions, stages, `NAME@STAGE|NAME@VERSION` references and durations (``24h``).
 
 Names and stages become store keys, so they are checked before anything touches the store: no path separators,
 no '..', no leading '.' or '-', bounded length. Stages must start with a letter, so `NAME@3` (a version) and
@@ -16,6 +16,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _STAGE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 _VERSION = re.compile(r"^[vV]?([0-9]{1,9})$")
 LATEST = "latest"
+_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([smhd])$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 class RegistryError(PerpError):
@@ -71,3 +73,12 @@ def parse_ref(ref: str) -> tuple[str, Union[int, str]]:
     if _VERSION.match(selector):
         return name, validate_version(selector)
     return name, validate_stage(selector)
+
+
+def parse_duration(text: str) -> float:
+    """`90s`, `30m`, `24h`, `7d` (a non-negative number and a unit) → seconds."""
+    match = _DURATION.match(text.strip().lower()) if isinstance(text, str) else None
+    if not match:
+        shown = str(text)[:40]
+        raise RegistryError(f"'{shown}' is not a duration (a number and a unit s, m, h or d: 90s, 30m, 24h, 7d)")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]

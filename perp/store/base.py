@@ -1,9 +1,12 @@
 """The artifact store interface shared by the local and S3 backends.
 
 A store is a flat namespace of keys (``a/b/c.json``) under one root. Backends implement a few primitives (get,
-conditional put, head, list, file upload/download, streaming read); this base class builds on them:
+conditional put, head, list, delete, touch, file upload/download, streaming read, listing blobs); this base class
+builds on them:
 
-- content-addressed blobs: ``blobs/sha256/<2 hex>/<sha256>``, uploaded once (dedup), never overwritten;
+- content-addressed blobs: ``blobs/sha256/<2 hex>/<sha256>``, uploaded once (dedup), never overwritten; a
+  re-used blob has its last-modified time refreshed (`refresh`), so that `perp.registry.gc`, which deletes only
+  unreferenced blobs older than a grace period, does not delete one that a registration in progress re-uses;
 - verified downloads: the sha256 of what arrives is compared with the address, and a mismatch is an error
   (`StoreIntegrityError`), the partial file is removed, never silently used;
 - conditional writes: ``if_none_match=True`` creates only if absent and ``if_match=ETAG`` replaces only the
@@ -22,7 +25,7 @@ import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 from perp.errors import PerpError
 
@@ -30,6 +33,7 @@ MAX_KEY_LENGTH = 1024
 _SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 8 * 1024 * 1024
+BLOB_PREFIX = "blobs/sha256"
 
 
 class StoreError(PerpError):
@@ -74,7 +78,16 @@ def validate_sha256(digest: str) -> str:
 
 def blob_key(digest: str) -> str:
     validate_sha256(digest)
-    return f"blobs/sha256/{digest[:2]}/{digest}"
+    return f"{BLOB_PREFIX}/{digest[:2]}/{digest}"
+
+
+def blob_digest(key: str) -> Optional[str]:
+    """The sha256 a blob key addresses, or None when `key` is not laid out as one (``blobs/sha256/ab/ab...``)."""
+    parts = key.split("/")
+    if len(parts) != 4 or "/".join(parts[:2]) != BLOB_PREFIX or not _SHA256.match(parts[3]) \
+            or parts[2] != parts[3][:2]:
+        return None
+    return parts[3]
 
 
 def md5_etag(data: bytes) -> str:
@@ -85,6 +98,15 @@ def md5_etag(data: bytes) -> str:
 class ObjectInfo:
     key: str
     size: int
+    last_modified: Optional[float] = None  # seconds since the epoch (the store's clock), when the backend knows
+
+
+class BlobInfo(NamedTuple):
+    """One stored blob, as `Store.list_blobs` yields it."""
+
+    sha256: str
+    size: int
+    last_modified: float  # seconds since the epoch, the store's clock (S3: the server's)
 
 
 @dataclass(frozen=True)
@@ -122,6 +144,19 @@ class Store(ABC):
         """Names directly under `prefix/` (objects and 'directories'), sorted."""
 
     @abstractmethod
+    def list_blobs(self) -> Iterator[BlobInfo]:
+        """Every blob in the store as (sha256, size, last_modified), in no particular order. Keys under the blob
+        prefix that are not laid out as blobs (and hidden temporary files) are not listed."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove an object; removing one that is absent is not an error."""
+
+    @abstractmethod
+    def _touch(self, key: str) -> None:
+        """Set an object's last-modified time to now, content unchanged. Raises StoreNotFound."""
+
+    @abstractmethod
     def iter_bytes(self, key: str) -> Iterator[bytes]:
         """Stream an object's content in chunks. Raises StoreNotFound."""
 
@@ -144,28 +179,46 @@ class Store(ABC):
 
     # ---------------------------------------------------------------- content-addressed blobs
 
-    def put_blob(self, path: str | Path, sha256: Optional[str] = None) -> BlobRef:
-        """Upload a file under its sha256 unless the store already holds it (same size); returns its ref."""
+    def put_blob(self, path: str | Path, sha256: Optional[str] = None, *, refresh: bool = True) -> BlobRef:
+        """Upload a file under its sha256 unless the store already holds it (same size); returns its ref.
+
+        A blob already held is refreshed (its last-modified time set to now; on S3 a server-side copy onto itself)
+        unless `refresh` is False: the caller knows it is referenced by a recorded version, so gc keeps it anyway.
+        """
         from perp.io.hashing import cached_sha256
 
         path = Path(path)
         digest = validate_sha256(sha256) if sha256 else cached_sha256(path)
         size = path.stat().st_size
         key = blob_key(digest)
-        existing = self.head(key)
-        if existing is not None and existing.size == size:
+        if self._reuse(key, size, refresh):
             return BlobRef(digest, size, uploaded=False)
         self._upload_file(key, path, digest)
         return BlobRef(digest, size, uploaded=True)
 
-    def put_blob_bytes(self, data: bytes) -> BlobRef:
+    def put_blob_bytes(self, data: bytes, *, refresh: bool = True) -> BlobRef:
         digest = hashlib.sha256(data).hexdigest()
         key = blob_key(digest)
-        existing = self.head(key)
-        if existing is not None and existing.size == len(data):
+        if self._reuse(key, len(data), refresh):
             return BlobRef(digest, len(data), uploaded=False)
         self.put_bytes(key, data)
         return BlobRef(digest, len(data), uploaded=True)
+
+    def _reuse(self, key: str, size: int, refresh: bool) -> bool:
+        """True when the store holds `key` with this size (refreshed if asked): no upload needed."""
+        existing = self.head(key)
+        if existing is None or existing.size != size:
+            return False
+        if refresh:
+            try:
+                self._touch(key)
+            except StoreNotFound:  # deleted (gc) since the head: upload it again
+                return False
+        return True
+
+    def delete_blob(self, digest: str) -> None:
+        """Remove a blob (only `perp.registry.gc` does, for blobs no recorded version names)."""
+        self.delete(blob_key(digest))
 
     def get_blob(self, digest: str, dest: str | Path) -> Path:
         """Download a blob to `dest`, verified against its sha256; a mismatch removes it and raises."""
@@ -174,7 +227,13 @@ class Store(ABC):
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
         try:
-            self._download_file(key, tmp)
+            for attempt in range(3):
+                try:
+                    self._download_file(key, tmp)
+                    break
+                except StoreConflict:  # replaced mid-download (a refresh copies it onto itself): same content
+                    if attempt == 2:
+                        raise
             actual = _sha256_path(tmp)
             if actual != digest:
                 raise StoreIntegrityError(f"{self.describe()}/{key} is corrupt: its content has sha256 {actual}; "

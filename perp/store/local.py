@@ -16,7 +16,19 @@ import uuid
 from pathlib import Path
 from typing import Iterator, Optional
 
-from perp.store.base import CHUNK, ObjectInfo, Store, StoreConflict, StoreError, StoreNotFound, md5_etag, validate_key
+from perp.store.base import (
+    BLOB_PREFIX,
+    CHUNK,
+    BlobInfo,
+    ObjectInfo,
+    Store,
+    StoreConflict,
+    StoreError,
+    StoreNotFound,
+    blob_digest,
+    md5_etag,
+    validate_key,
+)
 
 
 class LocalStore(Store):
@@ -81,7 +93,8 @@ class LocalStore(Store):
         try:
             if not path.is_file():
                 return None
-            return ObjectInfo(key, path.stat().st_size)
+            stat = path.stat()
+            return ObjectInfo(key, stat.st_size, stat.st_mtime)
         except FileNotFoundError:
             return None
 
@@ -102,6 +115,41 @@ class LocalStore(Store):
         if not base.is_dir():
             return []
         return sorted(name for name in os.listdir(base) if not name.startswith("."))
+
+    def list_blobs(self) -> Iterator[BlobInfo]:
+        base = self._prefix_dir(BLOB_PREFIX)
+        if not base.is_dir():
+            return
+        for shard in sorted(os.listdir(base)):
+            if shard.startswith(".") or not (base / shard).is_dir():
+                continue
+            for name in sorted(os.listdir(base / shard)):
+                digest = blob_digest(f"{BLOB_PREFIX}/{shard}/{name}")
+                if digest is None:
+                    continue  # hidden temporary files of uploads in flight, or not a blob
+                try:
+                    stat = (base / shard / name).stat()
+                except FileNotFoundError:  # deleted meanwhile
+                    continue
+                yield BlobInfo(digest, stat.st_size, stat.st_mtime)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except IsADirectoryError:
+            raise StoreError(f"{self.uri}/{key} is a directory, not an object") from None
+        _fsync_dir(path.parent)
+
+    def _touch(self, key: str) -> None:
+        try:
+            os.utime(self._path(key))
+        except FileNotFoundError:
+            raise StoreNotFound(f"{self.uri}/{key} does not exist") from None
+        except OSError as error:
+            raise StoreError(f"cannot refresh {self.uri}/{key}: {error.strerror or error}") from None
 
     def iter_bytes(self, key: str) -> Iterator[bytes]:
         path = self._path(key)

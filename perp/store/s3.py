@@ -12,6 +12,11 @@
   their sha256 as object metadata, which `perp.io.s3.fetch_s3` also verifies.
 - Conditional writes: ``If-None-Match: *`` and ``If-Match: ETAG`` (S3 since 2024; MinIO and moto support them).
   412 PreconditionFailed and 409 ConditionalRequestConflict both become `StoreConflict`.
+- Garbage collection (`perp.registry.gc`): a re-used blob is refreshed by a server-side copy onto itself (S3's
+  only way to move Last-Modified, which gc's grace period reads); a ranged download racing that copy gets 412 and
+  starts over. gc deletes with DeleteObject: in a versioned bucket that adds a delete marker and the bytes stay
+  until a lifecycle rule expires noncurrent versions. The parts of a killed multipart upload are no object, so gc
+  cannot see them: a bucket lifecycle rule (AbortIncompleteMultipartUpload) removes them.
 """
 
 from __future__ import annotations
@@ -23,13 +28,16 @@ from typing import Any, Iterator, Optional
 from urllib.parse import urlsplit, urlunsplit
 
 from perp.store.base import (
+    BLOB_PREFIX,
     CHUNK,
+    BlobInfo,
     ObjectInfo,
     Store,
     StoreConflict,
     StoreError,
     StoreNotFound,
     StoreUnreachable,
+    blob_digest,
     validate_key,
 )
 
@@ -197,7 +205,8 @@ class S3Store(Store):
             response = self._call("head_object", key, Key=self._full(key))
         except StoreNotFound:
             return None
-        return ObjectInfo(key, int(response.get("ContentLength", 0)))
+        modified = response.get("LastModified")
+        return ObjectInfo(key, int(response.get("ContentLength", 0)), modified.timestamp() if modified else None)
 
     def _paginate(self, prefix: str, delimiter: Optional[str] = None) -> Iterator[dict[str, Any]]:
         full = (self._full(prefix) + "/") if prefix else (self.prefix + "/" if self.prefix else "")
@@ -232,6 +241,34 @@ class S3Store(Store):
             for common in page.get("CommonPrefixes", []):
                 names.add(self._relative(common["Prefix"]).rstrip("/")[base:])
         return sorted(n for n in names if n)
+
+    def list_blobs(self) -> Iterator[BlobInfo]:
+        for page in self._paginate(BLOB_PREFIX):  # list_objects_v2, 1000 keys a page
+            for item in page.get("Contents", []):
+                digest = blob_digest(self._relative(item["Key"]))
+                if digest is not None:
+                    yield BlobInfo(digest, int(item["Size"]), item["LastModified"].timestamp())
+
+    def delete(self, key: str) -> None:
+        self._call("delete_object", key, Key=self._full(key))  # S3 answers 204 for an absent key too
+
+    def _touch(self, key: str) -> None:
+        """A server-side copy of the object onto itself (multipart above the threshold): S3 has no other way to
+        set Last-Modified. Nothing is downloaded. In a versioned bucket this keeps the previous version."""
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        full = self._full(key)
+        digest = blob_digest(key)
+        # ChecksumAlgorithm: the server computes the copy's own checksum. Without it a multipart source's composite
+        # checksum can be carried over onto a single-part copy, and every later download fails its validation.
+        try:
+            self.client.copy({"Bucket": self.bucket, "Key": full}, self.bucket, full,
+                             ExtraArgs={"MetadataDirective": "REPLACE", "ChecksumAlgorithm": "CRC32",
+                                        "Metadata": {"sha256": digest} if digest else {}},
+                             Config=self._transfer_config())
+        except (ClientError, BotoCoreError, Boto3Error) as error:
+            raise self._error(error, "copy", key) from None
 
     def iter_bytes(self, key: str) -> Iterator[bytes]:
         response = self._call("get_object", key, Key=self._full(key))
