@@ -344,12 +344,18 @@ class EvaluateConfig(_Section):
     )
     zeroshot: ZeroShotConfig = ZeroShotConfig()
     batch_size: int = 4
+    # Perplexity with one decoder layer on the device at a time (the weights stay on CPU): for models larger
+    # than the device. Same numbers. Zero-shot scoring needs the whole model on the device, so not with this.
+    offload: bool = False
 
     @model_validator(mode="after")
     def _unique_names(self) -> "EvaluateConfig":
         names = [text.name for text in self.perplexity]
         if len(set(names)) != len(names):
             raise ValueError(f"perplexity text names must be unique, got {names}")
+        if self.offload and self.zeroshot.tasks:
+            raise ValueError("offload: true evaluates perplexity layer by layer; zero-shot tasks need the whole "
+                             "model on the device (set evaluate.zeroshot.tasks: [] or evaluate.offload: false)")
         return self
 
 

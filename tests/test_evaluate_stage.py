@@ -147,3 +147,21 @@ def test_bad_zeroshot_task_fails_before_any_model_is_loaded(models, baselines, s
     with pytest.raises(TaskDataError, match=r"task 'piqa': .*piqa.jsonl does not exist"):
         stage.run_evaluate(config, str(pruned), tmp_path / "metrics.json")
     assert calls == [] and not (tmp_path / "metrics.json").exists()
+
+
+def test_offload_gives_the_same_perplexity_layer_by_layer(models, baselines, shared_data, tmp_path):
+    dense, pruned = models
+    config = _config(tmp_path, dense, shared_data, [])
+    whole = stage.run_evaluate(config, str(pruned), tmp_path / "whole" / "metrics.json")
+    config = config.model_copy(update={"evaluate": config.evaluate.model_copy(update={"offload": True})})
+    layered = stage.run_evaluate(config, str(pruned), tmp_path / "layered" / "metrics.json")
+    for name in ("small", "embedded"):
+        assert layered["perplexity"][name]["ppl"] == pytest.approx(whole["perplexity"][name]["ppl"], rel=1e-5)
+        assert layered["perplexity"][name]["ppl"] > layered["perplexity"][name]["dense_ppl"]
+
+
+def test_offload_with_zeroshot_is_a_config_error():
+    from perp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="evaluate.*zero-shot tasks need the whole model"):
+        load_params(None, ["evaluate.offload=true", "evaluate.zeroshot.tasks=[boolq]"])

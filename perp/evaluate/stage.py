@@ -173,19 +173,34 @@ def _planned_zeros(report: dict[str, Any], model: Any, family: Any, config: Perp
         return None, None
 
 
-def _evaluate_model(model: Any, tokenizer: Any, token_sets: dict[str, Any], batch_size: int,
-                    zeroshot_plan: Any, zs_settings: Any, only_texts: Optional[set[str]] = None,
-                    only_tasks: Optional[list[str]] = None, progress_factory: Optional[ProgressFactory] = None,
-                    log: Optional[Log] = None) -> _Evaluation:
+def _perplexity(loaded: Any, token_set: Any, batch_size: int, offload: bool, name: str,
+                progress_factory: Optional[ProgressFactory]) -> dict[str, Any]:
+    """Whole-model perplexity, or with `offload` one decoder layer on the device at a time (same numbers)."""
+    from perp.evaluate.layered import layered_perplexity
     from perp.evaluate.perplexity import perplexity
 
+    if not offload:
+        context = progress_factory(f"perplexity {name}", token_set.num_windows) if progress_factory else nullcontext(None)
+        with context as advance:
+            return perplexity(loaded.model, token_set, batch_size, progress=advance).as_dict()
+    layers = loaded.family.num_layers(loaded.model)
+    context = progress_factory(f"perplexity {name} (layers)", layers) if progress_factory else nullcontext(None)
+    with context as advance:
+        step = (lambda done, total: advance(1)) if advance else None
+        return layered_perplexity(loaded.model, loaded.family, token_set, loaded.device, batch_size,
+                                  progress=step).as_dict()
+
+
+def _evaluate_model(loaded: Any, token_sets: dict[str, Any], batch_size: int,
+                    zeroshot_plan: Any, zs_settings: Any, only_texts: Optional[set[str]] = None,
+                    only_tasks: Optional[list[str]] = None, progress_factory: Optional[ProgressFactory] = None,
+                    log: Optional[Log] = None, offload: bool = False) -> _Evaluation:
+    model, tokenizer = loaded.model, loaded.tokenizer
     results: dict[str, dict[str, Any]] = {}
     for name, token_set in token_sets.items():
         if only_texts is not None and name not in only_texts:
             continue
-        context = progress_factory(f"perplexity {name}", token_set.num_windows) if progress_factory else nullcontext(None)
-        with context as advance:
-            results[name] = perplexity(model, token_set, batch_size, progress=advance).as_dict()
+        results[name] = _perplexity(loaded, token_set, batch_size, offload, name, progress_factory)
         if log:
             log(f"perplexity {name}: {results[name]['ppl']:.4f} ({results[name]['tokens']} tokens)")
     zeroshot = None
@@ -248,14 +263,15 @@ def run_evaluate(config: PerpConfig, model: str, out_path: Path, dense: Optional
 
     # ---- the evaluated model
     revision = config.model.revision if model == config.model.name else None
-    loaded = load_model(model, config.model.device, config.model.dtype, revision)
+    offload = config.evaluate.offload
+    loaded = load_model(model, config.model.device, config.model.dtype, revision, load_to_device=not offload)
     model_sha = loaded.content_hash
     measured = loaded.family.decoder_sparsity(loaded.model)
     token_sets = _token_sets(texts, loaded.tokenizer)
     if log:
         log(f"evaluating {model} ({loaded.family.name}, sparsity {measured['sparsity']:.4f}) on {device}/{dtype}")
-    evaluated = _evaluate_model(loaded.model, loaded.tokenizer, token_sets, config.evaluate.batch_size, plan, zs_cfg,
-                                progress_factory=progress_factory, log=log)
+    evaluated = _evaluate_model(loaded, token_sets, config.evaluate.batch_size, plan, zs_cfg,
+                                progress_factory=progress_factory, log=log, offload=offload)
     model_info = {"source": model, "sha256": model_sha, "path": str(Path(loaded.path).resolve()),
                   "family": loaded.family.name, "model_type": loaded.model.config.model_type,
                   "dtype": str(dtype).removeprefix("torch."), "device": str(device),
@@ -390,12 +406,13 @@ def _dense_baseline(config: PerpConfig, dense_spec: str, dense_path: Path, dense
             log(f"dense baseline {dense_spec}: computing {', '.join(sorted(missing_texts) + missing_tasks)} "
                 f"(cached: {', '.join(cached_texts + cached_tasks) or 'none'})")
         loaded = load_model(dense_spec, config.model.device, config.model.dtype,
-                            config.model.revision if dense_spec == config.model.name else None)
+                            config.model.revision if dense_spec == config.model.name else None,
+                            load_to_device=not config.evaluate.offload)
         if loaded.content_hash != dense_sha:  # pragma: no cover - the files changed underneath us
             raise EvaluateError(f"dense model '{dense_spec}' changed while being evaluated")
-        fresh = _evaluate_model(loaded.model, loaded.tokenizer, dense_sets, config.evaluate.batch_size, plan,
+        fresh = _evaluate_model(loaded, dense_sets, config.evaluate.batch_size, plan,
                                 config.evaluate.zeroshot, only_texts=missing_texts, only_tasks=missing_tasks,
-                                progress_factory=progress_factory, log=log)
+                                progress_factory=progress_factory, log=log, offload=config.evaluate.offload)
         del loaded
         _release()
         for name, result in fresh.perplexity.items():
