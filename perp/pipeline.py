@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -60,6 +61,36 @@ def _stage_dir(workdir: str | Path, stage: str, inputs: dict[str, Any]) -> Path:
     return Path(workdir) / f"{stage}-{stage_key(stage, inputs)[:16]}"
 
 
+def _stage_inputs(stage: str, args: dict[str, Any]) -> dict[str, Any]:
+    """What a stage's output is keyed on, from the stage function's own arguments."""
+    if stage == "calibrate":
+        model, calibration = args["model"], args["calibration"]
+        return {"model": model, "model_content": _source_identity(model["name"]), "calibration": calibration,
+                "source_content": _source_identity(calibration["source"])}
+    if stage == "mask":
+        model = args["model"]
+        return {"model": model, "model_content": _source_identity(model["name"]), "prune": args["prune"],
+                "calibration": args["calibration"]["sha256"]}
+    if stage == "recover":
+        return {"recover": args["recover"], "pruned": args["pruned"]["sha256"], "dense": args["dense_model"],
+                "data": args["data"]}
+    if stage == "evaluate":
+        return {"evaluate": args["evaluate"], "candidate": args["candidate"]["sha256"], "dense": args["dense_model"],
+                "prune": args["prune"]}
+    raise ValueError(f"no keyed output for stage '{stage}'")
+
+
+def stage_output(stage: str, workdir: str | Path, **args: Any) -> Path:
+    """Where `stage` (calibrate, mask, recover, evaluate) writes for these arguments of its stage function: a
+    directory, or for evaluate the metrics file."""
+    out = _stage_dir(workdir, stage, _stage_inputs(stage, args))
+    return out / "metrics.json" if stage == "evaluate" else out
+
+
+def output_present(path: Path) -> bool:
+    return path.is_file() or (path.is_dir() and is_complete(path))
+
+
 def reference(path: Path, **extra: Any) -> Ref:
     """A stage output as URI + sha256 (of the file, or of the directory's content)."""
     digest = sha256_file(path) if path.is_file() else directory_hash(path)
@@ -75,15 +106,19 @@ def workdir_identity(workdir: str | Path) -> str:
     marker = Path(workdir) / WORKDIR_MARKER
     if not marker.is_file():
         marker.parent.mkdir(parents=True, exist_ok=True)
-        staging = marker.with_name(f"{WORKDIR_MARKER}.{uuid.uuid4().hex}.tmp")
-        staging.write_text(uuid.uuid4().hex + "\n")
-        try:
-            os.link(staging, marker)  # atomic, and never replaces an id another process wrote first
+        try:  # O_EXCL: never replaces an id another process wrote first (works without hard links, e.g. SMB)
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             pass
-        finally:
-            staging.unlink()
-    return marker.read_text().strip()
+        else:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(uuid.uuid4().hex + "\n")
+    for _ in range(50):  # another process may have created it and not written it yet
+        identity = marker.read_text().strip()
+        if identity:
+            return identity
+        time.sleep(0.01)
+    raise PerpError(f"'{marker}' is empty; delete it and re-run")
 
 
 def is_ref(value: Any) -> bool:
@@ -92,8 +127,7 @@ def is_ref(value: Any) -> bool:
 
 def ref_present(ref: Ref) -> bool:
     """Whether a stage output still exists, complete, where its reference says."""
-    path = Path(ref["uri"])
-    return path.is_file() or (path.is_dir() and is_complete(path))
+    return output_present(Path(ref["uri"]))
 
 
 def require(ref: Ref, what: str) -> Path:
@@ -101,7 +135,8 @@ def require(ref: Ref, what: str) -> Path:
     path = Path(ref["uri"])
     if not ref_present(ref):
         raise PerpError(f"the {what} output '{path}' is missing or incomplete (removed after it was cached?); "
-                        "re-run without the cache, e.g. delete the work directory and the Prefect result storage")
+                        "delete the whole work directory to recompute (a new work directory gets a new identity, so "
+                        "orchestrator caches keyed on it miss)")
     return path
 
 
@@ -124,9 +159,7 @@ def calibrate_stage(model: dict[str, Any], calibration: dict[str, Any], workdir:
     from perp.data.calibrate import META_FILE, run_calibrate
 
     config = _full_config(params, model=model, data={"calibration": calibration})
-    inputs = {"model": model, "model_content": _source_identity(model["name"]), "calibration": calibration,
-              "source_content": _source_identity(calibration["source"])}
-    out = _stage_dir(workdir, "calibrate", inputs)
+    out = stage_output("calibrate", workdir, model=model, calibration=calibration)
     if not is_complete(out):
         run_calibrate(config, out)
     return reference(out, tokens_sha256=read_json(out / META_FILE)["sha256"])
@@ -138,9 +171,7 @@ def mask_stage(model: dict[str, Any], prune: dict[str, Any], calibration: Ref, w
     from perp.prune import run_prune
 
     config = _full_config(params, model=model, prune=prune)
-    inputs = {"model": model, "model_content": _source_identity(model["name"]), "prune": prune,
-              "calibration": calibration["sha256"]}
-    out = _stage_dir(workdir, "mask", inputs)
+    out = stage_output("mask", workdir, model=model, prune=prune, calibration=calibration)
     if not is_complete(out):
         calib = load_token_set(require(calibration, "calibrate"))
         run_prune(config, out, calib=calib, progress=progress)
@@ -153,8 +184,7 @@ def recover_stage(recover: dict[str, Any], pruned: Ref, dense_model: dict[str, A
     from perp.recover import run_recover
 
     config = _full_config(params, model=dense_model, data=data, recover=recover)
-    inputs = {"recover": recover, "pruned": pruned["sha256"], "dense": dense_model, "data": data}
-    out = _stage_dir(workdir, "recover", inputs)
+    out = stage_output("recover", workdir, recover=recover, pruned=pruned, dense_model=dense_model, data=data)
     if not is_complete(out):
         run_recover(config, str(require(pruned, "mask")), out, dense=dense_model["name"], progress=progress)
     return reference(out, report=str(out / "recover_report.json"))
@@ -165,9 +195,8 @@ def evaluate_stage(evaluate: dict[str, Any], candidate: Ref, dense_model: dict[s
     from perp.evaluate.stage import run_evaluate
 
     config = _full_config(params, model=dense_model, evaluate=evaluate, prune=prune)
-    out = _stage_dir(workdir, "evaluate", {"evaluate": evaluate, "candidate": candidate["sha256"],
-                                           "dense": dense_model, "prune": prune})
-    metrics_path = out / "metrics.json"
+    metrics_path = stage_output("evaluate", workdir, evaluate=evaluate, candidate=candidate,
+                                dense_model=dense_model, prune=prune)
     if not metrics_path.is_file():
         run_evaluate(config, str(require(candidate, "recover")), metrics_path, dense=dense_model["name"])
     return reference(metrics_path)

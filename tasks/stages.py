@@ -3,8 +3,10 @@
 Caching is INPUTS + TASK_SOURCE with persisted results: the same inputs recompute nothing, and since each task's
 key holds only the sections it depends on, changing one parameter recomputes only the stages downstream of it.
 `OutputsPresent` adds what the inputs cannot show: the identity of the work directory (a wiped or new one
-recomputes everything instead of returning references to outputs that are gone) and whether each upstream output
+recomputes everything instead of returning references to outputs that are gone), whether each upstream output
 still exists (a task whose input was deleted runs, and fails with a clear error, rather than hitting the cache).
+A task's own output cannot be part of its key: the key is computed before the task runs, when a first run's
+output does not exist yet either.
 The run's full params travel along (`params`, left out of the key) only so that reports record them.
 Store I/O failures are retried with exponential backoff; bad input is not retried.
 """
@@ -33,8 +35,9 @@ class OutputsPresent(CachePolicy):
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> Optional[str]:
         state: dict[str, Any] = {}
-        if isinstance(inputs.get("workdir"), str):
-            state["workdir"] = pipeline.workdir_identity(inputs["workdir"])
+        workdir = inputs.get("workdir")
+        if isinstance(workdir, str):
+            state["workdir"] = pipeline.workdir_identity(workdir)
         for name, value in inputs.items():
             if pipeline.is_ref(value):
                 state[name] = pipeline.ref_present(value)
