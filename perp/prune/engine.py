@@ -22,6 +22,7 @@ inputs of layer 0 once, then for each layer run dense and pruned copies on the s
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -304,21 +305,34 @@ class _Timer:
             torch.cuda.synchronize(self.device)
 
 
+_THREADS_LOCK = threading.Lock()
+_THREADS_STATE = {"holders": 0, "saved": 0}
+
+
 @contextlib.contextmanager
 def _single_thread_on_cpu(device: torch.device) -> Iterator[None]:
     """Solve and error phases are many small ops (the OBS column loop, selections, masked writes, small GEMMs).
     On CPU, intra-op threads barely help them and, when the cores are shared, their barriers cost more than the
     work (measured: SparseGPT's solve 11 s on one thread, 390 s on two on a loaded 2-core machine). Run them on
-    one thread; the calibration forwards keep every thread."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
+    one thread; the calibration forwards keep every thread.
+
+    torch's thread count is process-wide, and concurrent tasks (a sweep on a thread-pool runner) may prune at
+    the same time: the first to enter saves the count, the last to leave restores it."""
+    if device.type != "cpu":
         yield
         return
-    torch.set_num_threads(1)
+    with _THREADS_LOCK:
+        if _THREADS_STATE["holders"] == 0:
+            _THREADS_STATE["saved"] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _THREADS_STATE["holders"] += 1
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        with _THREADS_LOCK:
+            _THREADS_STATE["holders"] -= 1
+            if _THREADS_STATE["holders"] == 0:
+                torch.set_num_threads(_THREADS_STATE["saved"])
 
 
 class _Pruner:
