@@ -87,8 +87,9 @@ def test_metrics_shape_and_cached_baseline(models, baselines, shared_data, tmp_p
 
     on_disk = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
-    assert set(on_disk) == {"model", "sparsity", "target_sparsity", "planned_sparsity", "perplexity", "zeroshot",
-                            "gates"}
+    assert set(on_disk) == {"model", "sparsity", "target_sparsity", "planned_sparsity", "planned_pruned_weights",
+                            "perplexity", "zeroshot", "gates"}
+    assert on_disk["planned_pruned_weights"] == on_disk["model"]["decoder_linear_zeros"]  # halved exactly
     assert {"source", "sha256"} <= set(on_disk["model"]) and on_disk["model"]["source"] == str(pruned)
     assert on_disk["sparsity"] == pytest.approx(0.5, abs=1e-3)  # measured from the weights
     assert on_disk["target_sparsity"] == 0.5

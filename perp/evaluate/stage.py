@@ -292,7 +292,7 @@ def run_evaluate(config: PerpConfig, model: str, out_path: Path, dense: Optional
     # What the sparsity gate compares the measured sparsity with: the plan's exact count over the same weights.
     planned = planned_zeros / measured["total"] if planned_zeros is not None and measured["total"] else None
     if is_dense:
-        planned, planned_from = None, None
+        planned, planned_from, planned_zeros = None, None, None
 
     if is_dense:
         dense_sets = token_sets
@@ -348,6 +348,7 @@ def run_evaluate(config: PerpConfig, model: str, out_path: Path, dense: Optional
         "sparsity": measured["sparsity"],
         "target_sparsity": target,
         "planned_sparsity": planned,
+        "planned_pruned_weights": planned_zeros,
         "perplexity": perplexity_section,
         "zeroshot": zeroshot_section,
         "gates": {

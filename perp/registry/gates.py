@@ -17,7 +17,8 @@ Gates (each `null` in the config switches it off):
 
 - ``ppl_ratio``: ``gates.ppl_ratio <= max_ppl_ratio``;
 - ``zeroshot_drop``: ``gates.zeroshot_drop_points <= max_zeroshot_drop``;
-- ``sparsity``: ``gates.sparsity >= min_sparsity``; when `min_sparsity` is null, ``>= planned_sparsity - 1e-6``
+- ``sparsity``: ``gates.sparsity >= min_sparsity``; when `min_sparsity` is null and metrics.json has the counts,
+  ``model.decoder_linear_zeros >= planned_pruned_weights`` exactly; else ``>= planned_sparsity - 1e-6``
   (the plan's exact count: per-row rounding makes the achieved sparsity differ from the nominal target, e.g.
   floor(0.6 x 64) / 64 = 0.59375, but never from the plan; the tolerance only absorbs float division). Metrics
   without `planned_sparsity` (written before it existed) fall back to ``>= target_sparsity - 0.0005``;
@@ -38,6 +39,17 @@ from perp.config import GatesConfig
 
 PLANNED_SPARSITY_TOLERANCE = 1e-6  # achieved vs planned: the same exact count, over the same weights
 SPARSITY_TOLERANCE = 5e-4  # achieved vs nominal target (older metrics only): absorbs per-row rounding
+
+
+def _whole_counts(metrics: dict[str, Any]) -> Optional[tuple[int, int]]:
+    """(zeroed, planned) decoder Linear weights, when metrics.json records both as whole numbers: compared
+    exactly, with no tolerance."""
+    zeros = (metrics.get("model") or {}).get("decoder_linear_zeros")
+    planned = metrics.get("planned_pruned_weights")
+    if isinstance(zeros, int) and isinstance(planned, int) and not isinstance(zeros, bool) \
+            and not isinstance(planned, bool):
+        return zeros, planned
+    return None
 
 
 def _number(value: Any) -> Optional[float]:
@@ -100,6 +112,13 @@ def evaluate_gates(stage: str, stages: list[str], config: Optional[GatesConfig |
         if config.min_sparsity is not None:
             checks.append(_check("sparsity", "gates.sparsity", ">=", config.min_sparsity,
                                  measured.get("sparsity"), "achieved sparsity"))
+        elif _whole_counts(metrics) is not None:
+            zeros, planned_zeros = _whole_counts(metrics)
+            check = _check("sparsity", "model.decoder_linear_zeros", ">=", planned_zeros, zeros,
+                           f"zeroed decoder weights (planned {planned_zeros})")
+            check["planned"] = _number(metrics.get("planned_sparsity"))
+            check["target"] = _number(metrics.get("target_sparsity"))
+            checks.append(check)
         elif _number(metrics.get("planned_sparsity")) is not None:
             planned = float(metrics["planned_sparsity"])
             check = _check("sparsity", "gates.sparsity", ">=", planned - PLANNED_SPARSITY_TOLERANCE,
