@@ -208,6 +208,45 @@ def test_sparsity_gate_uses_the_planned_sparsity_when_metrics_have_it():
     assert result["failed"] == ["sparsity"] and "below the minimum" in result["checks"][0]["detail"]
 
 
+def test_sparsity_gate_compares_whole_counts_exactly():
+    from perp.registry.gates import evaluate_gates
+
+    gates = GatesConfig(max_ppl_ratio=None, max_zeroshot_drop=None, min_sparsity=None)
+    total, planned = 106_168_320, 53_084_160
+
+    def check(zeros: int) -> dict:
+        metrics = {"target_sparsity": 0.5, "planned_sparsity": planned / total, "planned_pruned_weights": planned,
+                   "model": {"decoder_linear_zeros": zeros, "decoder_linear_weights": total},
+                   "gates": {"sparsity": zeros / total}}
+        return evaluate_gates("prod", ["prod"], gates, metrics, set())
+
+    assert check(planned)["passed"]
+    # one un-zeroed weight out of 10^8: within any float tolerance on the fraction, caught on the counts
+    failed = check(planned - 1)
+    assert failed["failed"] == ["sparsity"] and failed["checks"][0]["metric"] == "model.decoder_linear_zeros"
+
+
+def test_register_refuses_when_a_blob_vanishes_before_the_version_is_visible(tmp_path, model_dir, monkeypatch):
+    """A concurrent gc collecting a re-used blob must not leave a version that names a missing blob."""
+    uri = str(tmp_path / "store")
+    store = open_store(uri)
+    real = type(store).put_blob_bytes
+
+    def put_manifest_after_gc(self, data, **kwargs):
+        for path in (Path(uri) / "blobs").rglob("*"):
+            if path.is_file() and not path.name.startswith("."):
+                path.unlink()  # what gc would do to the file blobs
+                break
+        return real(self, data, **kwargs)
+
+    monkeypatch.setattr(type(store), "put_blob_bytes", put_manifest_after_gc)
+    with pytest.raises(RegistryError, match="vanished while registering"):
+        register_version(uri, "tiny", model_dir, GOOD)
+    monkeypatch.undo()
+    assert list_models(uri) == []  # no version became visible
+    assert register_version(uri, "tiny", model_dir, GOOD)["version"] == 1
+
+
 def test_rollback_walks_back_and_deregister_guards(tmp_path, model_dir):
     uri = str(tmp_path / "store")
     for _ in range(3):

@@ -260,6 +260,12 @@ def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: 
         "when": utc_now(),
     })
     manifest_ref = store.put_blob_bytes(canonical(manifest))
+    # A concurrent `gc` may have collected a re-used blob between its upload check and now: look again just
+    # before the version becomes visible, so a version never names a missing blob.
+    missing = [entry["blob"] for entry in storage.values() if store.head(blob_key(entry["blob"])) is None]
+    if missing or store.head(blob_key(manifest_ref.sha256)) is None:
+        raise RegistryError(f"{len(missing) or 1} blob(s) of '{name}' vanished while registering (a concurrent "
+                            "`perp registry gc`?); nothing was registered; register again")
 
     def build(state: ModelState) -> dict[str, Any]:
         return {"type": "register", "version": state.next_version, "manifest_sha256": manifest_ref.sha256,
