@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import perp  # noqa: F401 - first, so its OpenBLAS setting (perp/runtime.py) is in place before torch loads numpy
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,13 +66,16 @@ def prune_seconds(timings: dict[str, float]) -> float:
 def dense_forward(model: torch.nn.Module, ids: torch.Tensor, batch_size: int, device: torch.device,
                   decoder_only: bool = False) -> float:
     """Seconds for one forward pass over `ids` in micro-batches (logits computed, then dropped)."""
+    from perp.runtime import reuse_freed_memory
+
     body = model.get_decoder() if decoder_only else model
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    for batch in ids.split(batch_size):
-        out = body(input_ids=batch.to(device), use_cache=False)
-        del out
+    with reuse_freed_memory(device.type == "cpu"):  # the same allocator policy as the engine's
+        for batch in ids.split(batch_size):
+            out = body(input_ids=batch.to(device), use_cache=False)
+            del out
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start

@@ -14,7 +14,7 @@ from perp.models.tiny import build_tiny_model
 from perp.prune import (METHODS, EngineOptions, PruneSpec, capture_layer_inputs, create_method, load_masks,
                         plan_pruning, propagate, prune_model, run_layer, select_mask)
 from perp.prune.masks import pack_mask, save_masks, unpack_bits
-from perp.prune.methods.sparsegpt import sparsegpt_prune
+from perp.prune.methods.sparsegpt import delta_energy, sparsegpt_prune, undamped
 
 FAMILIES = {"llama": LLAMA, "opt": OPT}
 
@@ -296,6 +296,24 @@ def test_sparsegpt_solvers_agree(nm, granularity):
     solve_w, solve_m, _ = sparsegpt_prune(W.clone(), H, spec, [16, 24], solver="solve")
     assert torch.equal(loop_m, solve_m)
     assert torch.allclose(loop_w, solve_w, atol=1e-5)
+
+
+@pytest.mark.parametrize("nm, granularity, dead", [(None, "row", False), (None, "matrix", True), ((2, 4), "row", True)])
+def test_sparsegpt_errors_from_its_factorisation_equal_direct_quadratic_forms(nm, granularity, dead):
+    torch.manual_seed(1)
+    X = torch.randn(400, 96, dtype=torch.float64) @ (torch.eye(96, dtype=torch.float64) + 0.2 * torch.randn(96, 96))
+    if dead:
+        X[:, [5, 40]] = 0.0  # inputs that never fire: their Hessian diagonal is 0
+    H, W = (X.t() @ X).float(), torch.randn(48, 96)
+    spec = PruneSpec(0.5, nm=nm, granularity=granularity, blocksize=32)
+    pruned, _, info = sparsegpt_prune(W.clone(), H, spec, [16, 32])
+    for rows in (slice(0, 16), slice(16, 48)):
+        direct = float((((W[rows] - pruned[rows]).double() @ X.t()) ** 2).sum())
+        from_obs = delta_energy(W[rows], pruned[rows], info["row_energy"][rows], info["added_diagonal"])
+        assert from_obs == pytest.approx(direct, rel=1e-3)
+        dense_direct = float(((W[rows].double() @ X.t()) ** 2).sum())
+        from_factor = undamped(info["dense_row_energy"][rows], W[rows], info["added_diagonal"])
+        assert from_factor == pytest.approx(dense_direct, rel=1e-5)
 
 
 def test_sparsegpt_reduces_reconstruction_error_below_magnitude_and_wanda():

@@ -30,11 +30,12 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from perp.runtime import reuse_freed_memory
 from perp.models.families import FamilyAdapter
 from perp.prune.masks import PackedMask, pack_mask
 from perp.prune.methods.base import PruneMethod
 from perp.prune.selection import LayerPlan, decoder_layers
-from perp.prune.stats import GroupStats, relative_error, sample_positions
+from perp.prune.stats import GroupStats, blas_threads, relative_error, sample_positions
 
 ProgressFn = Callable[[int, int, str], None]  # (layers done, layers total, message)
 
@@ -327,7 +328,8 @@ def _single_thread_on_cpu(device: torch.device) -> Iterator[None]:
             torch.set_num_threads(1)
         _THREADS_STATE["holders"] += 1
     try:
-        yield
+        with blas_threads(1):  # scipy's LAPACK/BLAS calls in the solve (strtri, strmm) too
+            yield
     finally:
         with _THREADS_LOCK:
             _THREADS_STATE["holders"] -= 1
@@ -356,10 +358,10 @@ class _Pruner:
             label = plan.full_name(group[0]) if len(group) == 1 else f"{plan.prefix}.{{{','.join(group)}}}"
             pruned = self.method.prune_group(work, stats, label)
         for name in group:
-            weight, mask = pruned[name]
+            weight, mask, delta_energy, dense_energy = pruned[name]
             linear, full = linears[name], plan.full_name(name)
             with self.timer.phase("error"):
-                error, how = relative_error(linear.weight.detach().float(), weight, stats)
+                error, how = relative_error(linear.weight.detach().float(), weight, stats, delta_energy, dense_energy)
             with self.timer.phase("solve"):
                 linear.weight.copy_(weight.to(linear.weight.dtype))
                 count = int(mask.sum())
@@ -453,6 +455,12 @@ def prune_model(model: nn.Module, family: FamilyAdapter, method: PruneMethod, pl
     options = options or EngineOptions()
     if options.sequential not in SEQUENTIAL_MODES:
         raise ValueError(f"sequential must be one of {SEQUENTIAL_MODES}, got {options.sequential!r}")
+    with reuse_freed_memory(torch.device(options.device).type == "cpu"):
+        return _prune_model(model, family, method, plans, ids, options, progress)
+
+
+def _prune_model(model: nn.Module, family: FamilyAdapter, method: PruneMethod, plans: Sequence[LayerPlan],
+                 ids: torch.Tensor, options: EngineOptions, progress: Optional[ProgressFn]) -> EngineResult:
     device = torch.device(options.device)
     timer = _Timer(device)
     pruner = _Pruner(method, timer, device)

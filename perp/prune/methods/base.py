@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, NamedTuple, Optional
 
 import torch
 
 from perp.prune.patterns import PruneSpec, select_mask, zero_pruned_
 from perp.prune.stats import GroupStats
 from perp.plugins import Registry
+
+class PrunedLinear(NamedTuple):
+    weight: torch.Tensor  # fp32 [out, in], pruned positions exactly +0.0
+    mask: torch.Tensor  # bool [out, in], True where pruned
+    # ‖(W − Ŵ)X‖² and ‖WX‖² on the calibration inputs, when the method knows them exactly (SparseGPT)
+    delta_energy: Optional[float] = None
+    dense_energy: Optional[float] = None
+
 
 #: name → PruneMethod subclass; the names equal `perp.config.PRUNE_METHODS`.
 METHODS: Registry[type["PruneMethod"]] = Registry("prune.method")
@@ -38,15 +46,16 @@ class PruneMethod:
 
     @torch.no_grad()
     def prune_group(self, weights: dict[str, torch.Tensor], stats: GroupStats,
-                    label: str = "") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                    label: str = "") -> dict[str, PrunedLinear]:
         """name → fp32 weight [out, in] on the compute device (the method may modify it in place).
 
-        Returns name → (pruned weight, bool mask True where pruned); pruned positions hold exactly +0.0.
+        Returns name → `PrunedLinear` (pruned weight, bool mask True where pruned; pruned positions hold exactly
+        +0.0).
         """
         result = {}
         for name, weight in weights.items():
             pruned = select_mask(self.score(weight, stats), self.spec)
-            result[name] = (zero_pruned_(weight, pruned), pruned)
+            result[name] = PrunedLinear(zero_pruned_(weight, pruned), pruned)
         return result
 
 

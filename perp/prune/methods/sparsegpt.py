@@ -29,8 +29,14 @@ from typing import Optional
 
 import torch
 
+try:
+    from scipy.linalg.blas import strmm as _strmm
+    from scipy.linalg.lapack import strtri as _strtri
+except ImportError:  # pragma: no cover - scipy is a dependency; torch's GEMM and triangular solve do the same job
+    _strmm = _strtri = None
+
 from perp.errors import PerpError
-from perp.prune.methods.base import METHODS, PruneMethod
+from perp.prune.methods.base import METHODS, PruneMethod, PrunedLinear
 from perp.prune.patterns import PruneSpec, lowest_in_matrix, lowest_k, lowest_nm, pruned_per
 from perp.prune.stats import GroupStats
 
@@ -43,10 +49,18 @@ class PruneNumericsError(PerpError):
 
 
 @torch.no_grad()
-def inverse_cholesky_upper(H: torch.Tensor, percdamp: float, label: str = "") -> tuple[torch.Tensor, float, int]:
-    """U upper-triangular with UᵀU = (H + λI)⁻¹, λ = percdamp · mean(diag H). H is modified in place.
+def inverse_cholesky_upper(H: torch.Tensor, percdamp: float,
+                           label: str = "") -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """Factors of the dampened Hessian H + λI, λ = percdamp · mean(diag H). H is modified in place (dampened).
 
-    If H + λI is not numerically positive definite, λ grows tenfold (up to 5 times). Returns (U, λ, retries).
+    Returns (C, U, λ, retries): C upper-triangular with C Cᵀ = H + λI, and U = C⁻¹, upper-triangular with
+    UᵀU = (H + λI)⁻¹ — the reference's chol(H⁻¹). If H + λI is not numerically positive definite, λ grows
+    tenfold (up to 5 times).
+
+    The reference computes chol(H), inverts, and factors the inverse again. With J the exchange matrix and
+    J H J = L Lᵀ, C = J L J is upper-triangular with C Cᵀ = H, so U = C⁻¹ (a Cholesky factor is unique): one
+    Cholesky and one triangular inverse. On CPU LAPACK's strtri does the inverse (2.5–3.7× faster than the
+    reference's three steps at d = 576–1536).
     """
     diag = H.diagonal()
     dead = diag == 0
@@ -55,19 +69,36 @@ def inverse_cholesky_upper(H: torch.Tensor, percdamp: float, label: str = "") ->
     diag.add_(damp)
     total = damp
     for retry in range(6):
-        factor, info = torch.linalg.cholesky_ex(H)
+        factor, info = torch.linalg.cholesky_ex(H.flip(0, 1))
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(factor)
+            upper_factor = factor.flip(0, 1)
             del factor
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if int(info) == 0:
-                return upper, total, retry
+            inverse = _triangular_inverse(upper_factor)
+            if inverse is not None:
+                return upper_factor, inverse, total, retry
         diag.add_(9.0 * total)  # λ → 10 λ
         total *= 10.0
     raise PruneNumericsError(
         f"{label or 'a Linear group'}: the calibration Hessian is not positive definite even with dampening "
         f"{total:.3g} (prune.percdamp={percdamp}); use more or more varied calibration text"
     )
+
+
+def _triangular_inverse(upper: torch.Tensor) -> Optional[torch.Tensor]:
+    if upper.device.type == "cpu" and _strtri is not None:
+        inverse, info = _strtri(upper.numpy(), lower=0, unitdiag=0, overwrite_c=0)
+        return torch.from_numpy(inverse) if info == 0 else None
+    eye = torch.eye(upper.shape[0], dtype=upper.dtype, device=upper.device)
+    return torch.linalg.solve_triangular(upper, eye, upper=True)
+
+
+def _times_upper_squared_rows(W: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """‖(W C)_r‖² per row r, C upper-triangular: on CPU through BLAS strmm (half the flops of a GEMM)."""
+    if W.device.type == "cpu" and _strmm is not None:
+        # W row-major [R, d] is column-major Wᵀ [d, R], C row-major is column-major Cᵀ (lower): (W C)ᵀ = Cᵀ Wᵀ
+        product = _strmm(1.0, C.numpy().T, W.numpy().T, side=0, lower=1, trans_a=0, diag=0, overwrite_b=0)
+        return torch.from_numpy(product).pow_(2).sum(0)
+    return (W @ C).pow_(2).sum(1)
 
 
 def _leaf_loop(W: torch.Tensor, P: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
@@ -125,7 +156,13 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, spec: PruneSpec, row_split
     if solver == "auto":
         solver = "solve" if W.is_cuda else "loop"
     leaf_fn = _leaf_solve if solver == "solve" else _leaf_loop
-    U, damp, retries = inverse_cholesky_upper(H.clone(), spec.percdamp, label)
+    damped = H.clone()
+    C, U, damp, retries = inverse_cholesky_upper(damped, spec.percdamp, label)
+    added = damped.diagonal() - H.diagonal()  # λ on every column, 1 + λ more on dead ones
+    del damped
+    dense_row_energy = _times_upper_squared_rows(W, C)  # ‖W_r C‖² = W_r (H + D) W_rᵀ
+    del C
+    row_energy = torch.zeros(rows, dtype=torch.float32, device=W.device)
 
     WT = W.t().contiguous()  # [d, R]: a column of W is a contiguous row here
     PT = torch.zeros_like(WT, dtype=torch.bool)
@@ -156,10 +193,28 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, spec: PruneSpec, row_split
             if l2 < i2 - i1:
                 Wb[l2:].addmm_(Ub[l1:l2, l2:].t(), Eb[l1:l2], alpha=-1.0)
         Wb.masked_fill_(Pb, 0.0)
+        row_energy += Eb.pow(2).sum(0)
         if i2 < cols:
             WT[i2:].addmm_(U[i1:i2, i2:].t(), Eb, alpha=-1.0)
-    info = {"damp": damp, "damp_retries": retries}
+    info = {"damp": damp, "damp_retries": retries, "row_energy": row_energy, "added_diagonal": added,
+            "dense_row_energy": dense_row_energy}
     return WT.t().contiguous(), PT.t().contiguous(), info
+
+
+def undamped(energy_damped: torch.Tensor, W: torch.Tensor, added_diagonal: torch.Tensor) -> float:
+    """tr(W H Wᵀ) from tr(W (H + D) Wᵀ) (summed over rows), D = diag(`added_diagonal`) the dampening."""
+    return float(energy_damped.sum()) - float((W.pow(2).sum(0) * added_diagonal).sum())
+
+
+def delta_energy(original: torch.Tensor, pruned: torch.Tensor, row_energy: torch.Tensor,
+                 added_diagonal: torch.Tensor) -> float:
+    """‖(W − Ŵ)X‖² = tr(ΔW H ΔWᵀ) of rows pruned together, from the OBS errors instead of a GEMM with H.
+
+    The column updates make ΔW = E·U (E the errors, one per pruned weight, zero elsewhere; U the upper Cholesky
+    factor of (H + D)⁻¹), and U (H + D) Uᵀ = I, so tr(ΔW (H + D) ΔWᵀ) = ‖E‖². The dampening D is diagonal,
+    hence tr(ΔW H ΔWᵀ) = ‖E‖² − Σ_j D_jj ‖ΔW_:j‖²; `row_energy` holds ‖E_r‖² per row.
+    """
+    return undamped(row_energy, original - pruned, added_diagonal)
 
 
 def _select_block(Wb: torch.Tensor, Pb: torch.Tensor, Ub: torch.Tensor, budgets: list[_Budget], bounds: list[int],
@@ -186,7 +241,7 @@ class SparseGPT(PruneMethod):
 
     @torch.no_grad()
     def prune_group(self, weights: dict[str, torch.Tensor], stats: GroupStats,
-                    label: str = "") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                    label: str = "") -> dict[str, PrunedLinear]:
         assert stats.hessian is not None
         names = list(weights)
         stacked = torch.cat([weights[name] for name in names]) if len(names) > 1 else weights[names[0]]
@@ -197,6 +252,10 @@ class SparseGPT(PruneMethod):
                               f"(λ = {info['damp']:.3g})")
         result, start = {}, 0
         for name, count in zip(names, splits):
-            result[name] = (pruned_w[start:start + count], pruned_m[start:start + count])
+            weight, mask = pruned_w[start:start + count], pruned_m[start:start + count]
+            rows = slice(start, start + count)
+            energy = delta_energy(weights[name], weight, info["row_energy"][rows], info["added_diagonal"])
+            dense = undamped(info["dense_row_energy"][rows], weights[name], info["added_diagonal"])
+            result[name] = PrunedLinear(weight, mask, max(0.0, energy), dense)
             start += count
         return result
