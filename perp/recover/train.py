@@ -17,6 +17,7 @@ from torch import nn
 from perp.config import RecoverConfig
 from perp.recover.base import RecoverError
 from perp.recover.selection import Attachment, autocast_context
+from perp.runtime import reuse_freed_memory
 
 #: Gradient-norm clip, as the Hugging Face Trainer that the PERP reference trains with.
 MAX_GRAD_NORM = 1.0
@@ -76,6 +77,13 @@ def optimize(attachment: Attachment, config: RecoverConfig, micro_batch_loss: Mi
              step_offset: int = 0) -> TrainResult:
     """`config.steps` AdamW steps over the attached parameters, each accumulating `config.grad_accum`
     micro-batches; gradient clipping, the warmup/decay schedule and the methods' after-step hooks (masks)."""
+    with reuse_freed_memory(device.type == "cpu"):
+        return _optimize(attachment, config, micro_batch_loss, device, model_dtype, on_step, step_offset)
+
+
+def _optimize(attachment: Attachment, config: RecoverConfig, micro_batch_loss: MicroBatchLoss,
+              device: torch.device, model_dtype: torch.dtype, on_step: Optional[StepCallback],
+              step_offset: int) -> TrainResult:
     params = attachment.unique_params()
     optimizer = build_optimizer(attachment, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(config.steps, config.warmup_fraction))
