@@ -316,6 +316,24 @@ def test_sparsegpt_errors_from_its_factorisation_equal_direct_quadratic_forms(nm
         assert from_factor == pytest.approx(dense_direct, rel=1e-5)
 
 
+def test_sparsegpt_factorisation_without_scipy_matches_lapack_path(monkeypatch):
+    """The torch-only path (used on GPUs) gives the same pruning and energies as the CPU LAPACK/BLAS path."""
+    import perp.prune.methods.sparsegpt as sparsegpt
+
+    torch.manual_seed(2)
+    X = torch.randn(300, 64) @ (torch.eye(64) + 0.3 * torch.randn(64, 64))
+    H, W = X.t() @ X, torch.randn(40, 64)
+    spec = PruneSpec(0.5, nm=(2, 4), blocksize=32)
+    lapack_w, lapack_m, lapack_info = sparsegpt_prune(W.clone(), H, spec, [16, 24])
+    monkeypatch.setattr(sparsegpt, "_strtri", None)
+    monkeypatch.setattr(sparsegpt, "_strmm", None)
+    torch_w, torch_m, torch_info = sparsegpt_prune(W.clone(), H, spec, [16, 24])
+    assert torch.equal(lapack_m, torch_m)
+    assert torch.allclose(lapack_w, torch_w, atol=1e-5)
+    for key in ("row_energy", "dense_row_energy"):
+        assert torch.allclose(lapack_info[key], torch_info[key], rtol=1e-4)
+
+
 def test_sparsegpt_reduces_reconstruction_error_below_magnitude_and_wanda():
     spec = PruneSpec(0.5, blocksize=32)
     errors = {}
