@@ -4,6 +4,7 @@ reusable layer-input capture. Everything runs on tiny random LLaMA- and OPT-shap
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -378,3 +379,69 @@ def test_masks_pack_roundtrip(tmp_path):
     assert np.array_equal(pack_mask(mask).bits.numpy(), np.packbits(mask.numpy().ravel(), bitorder="little"))
     save_masks({"a.b": pack_mask(mask)}, tmp_path / "masks.safetensors")
     assert torch.equal(load_masks(tmp_path)["a.b"], mask)
+
+
+def test_blas_thread_limits_from_concurrent_blocks_combine_and_restore_in_any_order(monkeypatch):
+    """Two blocks that leave in the order they entered (a sweep on a thread pool): the smallest request applies
+    while both are inside, and the limits from before come back at the end. threadpoolctl's controller is
+    replaced by one that records the process-wide BLAS thread count."""
+    import perp.prune.stats as stats_module
+
+    class Limiter:
+        def __init__(self, owner: "Controller", limits: int) -> None:
+            self.owner, self.saved = owner, owner.threads
+            owner.threads = limits
+
+        def restore_original_limits(self) -> None:
+            self.owner.threads = self.saved
+
+    class Controller:
+        threads = 2
+
+        def limit(self, limits: int, user_api: str) -> Limiter:
+            assert user_api == "blas"
+            return Limiter(self, limits)
+
+    controller = Controller()
+    monkeypatch.setattr(stats_module, "_blas_controller", lambda: controller)
+    a_inside, b_inside, a_left = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, int] = {}
+
+    def first() -> None:
+        with stats_module.blas_threads(1):
+            a_inside.set()
+            b_inside.wait(30)
+            seen["both"] = controller.threads
+        a_left.set()
+
+    def second() -> None:
+        a_inside.wait(30)
+        with stats_module.blas_threads(2):
+            b_inside.set()
+            a_left.wait(30)
+            seen["second_alone"] = controller.threads
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen == {"both": 1, "second_alone": 2}
+    assert controller.threads == 2 and stats_module._BLAS_REQUESTS == []
+
+
+def test_sampled_error_is_the_same_in_fp32_without_native_bf16(monkeypatch):
+    import perp.prune.stats as stats_module
+
+    torch.manual_seed(3)
+    dense = torch.randn(24, 32)
+    pruned = dense * (torch.rand(24, 32) > 0.5)
+    stats = stats_module.GroupStats(32, torch.device("cpu"), colsq=True, sample_index=torch.arange(64))
+    stats.add(torch.randn(64, 32), 0)
+    bf16_or_native, how = stats_module.relative_error(dense, pruned, stats)
+    monkeypatch.setattr(stats_module, "native_bf16", lambda device: False)
+    fp32, _ = stats_module.relative_error(dense, pruned, stats)
+    exact = float(((stats.sample @ (dense - pruned).t()) ** 2).sum() / ((stats.sample @ dense.t()) ** 2).sum())
+    assert how == "sampled"
+    assert fp32 == pytest.approx(exact, rel=1e-6)
+    assert bf16_or_native == pytest.approx(exact, rel=1e-2)

@@ -33,7 +33,7 @@ from torch import nn
 from perp.runtime import reuse_freed_memory
 from perp.models.families import FamilyAdapter
 from perp.prune.masks import PackedMask, pack_mask
-from perp.prune.methods.base import PruneMethod
+from perp.prune.methods.base import PruneMethod, PrunedLinear
 from perp.prune.selection import LayerPlan, decoder_layers
 from perp.prune.stats import GroupStats, blas_threads, relative_error, sample_positions
 
@@ -358,7 +358,7 @@ class _Pruner:
             label = plan.full_name(group[0]) if len(group) == 1 else f"{plan.prefix}.{{{','.join(group)}}}"
             pruned = self.method.prune_group(work, stats, label)
         for name in group:
-            weight, mask, delta_energy, dense_energy = pruned[name]
+            weight, mask, delta_energy, dense_energy = PrunedLinear(*pruned[name])  # (w, mask) tuples too
             linear, full = linears[name], plan.full_name(name)
             with self.timer.phase("error"):
                 error, how = relative_error(linear.weight.detach().float(), weight, stats, delta_energy, dense_energy)

@@ -12,7 +12,9 @@ Linears that share it:
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+import sys
+import threading
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -33,24 +35,52 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 _BLAS_CONTROLLER: list = []
+_BLAS_LOCK = threading.Lock()
+_BLAS_REQUESTS: list[int] = []  # thread counts asked for by the blocks now inside `blas_threads`
+_BLAS_ORIGINAL: list = []  # the threadpoolctl limiter that holds the limits from before the first request
 
 
-def blas_threads(count: int) -> contextlib.AbstractContextManager:
-    """Limit the OpenBLAS pools that numpy and scipy bring (not torch's) to `count` threads within the block.
-
-    Their worker threads spin for a while after each call; left at the machine's core count they compete with
-    torch's threads in the ops that follow. No-op without threadpoolctl."""
-    if not _BLAS_CONTROLLER:
+def _blas_controller():
+    """threadpoolctl's view of the loaded BLAS libraries, rebuilt when Python has imported modules since (an
+    import is how a new BLAS arrives; inspecting the process costs ~1 ms, too much for every block)."""
+    modules = len(sys.modules)
+    if not _BLAS_CONTROLLER or _BLAS_CONTROLLER[0][0] != modules:
         try:
             from threadpoolctl import ThreadpoolController
 
-            _BLAS_CONTROLLER.append(ThreadpoolController())
+            controller = ThreadpoolController()
         except Exception:  # threadpoolctl missing or unable to inspect: BLAS keeps its own threads
-            _BLAS_CONTROLLER.append(None)
-    controller = _BLAS_CONTROLLER[0]
+            controller = None
+        _BLAS_CONTROLLER[:] = [(len(sys.modules), controller)]
+    return _BLAS_CONTROLLER[0][1]
+
+
+@contextlib.contextmanager
+def blas_threads(count: int) -> Iterator[None]:
+    """Limit the OpenBLAS pools that numpy and scipy bring (not torch's) to `count` threads within the block.
+
+    Their worker threads otherwise run as many threads as cores, more than torch may use. Process-wide, so
+    concurrent blocks (a sweep on a thread pool) are combined: the smallest count asked for applies while any
+    block is inside, and the original limits come back when the last one leaves, whatever the order.
+    No-op without threadpoolctl."""
+    controller = _blas_controller()
     if controller is None:
-        return contextlib.nullcontext()
-    return controller.limit(limits=count, user_api="blas")
+        yield
+        return
+    with _BLAS_LOCK:
+        _BLAS_REQUESTS.append(count)
+        limiter = controller.limit(limits=min(_BLAS_REQUESTS), user_api="blas")
+        if len(_BLAS_REQUESTS) == 1:
+            _BLAS_ORIGINAL[:] = [limiter]
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_REQUESTS.remove(count)
+            if _BLAS_REQUESTS:
+                controller.limit(limits=min(_BLAS_REQUESTS), user_api="blas")
+            else:
+                _BLAS_ORIGINAL.pop().restore_original_limits()
 
 
 def _syrk():
@@ -145,6 +175,17 @@ class GroupStats:
         self._samples = []
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls are fast here: any CUDA device, or a CPU with AVX512-BF16 or AMX (elsewhere oneDNN
+    emulates them, ~60x slower than fp32)."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def sample_positions(total_tokens: int, budget: int, seed: int = 0) -> Optional[torch.Tensor]:
     """A sorted, seeded random subset of `budget` token positions out of `total_tokens` (all of them if fewer)."""
     if budget <= 0:
@@ -173,10 +214,11 @@ def relative_error(dense: torch.Tensor, pruned: torch.Tensor, stats: GroupStats,
     elif stats.sample is not None:
         delta = dense - pruned
         rows = dense.shape[0]
-        # One GEMM for WX and ΔWX, in bf16: the estimate's sampling noise dwarfs bf16 rounding (measured ~2e-5
-        # relative on the ratio), and it halves the cost of this phase on CPU.
-        weights = torch.cat([dense, delta]).t().to(torch.bfloat16)
-        both = (stats.sample.to(torch.bfloat16) @ weights).float().pow_(2)
+        # One GEMM for WX and ΔWX; in bf16 where the hardware has it: the estimate's sampling noise dwarfs bf16
+        # rounding (measured ~2e-5 relative on the ratio), and it halves the cost of this phase on CPU.
+        dtype = torch.bfloat16 if native_bf16(dense.device) else torch.float32
+        weights = torch.cat([dense, delta]).t().to(dtype)
+        both = (stats.sample.to(dtype) @ weights).float().pow_(2)
         denominator, numerator = float(both[:, :rows].sum()), float(both[:, rows:].sum())
         how = "sampled"
     else:

@@ -35,6 +35,7 @@ from perp.recover.masks import capture_masks, mask_violations, require_pruned
 from perp.recover.memory import PeakMemory
 from perp.recover.selection import attach, autocast_context, require_trainable
 from perp.recover.train import optimize
+from perp.runtime import reuse_freed_memory
 
 
 def check_same_architecture(pruned: nn.Module, dense: nn.Module, family, model: str, dense_name: str) -> None:
@@ -153,51 +154,52 @@ def run_layerwise(config: PerpConfig, model: str, dense: str, methods: list[str]
     trainable = 0
     tokens = 0
     notes: dict[str, Any] = {}
-    for index in range(n_layers):
-        layer, dense_layer = layers[index], dense_layers[index]
-        home = next(layer.parameters()).device
-        dense_layer.to(device)
-        targets = outputs(dense_layer, data, rc.batch_size, autocast_dtype)
-        dense_layer.to(home)
+    with reuse_freed_memory(device.type == "cpu"):  # once for all blocks (each optimize() nests)
+        for index in range(n_layers):
+            layer, dense_layer = layers[index], dense_layers[index]
+            home = next(layer.parameters()).device
+            dense_layer.to(device)
+            targets = outputs(dense_layer, data, rc.batch_size, autocast_dtype)
+            dense_layer.to(home)
 
-        layer.to(device)
-        layer.eval()
-        scope = block_scope(layer, family)
-        masks = capture_masks(scope.linears) if preserves else {}
-        mse_before = block_mse(layer, data, targets, rc.batch_size, autocast_dtype)
-        block_settings = Settings(rank=settings.rank, alpha=settings.alpha, seed=settings.seed + index)
-        attachment = attach(scope, methods, block_settings)
-        require_trainable(attachment, rc.method, f"decoder block {index}")
-        trainable += attachment.trainable_params
-        indices = stream.index_batches(batches_needed)
+            layer.to(device)
+            layer.eval()
+            scope = block_scope(layer, family)
+            masks = capture_masks(scope.linears) if preserves else {}
+            mse_before = block_mse(layer, data, targets, rc.batch_size, autocast_dtype)
+            block_settings = Settings(rank=settings.rank, alpha=settings.alpha, seed=settings.seed + index)
+            attachment = attach(scope, methods, block_settings)
+            require_trainable(attachment, rc.method, f"decoder block {index}")
+            trainable += attachment.trainable_params
+            indices = stream.index_batches(batches_needed)
 
-        def micro_batch_loss() -> tuple[torch.Tensor, int]:
-            pick = next(indices)
-            x, y = data.hidden[pick].to(device), targets[pick].to(device)
-            with autocast():
-                out = data.run(layer, x)
-            return F.mse_loss(out.float(), y.float()), x.shape[0] * x.shape[1]
+            def micro_batch_loss() -> tuple[torch.Tensor, int]:
+                pick = next(indices)
+                x, y = data.hidden[pick].to(device), targets[pick].to(device)
+                with autocast():
+                    out = data.run(layer, x)
+                return F.mse_loss(out.float(), y.float()), x.shape[0] * x.shape[1]
 
-        def on_step(global_step: int, loss: float) -> None:
-            _emit(progress, "train", global_step, total_steps, f"block {index} mse {loss:.4g}")
+            def on_step(global_step: int, loss: float) -> None:
+                _emit(progress, "train", global_step, total_steps, f"block {index} mse {loss:.4g}")
 
-        result = optimize(attachment, rc, micro_batch_loss, device, loaded.dtype, on_step, index * rc.steps)
-        loss_curve.extend(result.loss_curve)
-        tokens += result.tokens
-        prefix = f"{family.layer_prefix(index)}."
-        if "full" not in methods:
-            adapter.update(attachment.state_dict(prefix))
-        notes.update(attachment.describe())
-        attachment.merge()
-        violations = mask_violations(((n, m.weight) for n, m in family.linears(layer).items()), masks)
-        if violations:  # pragma: no cover - a bug, never a user error
-            raise RuntimeError(f"pruning masks violated after merging block {index}: {violations}")
-        mse_after = block_mse(layer, data, targets, rc.batch_size, autocast_dtype)
-        data.hidden = outputs(layer, data, rc.batch_size, autocast_dtype)  # reconstructed outputs feed block i+1
-        layer.to(home)
-        targets = None  # free before the next block's targets
-        blocks.append({"block": index, "mse_before": mse_before, "mse_after": mse_after,
-                       "trainable_params": attachment.trainable_params})
+            result = optimize(attachment, rc, micro_batch_loss, device, loaded.dtype, on_step, index * rc.steps)
+            loss_curve.extend(result.loss_curve)
+            tokens += result.tokens
+            prefix = f"{family.layer_prefix(index)}."
+            if "full" not in methods:
+                adapter.update(attachment.state_dict(prefix))
+            notes.update(attachment.describe())
+            attachment.merge()
+            violations = mask_violations(((n, m.weight) for n, m in family.linears(layer).items()), masks)
+            if violations:  # pragma: no cover - a bug, never a user error
+                raise RuntimeError(f"pruning masks violated after merging block {index}: {violations}")
+            mse_after = block_mse(layer, data, targets, rc.batch_size, autocast_dtype)
+            data.hidden = outputs(layer, data, rc.batch_size, autocast_dtype)  # reconstructed outputs feed block i+1
+            layer.to(home)
+            targets = None  # free before the next block's targets
+            blocks.append({"block": index, "mse_before": mse_before, "mse_after": mse_after,
+                           "trainable_params": attachment.trainable_params})
     seconds = time.perf_counter() - started
     peak = meter.stop()
     dense_sha256 = dense_loaded.content_hash

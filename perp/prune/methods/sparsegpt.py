@@ -74,7 +74,7 @@ def inverse_cholesky_upper(H: torch.Tensor, percdamp: float,
             upper_factor = factor.flip(0, 1)
             del factor
             inverse = _triangular_inverse(upper_factor)
-            if inverse is not None:
+            if inverse is not None and bool(torch.isfinite(inverse).all()):
                 return upper_factor, inverse, total, retry
         diag.add_(9.0 * total)  # λ → 10 λ
         total *= 10.0
@@ -84,8 +84,13 @@ def inverse_cholesky_upper(H: torch.Tensor, percdamp: float,
     )
 
 
+def _lapack_ok(*tensors: torch.Tensor) -> bool:
+    """scipy's single-precision routines apply: fp32 tensors on the CPU."""
+    return _strtri is not None and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
 def _triangular_inverse(upper: torch.Tensor) -> Optional[torch.Tensor]:
-    if upper.device.type == "cpu" and _strtri is not None:
+    if _lapack_ok(upper):
         inverse, info = _strtri(upper.numpy(), lower=0, unitdiag=0, overwrite_c=0)
         return torch.from_numpy(inverse) if info == 0 else None
     eye = torch.eye(upper.shape[0], dtype=upper.dtype, device=upper.device)
@@ -94,9 +99,10 @@ def _triangular_inverse(upper: torch.Tensor) -> Optional[torch.Tensor]:
 
 def _times_upper_squared_rows(W: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """‖(W C)_r‖² per row r, C upper-triangular: on CPU through BLAS strmm (half the flops of a GEMM)."""
-    if W.device.type == "cpu" and _strmm is not None:
+    if _lapack_ok(W, C):
         # W row-major [R, d] is column-major Wᵀ [d, R], C row-major is column-major Cᵀ (lower): (W C)ᵀ = Cᵀ Wᵀ
-        product = _strmm(1.0, C.numpy().T, W.numpy().T, side=0, lower=1, trans_a=0, diag=0, overwrite_b=0)
+        product = _strmm(1.0, C.detach().numpy().T, W.detach().numpy().T, side=0, lower=1, trans_a=0, diag=0,
+                         overwrite_b=0)
         return torch.from_numpy(product).pow_(2).sum(0)
     return (W @ C).pow_(2).sum(1)
 
@@ -158,13 +164,13 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, spec: PruneSpec, row_split
     leaf_fn = _leaf_solve if solver == "solve" else _leaf_loop
     damped = H.clone()
     C, U, damp, retries = inverse_cholesky_upper(damped, spec.percdamp, label)
-    added = damped.diagonal() - H.diagonal()  # λ on every column, 1 + λ more on dead ones
+    added = damped.diagonal() - H.diagonal()  # λ on every column, 1 + λ on dead ones
     del damped
     dense_row_energy = _times_upper_squared_rows(W, C)  # ‖W_r C‖² = W_r (H + D) W_rᵀ
     del C
     row_energy = torch.zeros(rows, dtype=torch.float32, device=W.device)
 
-    WT = W.t().contiguous()  # [d, R]: a column of W is a contiguous row here
+    WT = W.t().clone(memory_format=torch.contiguous_format)  # [d, R], a column of W a row; never W's storage
     PT = torch.zeros_like(WT, dtype=torch.bool)
     nm = spec.nm
     blocksize = spec.blocksize
@@ -202,8 +208,13 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, spec: PruneSpec, row_split
 
 
 def undamped(energy_damped: torch.Tensor, W: torch.Tensor, added_diagonal: torch.Tensor) -> float:
-    """tr(W H Wᵀ) from tr(W (H + D) Wᵀ) (summed over rows), D = diag(`added_diagonal`) the dampening."""
-    return float(energy_damped.sum()) - float((W.pow(2).sum(0) * added_diagonal).sum())
+    """tr(W H Wᵀ) from tr(W (H + D) Wᵀ) (summed over rows), D = diag(`added_diagonal`) the dampening.
+
+    Sums in fp64. When the difference is lost in the rounding of its terms (inputs that never fire: H ≈ 0), 0."""
+    damped = float(energy_damped.double().sum())
+    dampening = float((W.double().pow(2).sum(0) * added_diagonal.double()).sum())
+    value = damped - dampening
+    return value if value > 1e-5 * max(damped, dampening) else 0.0
 
 
 def delta_energy(original: torch.Tensor, pruned: torch.Tensor, row_energy: torch.Tensor,
@@ -256,6 +267,6 @@ class SparseGPT(PruneMethod):
             rows = slice(start, start + count)
             energy = delta_energy(weights[name], weight, info["row_energy"][rows], info["added_diagonal"])
             dense = undamped(info["dense_row_energy"][rows], weights[name], info["added_diagonal"])
-            result[name] = PrunedLinear(weight, mask, max(0.0, energy), dense)
+            result[name] = PrunedLinear(weight, mask, energy, dense)
             start += count
         return result
