@@ -445,3 +445,15 @@ def test_sampled_error_is_the_same_in_fp32_without_native_bf16(monkeypatch):
     assert how == "sampled"
     assert fp32 == pytest.approx(exact, rel=1e-6)
     assert bf16_or_native == pytest.approx(exact, rel=1e-2)
+
+
+def test_bf16_compute_on_a_cpu_without_native_bf16_warns_and_notes_it(monkeypatch):
+    import perp.prune.engine as engine
+
+    monkeypatch.setattr(engine, "native_bf16", lambda device: False)
+    with pytest.warns(engine.EmulatedPrecisionWarning, match="emulated"):
+        _, _, result = prune_tiny("llama", "wanda", PruneSpec(0.5), compute_dtype=torch.bfloat16)
+    assert any("emulated" in note for note in result.notes)
+    monkeypatch.setattr(engine, "native_bf16", lambda device: True)
+    _, _, result = prune_tiny("llama", "wanda", PruneSpec(0.5), compute_dtype=torch.bfloat16)
+    assert not any("emulated" in note for note in result.notes)

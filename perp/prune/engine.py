@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -35,12 +36,16 @@ from perp.models.families import FamilyAdapter
 from perp.prune.masks import PackedMask, pack_mask
 from perp.prune.methods.base import PruneMethod, PrunedLinear
 from perp.prune.selection import LayerPlan, decoder_layers
-from perp.prune.stats import GroupStats, blas_threads, relative_error, sample_positions
+from perp.prune.stats import GroupStats, blas_threads, native_bf16, relative_error, sample_positions
 
 ProgressFn = Callable[[int, int, str], None]  # (layers done, layers total, message)
 
 #: Tokens per forward micro-batch when the caller does not choose (windows = max(1, tokens // seqlen)).
 DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
+
+
+class EmulatedPrecisionWarning(UserWarning):
+    """The requested compute precision has no hardware support on this device (it still runs, slowly)."""
 
 
 class _StopForward(Exception):
@@ -455,7 +460,13 @@ def prune_model(model: nn.Module, family: FamilyAdapter, method: PruneMethod, pl
     options = options or EngineOptions()
     if options.sequential not in SEQUENTIAL_MODES:
         raise ValueError(f"sequential must be one of {SEQUENTIAL_MODES}, got {options.sequential!r}")
-    with reuse_freed_memory(torch.device(options.device).type == "cpu"):
+    device = torch.device(options.device)
+    if device.type == "cpu" and options.compute_dtype == torch.bfloat16 and not native_bf16(device):
+        message = ("prune.compute_dtype bfloat16 on a CPU without AVX512-BF16 or AMX: bf16 matmuls are emulated "
+                   "here and much slower than float32; use compute_dtype auto or float32")
+        warnings.warn(message, EmulatedPrecisionWarning, stacklevel=2)
+        method.notes.append(message)
+    with reuse_freed_memory(device.type == "cpu"):
         return _prune_model(model, family, method, plans, ids, options, progress)
 
 
