@@ -122,6 +122,8 @@ def bench_smollm2(args: argparse.Namespace) -> None:
         sets = [*base, f"prune.method={method}", f"prune.pattern={pattern}", f"prune.sparsity={args.sparsity}"]
         if granularity:
             sets.append(f"prune.granularity={granularity}")
+        if args.owl_lambda:
+            sets += [f"prune.owl_lambda={args.owl_lambda}", f"prune.owl_m={args.owl_m}"]
         job_config = load_params(None, sets)
         out = out_root / job.replace(":", "_")
         started, cpu_started = time.perf_counter(), time.process_time()
@@ -132,7 +134,7 @@ def bench_smollm2(args: argparse.Namespace) -> None:
         record = {
             "model": args.model, "device": report["engine"]["device"], "method": method, "pattern": pattern,
             "granularity": job_config.prune.granularity, "compute_dtype": report["engine"]["compute_dtype"],
-            "sequential": args.sequential,
+            "sequential": args.sequential, "owl_lambda": args.owl_lambda,
             "threads": torch.get_num_threads(), "tokens": calib.num_tokens,
             "prune_s": round(prune_s, 2), "job_s": round(job_s, 2), "job_cpu_s": round(job_cpu_s, 2),
             "dense_forward_s": round(floor, 2), "dense_forward_cpu_s": round(floor_cpu, 2),
@@ -244,6 +246,8 @@ def main() -> None:
     parser.add_argument("--compute-dtype", default="auto", help="auto, float32, bfloat16 (calibration forwards)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--error-tokens", type=int, default=512)
+    parser.add_argument("--owl-lambda", type=float, default=0.0, help="OWL per-layer sparsity (SmolLM2 jobs); 0: off")
+    parser.add_argument("--owl-m", type=float, default=5.0)
     parser.add_argument("--sequential", default="layer", choices=["layer", "linear"],
                         help="engine mode: layer (reference, 2 passes) or linear (true-sequential, 1 pass)")
     parser.add_argument("--layers", type=int, default=8, help="decoder layers of llama2-7b-shape")

@@ -166,6 +166,9 @@ class PruneConfig(_Section):
     batch_size: Optional[int] = None  # windows per micro-batch; None: ~4096 tokens on CPU, ~16384 on CUDA
     error_tokens: int = 512  # calibration tokens that estimate the reconstruction error (0: none)
     sequential: str = "layer"  # layer (reference, two passes per layer) | linear (true-sequential, one pass)
+    # OWL (Yin et al., 2024): per-layer sparsity from each layer's share of outlier Wanda scores; 0 = uniform
+    owl_lambda: float = 0.0  # half-width of the per-layer sparsity range around `sparsity`
+    owl_m: float = 5.0  # an outlier score exceeds owl_m × the layer's mean score
 
     @field_validator("method")
     @classmethod
@@ -228,6 +231,29 @@ class PruneConfig(_Section):
         if value not in PRUNE_SEQUENTIAL_MODES:
             raise ValueError(f"unknown mode '{value}' (allowed: {', '.join(PRUNE_SEQUENTIAL_MODES)})")
         return value
+
+    @field_validator("owl_m")
+    @classmethod
+    def _owl_m_positive(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError(f"must be > 0, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _owl_fits(self) -> "PruneConfig":
+        if self.owl_lambda == 0:
+            return self
+        if self.owl_lambda < 0:
+            raise ValueError(f"owl_lambda: must be >= 0 (0: uniform sparsity), got {self.owl_lambda}")
+        if self.nm is not None:
+            raise ValueError(f"owl_lambda: OWL sets a sparsity per layer, which an N:M pattern ({self.pattern}) fixes; "
+                             "use pattern unstructured or owl_lambda 0")
+        # layer sparsities lie within sparsity ± 2λ (normalised outlier ratios minus their mean)
+        if not (self.sparsity - 2 * self.owl_lambda > 0 and self.sparsity + 2 * self.owl_lambda < 1):
+            raise ValueError(f"owl_lambda: layer sparsities can reach sparsity ± 2·owl_lambda = "
+                             f"[{self.sparsity - 2 * self.owl_lambda:.3g}, {self.sparsity + 2 * self.owl_lambda:.3g}], "
+                             "which must stay inside (0, 1); lower owl_lambda")
+        return self
 
     @property
     def nm(self) -> Optional[tuple[int, int]]:

@@ -15,6 +15,7 @@ from perp.models.tiny import build_tiny_model
 from perp.prune import (METHODS, EngineOptions, PruneSpec, capture_layer_inputs, create_method, load_masks,
                         plan_pruning, propagate, prune_model, run_layer, select_mask)
 from perp.prune.masks import pack_mask, save_masks, unpack_bits
+from perp.prune.patterns import pruned_per
 from perp.prune.methods.sparsegpt import delta_energy, sparsegpt_prune, undamped
 
 FAMILIES = {"llama": LLAMA, "opt": OPT}
@@ -457,3 +458,54 @@ def test_bf16_compute_on_a_cpu_without_native_bf16_warns_and_notes_it(monkeypatc
     monkeypatch.setattr(engine, "native_bf16", lambda device: True)
     _, _, result = prune_tiny("llama", "wanda", PruneSpec(0.5), compute_dtype=torch.bfloat16)
     assert not any("emulated" in note for note in result.notes)
+
+
+# --------------------------------------------------------------------------------------------- OWL
+
+
+def test_owl_sparsities_average_to_the_target_and_favour_outlier_layers():
+    from perp.prune.owl import owl_sparsities
+
+    ratios = {0: 0.010, 1: 0.030, 2: 0.020, 3: 0.050}
+    sparsity = owl_sparsities(ratios, 0.6, 0.08)
+    assert sum(sparsity.values()) / 4 == pytest.approx(0.6)
+    assert sparsity[3] < sparsity[1] < sparsity[2] < sparsity[0]  # more outliers, fewer pruned
+    assert max(sparsity.values()) - min(sparsity.values()) == pytest.approx(0.16)  # the range is 2λ
+    assert owl_sparsities({0: 0.02, 1: 0.02}, 0.5, 0.1) == {0: 0.5, 1: 0.5}
+
+
+def _direct_outlier_ratios(family_name: str, ids: torch.Tensor, m: float) -> dict[int, float]:
+    """On the dense model: every Linear's inputs from one plain forward, then |W|·‖X_j‖ per layer."""
+    model = build_tiny_model(family_name, 0)
+    family = FAMILIES[family_name]
+    inputs: dict[str, list[torch.Tensor]] = {}
+    handles = [module.register_forward_pre_hook(lambda mod, args, name=name: inputs.setdefault(name, []).append(
+        args[0].reshape(-1, args[0].shape[-1]).double())) for name, module in family.named_decoder_linears(model)]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for handle in handles:
+        handle.remove()
+    ratios = {}
+    for index, layer in enumerate(family.layers(model)):
+        prefix = f"{family.layer_prefix(index)}."
+        scores = torch.cat([(module.weight.double().abs() * torch.cat(inputs[prefix + name]).norm(dim=0)).flatten()
+                            for name, module in family.linears(layer).items()])
+        ratios[index] = float((scores > m * scores.mean()).double().mean())
+    return ratios
+
+
+@pytest.mark.parametrize("family_name", ["llama", "opt"])
+def test_owl_prunes_each_layer_at_its_own_sparsity_from_dense_outlier_ratios(family_name):
+    ids = calib_ids()
+    model, family, result = prune_tiny(family_name, "wanda", PruneSpec(0.5), ids, owl_lambda=0.1, owl_m=2.0)
+    direct = _direct_outlier_ratios(family_name, ids, 2.0)
+    assert result.outlier_ratios.keys() == direct.keys()
+    for index, ratio in direct.items():
+        assert result.outlier_ratios[index] == pytest.approx(ratio, abs=1e-9)
+    assert len(set(result.layer_sparsity.values())) > 1
+    assert sum(result.layer_sparsity.values()) / len(result.layer_sparsity) == pytest.approx(0.5)
+    for index, layer in enumerate(family.layers(model)):
+        for name, module in family.linears(layer).items():
+            zeros_per_row = (module.weight == 0).sum(dim=1)
+            expected = pruned_per(module.in_features, result.layer_sparsity[index])
+            assert torch.all(zeros_per_row == expected), f"layer {index} {name}"

@@ -12,6 +12,7 @@ from perp.config import load_params
 from perp.data.windows import TokenSet
 from perp.errors import ConfigError, DataSourceError, PerpError, UnsupportedArchitectureError
 from perp.prune import MASKS_FILE, REPORT_FILE, load_masks, run_prune
+from perp.prune.patterns import pruned_per
 
 
 @pytest.fixture(autouse=True)
@@ -396,3 +397,29 @@ def test_sparsity_gate_compares_achieved_with_planned(family, sparsity, tiny_lla
     result = evaluate_gates("dev", ["dev"], gates, metrics, set())
     assert result["failed"] == ["sparsity"], result
     assert "below the minimum" in result["checks"][0]["detail"]
+
+
+def test_owl_run_reports_layer_sparsities_and_an_exact_plan(tied_llama_dir, tmp_path):
+    config = _config(tied_llama_dir, "prune.method=sparsegpt", "prune.blocksize=32", "prune.sparsity=0.5",
+                     "prune.owl_lambda=0.1", "prune.owl_m=2")
+    report = run_prune(config, tmp_path / "owl", calib=_calib())
+    owl = report["owl"]
+    assert owl["lambda"] == 0.1 and set(owl["layer_sparsity"]) == set(owl["outlier_ratios"]) == {"0", "1"}
+    assert len(set(owl["layer_sparsity"].values())) == 2
+    assert report["planned_pruned_weights"] == report["pruned_weights"]  # the sparsity gate's exact count
+    for name, entry in report["layers"].items():
+        layer = name.split(".")[2]
+        cols = entry["shape"][1]
+        assert entry["sparsity"] == pytest.approx(pruned_per(cols, owl["layer_sparsity"][layer]) / cols)
+    assert "owl" in report["timings"]
+
+
+@pytest.mark.parametrize("sets, match", [
+    (["prune.pattern=2:4", "prune.owl_lambda=0.05"], "N:M pattern"),
+    (["prune.sparsity=0.5", "prune.owl_lambda=0.3"], "inside \\(0, 1\\)"),
+    (["prune.owl_lambda=-0.1"], "must be >= 0"),
+    (["prune.owl_lambda=0.05", "prune.owl_m=0"], "owl_m"),
+])
+def test_owl_settings_that_cannot_work_fail_before_loading(sets, match):
+    with pytest.raises(ConfigError, match=match):
+        _config("tiny-llama", *sets)

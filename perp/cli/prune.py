@@ -78,6 +78,11 @@ def prune(
     sequential: Optional[str] = typer.Option(
         None, "--sequential", help="layer (reference: two passes per layer) or linear (true-sequential, one pass); "
         "overrides prune.sequential."),
+    owl_lambda: Optional[float] = typer.Option(
+        None, "--owl-lambda", help="OWL: per-layer sparsity within sparsity ± 2λ from each layer's outlier share "
+        "(overrides prune.owl_lambda; 0: uniform)."),
+    owl_m: Optional[float] = typer.Option(
+        None, "--owl-m", help="OWL: a score is an outlier above M × its layer's mean (overrides prune.owl_m)."),
     out: Path = typer.Option(Path("out/pruned"), "--out", help="Output directory."),
     params: Optional[Path] = ParamsOption,
     sets: Optional[list[str]] = SetOption,
@@ -92,6 +97,7 @@ def prune(
         "prune.pattern": pattern, "data.calibration.nsamples": nsamples, "data.calibration.seqlen": seqlen,
         "data.calibration.seed": seed, "prune.granularity": granularity, "prune.compute_dtype": compute_dtype,
         "prune.batch_size": batch_size, "prune.error_tokens": error_tokens, "prune.sequential": sequential,
+        "prune.owl_lambda": owl_lambda, "prune.owl_m": owl_m,
     })
     from perp.prune import run_prune
 

@@ -35,6 +35,7 @@ from perp.runtime import reuse_freed_memory
 from perp.models.families import FamilyAdapter
 from perp.prune.masks import PackedMask, pack_mask
 from perp.prune.methods.base import PruneMethod, PrunedLinear
+from perp.prune.owl import outlier_ratios, owl_sparsities
 from perp.prune.selection import LayerPlan, decoder_layers
 from perp.prune.stats import GroupStats, blas_threads, native_bf16, relative_error, sample_positions
 
@@ -268,6 +269,8 @@ class EngineOptions:
     offload: bool = True  # move each layer back to CPU once pruned (when the device is not the CPU)
     sequential: str = "layer"  # "layer" or "linear"
     seed: int = 0
+    owl_lambda: float = 0.0  # OWL per-layer sparsity (perp.prune.owl); 0: every layer at the spec's sparsity
+    owl_m: float = 5.0
 
 
 SEQUENTIAL_MODES = ("layer", "linear")
@@ -281,6 +284,8 @@ class EngineResult:
     notes: list[str]
     peak_device_bytes: Optional[int]
     tokens: int
+    layer_sparsity: dict[int, float] = field(default_factory=dict)  # OWL: layer index → its sparsity
+    outlier_ratios: dict[int, float] = field(default_factory=dict)  # OWL: layer index → outlier share
 
 
 class _Timer:
@@ -482,6 +487,24 @@ def _prune_model(model: nn.Module, family: FamilyAdapter, method: PruneMethod, p
         torch.cuda.reset_peak_memory_stats(device)
     single_pass = options.sequential == "linear"
 
+    def autocast_for(layer: nn.Module) -> Optional[torch.dtype]:
+        weight_dtype = next(layer.parameters()).dtype
+        return options.compute_dtype if options.compute_dtype not in (None, weight_dtype) else None
+
+    ratios: dict[int, float] = {}
+    layer_sparsity: dict[int, float] = {}
+    if options.owl_lambda > 0:
+        with timer.phase("owl"):
+            dense_inputs = capture_layer_inputs(model, family, ids, device, options.batch_size)
+            ratios = outlier_ratios(model, family, plans[:total], dense_inputs, options.owl_m, device, autocast_for,
+                                    options.offload)
+            del dense_inputs
+            layer_sparsity = owl_sparsities(ratios, method.spec.sparsity, options.owl_lambda)
+            for plan in plans:
+                plan.sparsity = layer_sparsity.get(plan.index, plan.sparsity)
+        if progress:
+            progress(0, total, "OWL layer sparsities set")
+
     with timer.phase("capture"):
         batch_size = ids.shape[0] if single_pass else options.batch_size
         inputs = capture_layer_inputs(model, family, ids, device, batch_size)
@@ -493,12 +516,13 @@ def _prune_model(model: nn.Module, family: FamilyAdapter, method: PruneMethod, p
     if progress:
         progress(0, total, "calibration inputs captured")
 
+    base_spec = method.spec
     for plan in plans[:total]:
         layer = layers[plan.index]
         with timer.phase("onload"):
             layer.to(device)
-        weight_dtype = next(layer.parameters()).dtype
-        autocast_dtype = options.compute_dtype if options.compute_dtype not in (None, weight_dtype) else None
+        autocast_dtype = autocast_for(layer)
+        method.spec = plan.spec(base_spec)
         linears = family.linears(layer)
         if single_pass and plan.groups:
             _prune_in_forward(layer, linears, plan, inputs, pruner, sample_index, device, autocast_dtype)
@@ -521,7 +545,9 @@ def _prune_model(model: nn.Module, family: FamilyAdapter, method: PruneMethod, p
             done = [pruner.linears_out[plan.full_name(n)]["rel_error"] for n in plan.names]
             message = f"layer {plan.index}" + (f": mean rel_error {sum(done) / len(done):.4f}" if done else ": skipped")
             progress(plan.index + 1, total, message)
+    method.spec = base_spec
     del inputs
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return EngineResult(linears=pruner.linears_out, masks=pruner.masks, timings=timer.totals,
-                        notes=list(method.notes), peak_device_bytes=peak, tokens=tokens)
+                        notes=list(method.notes), peak_device_bytes=peak, tokens=tokens,
+                        layer_sparsity=layer_sparsity, outlier_ratios=ratios)

@@ -11,6 +11,7 @@ Output directory (written atomically: it appears whole or not at all):
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 import resource
 import sys
 import time
@@ -95,6 +96,10 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
     skeleton, family, tokenizer = model_skeleton(config.model.name, config.model.revision)
     planned = planned_counts(skeleton, family,
                              plan_pruning(skeleton, family, config.prune.include, config.prune.exclude, spec), spec)
+    if config.prune.owl_lambda > 0:  # the sparsest and densest layers OWL may choose must fit every Linear too
+        for bound in (-2, 2):
+            extreme = replace(spec, sparsity=spec.sparsity + bound * config.prune.owl_lambda)
+            plan_pruning(skeleton, family, config.prune.include, config.prune.exclude, extreme)
     if calib is None:
         calib = calibration_set(config.data.calibration, tokenizer)
     check_calibration(calib.ids, skeleton, family)
@@ -114,9 +119,13 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
         batch_size=config.prune.batch_size or default_batch_size(calib.seqlen, loaded.device),
         error_tokens=config.prune.error_tokens,
         sequential=config.prune.sequential,
+        owl_lambda=config.prune.owl_lambda,
+        owl_m=config.prune.owl_m,
     )
     result = prune_model(model, family, method, plans, calib.ids, options, progress)
     timings.update(result.timings)
+    if result.layer_sparsity:  # OWL chose the layer sparsities: the exact plan follows from them
+        planned = planned_counts(model, family, plans, spec)
 
     report = build_report(config, loaded, calib, spec, result, options, planned)
     t0 = time.perf_counter()
@@ -175,6 +184,10 @@ def build_report(config: PerpConfig, loaded: Any, calib: TokenSet, spec: PruneSp
         "selected_weights": total,
         "decoder_sparsity": decoder["sparsity"],
         "mean_rel_error": sum(errors) / len(errors) if errors else None,
+        "owl": ({"lambda": options.owl_lambda, "m": options.owl_m,
+                 "layer_sparsity": {str(k): v for k, v in sorted(result.layer_sparsity.items())},
+                 "outlier_ratios": {str(k): v for k, v in sorted(result.outlier_ratios.items())}}
+                if result.layer_sparsity else None),
         "layers": {name: {"sparsity": entry["sparsity"], "rel_error": entry["rel_error"], "shape": entry["shape"]}
                    for name, entry in result.linears.items()},
         "rel_error_estimate": {

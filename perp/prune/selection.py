@@ -8,9 +8,9 @@ sensitive) on the full module name, e.g. `model.layers.0.self_attn.q_proj`; `*` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from torch import nn
 
@@ -26,6 +26,11 @@ class LayerPlan:
     index: int
     prefix: str  # e.g. "model.layers.3"
     groups: list[list[str]] = field(default_factory=list)  # names relative to the layer, selected ones only
+    sparsity: Optional[float] = None  # this layer's own sparsity (OWL); None: the spec's
+
+    def spec(self, spec: PruneSpec) -> PruneSpec:
+        """`spec` with this layer's sparsity, if it has one."""
+        return spec if self.sparsity is None else replace(spec, sparsity=self.sparsity)
 
     @property
     def names(self) -> list[str]:
@@ -95,9 +100,10 @@ def planned_counts(model: nn.Module, family: FamilyAdapter, plans: Sequence[Laye
     pruned = total = 0
     for plan in plans:
         present = family.linears(layers[plan.index])
+        layer_spec = plan.spec(spec)
         for name in plan.names:
             rows, cols = present[name].weight.shape
-            pruned += spec.pruned_count(rows, cols)
+            pruned += layer_spec.pruned_count(rows, cols)
             total += rows * cols
     return pruned, total
 
