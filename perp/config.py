@@ -167,7 +167,7 @@ class PruneConfig(_Section):
     error_tokens: int = 512  # calibration tokens that estimate the reconstruction error (0: none)
     sequential: str = "layer"  # layer (reference, two passes per layer) | linear (true-sequential, one pass)
     # OWL (Yin et al., 2024): per-layer sparsity from each layer's share of outlier Wanda scores; 0 = uniform
-    owl_lambda: float = 0.0  # half-width of the per-layer sparsity range around `sparsity`
+    owl_lambda: float = 0.0  # layer sparsities lie within sparsity ± 2λ (± λ when the outlier ratios spread evenly)
     owl_m: float = 5.0  # an outlier score exceeds owl_m × the layer's mean score
 
     @field_validator("method")

@@ -166,3 +166,20 @@ def test_offload_with_zeroshot_is_a_config_error():
 
     with pytest.raises(ConfigError, match="evaluate.*zero-shot tasks need the whole model"):
         load_params(None, ["evaluate.offload=true", "evaluate.zeroshot.tasks=[boolq]"])
+
+
+def test_sparsity_gate_plan_of_an_owl_run_without_counts_uses_its_layer_sparsities():
+    from perp.models.families import LLAMA
+    from perp.models.tiny import build_tiny_model
+    from perp.prune.patterns import pruned_per
+
+    model = build_tiny_model("llama", 0)
+    config = load_params(None, ["model.name=tiny-llama"])
+    prune = {**config.prune.model_dump(mode="json"), "owl_lambda": 0.1, "owl_m": 2.0}
+    chosen = {"0": 0.4, "1": 0.6}
+    expected = sum(module.out_features * pruned_per(module.in_features, chosen[str(index)])
+                   for index, layer in enumerate(LLAMA.layers(model)) for module in LLAMA.linears(layer).values())
+    report = {"config": {"prune": prune}, "owl": {"layer_sparsity": chosen}}
+    assert stage._planned_zeros(report, model, LLAMA, config) == (expected, "prune_report")
+    # an OWL run whose layer sparsities are unknown has no plan to hold it to
+    assert stage._planned_zeros({"config": {"prune": prune}}, model, LLAMA, config) == (None, None)

@@ -509,3 +509,23 @@ def test_owl_prunes_each_layer_at_its_own_sparsity_from_dense_outlier_ratios(fam
             zeros_per_row = (module.weight == 0).sum(dim=1)
             expected = pruned_per(module.in_features, result.layer_sparsity[index])
             assert torch.all(zeros_per_row == expected), f"layer {index} {name}"
+
+
+def test_owl_measures_layers_after_an_excluded_layer_on_their_real_inputs_and_leaves_plans_alone():
+    ids = calib_ids()
+    model = build_tiny_model("llama", 0)
+    spec = PruneSpec(0.5)
+    plans = plan_pruning(model, LLAMA, ["*"], ["model.layers.0.*"], spec)
+    method = create_method("wanda", spec)
+    result = prune_model(model, LLAMA, method, plans, ids, EngineOptions(owl_lambda=0.1, owl_m=2.0))
+    direct = _direct_outlier_ratios("llama", ids, 2.0)
+    assert set(result.outlier_ratios) == {1}
+    assert result.outlier_ratios[1] == pytest.approx(direct[1], abs=1e-9)
+    assert result.layer_sparsity == {1: pytest.approx(0.5)}  # one layer: nothing to tell apart
+    assert all(plan.sparsity is None for plan in plans) and method.spec == spec
+    assert not any((module.weight == 0).any() for module in LLAMA.linears(LLAMA.layers(model)[0]).values())
+
+
+def test_owl_with_an_nm_pattern_is_refused_by_the_engine():
+    with pytest.raises(ValueError, match="unstructured"):
+        prune_tiny("llama", "wanda", PruneSpec(0.0, nm=(2, 4)), owl_lambda=0.05)

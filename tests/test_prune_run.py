@@ -423,3 +423,13 @@ def test_owl_run_reports_layer_sparsities_and_an_exact_plan(tied_llama_dir, tmp_
 def test_owl_settings_that_cannot_work_fail_before_loading(sets, match):
     with pytest.raises(ConfigError, match=match):
         _config("tiny-llama", *sets)
+
+
+def test_owl_lambda_that_empties_a_linear_fails_before_the_model_loads(monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("perp.models.load_model", no_load)
+    config = _config("tiny-llama", "prune.sparsity=0.05", "prune.owl_lambda=0.024")
+    with pytest.raises(ConfigError, match="prune.owl_lambda"):
+        run_prune(config, Path("/nonexistent/never-written"), calib=_calib())

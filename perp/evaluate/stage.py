@@ -15,6 +15,8 @@ Beside `metrics.json`, `plots/eval_perplexity.csv` and `plots/eval_zeroshot.csv`
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import csv
 import gc
 import io
@@ -168,6 +170,12 @@ def _planned_zeros(report: dict[str, Any], model: Any, family: Any, config: Perp
         prune = PruneConfig.model_validate(recorded) if isinstance(recorded, dict) else config.prune
         spec = PruneSpec.from_config(prune)
         plans = plan_pruning(model, family, prune.include, prune.exclude, spec)
+        if prune.owl_lambda > 0:  # OWL's layer sparsities came from data: only its report knows them
+            chosen = (report.get("owl") or {}).get("layer_sparsity")
+            if not isinstance(chosen, dict):
+                return None, None
+            plans = [replace(plan, sparsity=float(chosen[str(plan.index)])) if str(plan.index) in chosen else plan
+                     for plan in plans]
         return planned_counts(model, family, plans, spec)[0], "prune_report" if recorded else "config"
     except (PerpError, ValueError):
         return None, None

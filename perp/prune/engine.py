@@ -25,7 +25,7 @@ import contextlib
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
@@ -465,6 +465,13 @@ def prune_model(model: nn.Module, family: FamilyAdapter, method: PruneMethod, pl
     options = options or EngineOptions()
     if options.sequential not in SEQUENTIAL_MODES:
         raise ValueError(f"sequential must be one of {SEQUENTIAL_MODES}, got {options.sequential!r}")
+    if options.owl_lambda < 0 or options.owl_m <= 0:
+        raise ValueError(f"owl_lambda must be >= 0 and owl_m > 0, got {options.owl_lambda}, {options.owl_m}")
+    if options.owl_lambda > 0:
+        low, high = method.spec.sparsity - 2 * options.owl_lambda, method.spec.sparsity + 2 * options.owl_lambda
+        if method.spec.nm is not None or not (low > 0 and high < 1):
+            raise ValueError(f"OWL needs an unstructured pattern and sparsity ± 2·owl_lambda inside (0, 1); got "
+                             f"{method.spec.pattern} and [{low:.3g}, {high:.3g}]")
     device = torch.device(options.device)
     if device.type == "cpu" and options.compute_dtype == torch.bfloat16 and not native_bf16(device):
         message = ("prune.compute_dtype bfloat16 on a CPU without AVX512-BF16 or AMX: bf16 matmuls are emulated "
@@ -480,7 +487,6 @@ def _prune_model(model: nn.Module, family: FamilyAdapter, method: PruneMethod, p
     device = torch.device(options.device)
     timer = _Timer(device)
     pruner = _Pruner(method, timer, device)
-    layers = decoder_layers(model, family)
     last = max((plan.index for plan in plans if plan.groups), default=-1)
     total = last + 1
     if device.type == "cuda":
@@ -500,8 +506,6 @@ def _prune_model(model: nn.Module, family: FamilyAdapter, method: PruneMethod, p
                                     options.offload)
             del dense_inputs
             layer_sparsity = owl_sparsities(ratios, method.spec.sparsity, options.owl_lambda)
-            for plan in plans:
-                plan.sparsity = layer_sparsity.get(plan.index, plan.sparsity)
         if progress:
             progress(0, total, "OWL layer sparsities set")
 
@@ -517,12 +521,34 @@ def _prune_model(model: nn.Module, family: FamilyAdapter, method: PruneMethod, p
         progress(0, total, "calibration inputs captured")
 
     base_spec = method.spec
+    try:
+        _prune_layers(model, family, method, plans, total, inputs, options, pruner, timer, sample_index,
+                      needs_pass1, single_pass, layer_sparsity, autocast_for, progress)
+    finally:
+        method.spec = base_spec
+    del inputs
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return EngineResult(linears=pruner.linears_out, masks=pruner.masks, timings=timer.totals,
+                        notes=list(method.notes), peak_device_bytes=peak, tokens=tokens,
+                        layer_sparsity=layer_sparsity, outlier_ratios=ratios)
+
+
+
+def _prune_layers(model: nn.Module, family: FamilyAdapter, method: PruneMethod, plans: Sequence[LayerPlan], total: int,
+                  inputs: LayerInputs, options: EngineOptions, pruner: _Pruner, timer: _Timer,
+                  sample_index: Optional[torch.Tensor], needs_pass1: bool, single_pass: bool,
+                  layer_sparsity: dict[int, float], autocast_for: Callable[[nn.Module], Optional[torch.dtype]],
+                  progress: Optional[ProgressFn]) -> None:
+    device = torch.device(options.device)
+    layers = decoder_layers(model, family)
+    last = total - 1
+    base_spec = method.spec
     for plan in plans[:total]:
         layer = layers[plan.index]
         with timer.phase("onload"):
             layer.to(device)
         autocast_dtype = autocast_for(layer)
-        method.spec = plan.spec(base_spec)
+        method.spec = replace(base_spec, sparsity=layer_sparsity.get(plan.index, base_spec.sparsity))
         linears = family.linears(layer)
         if single_pass and plan.groups:
             _prune_in_forward(layer, linears, plan, inputs, pruner, sample_index, device, autocast_dtype)
@@ -545,9 +571,4 @@ def _prune_model(model: nn.Module, family: FamilyAdapter, method: PruneMethod, p
             done = [pruner.linears_out[plan.full_name(n)]["rel_error"] for n in plan.names]
             message = f"layer {plan.index}" + (f": mean rel_error {sum(done) / len(done):.4f}" if done else ": skipped")
             progress(plan.index + 1, total, message)
-    method.spec = base_spec
-    del inputs
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return EngineResult(linears=pruner.linears_out, masks=pruner.masks, timings=timer.totals,
-                        notes=list(method.notes), peak_device_bytes=peak, tokens=tokens,
-                        layer_sparsity=layer_sparsity, outlier_ratios=ratios)
+

@@ -33,9 +33,8 @@ def outlier_ratios(model: nn.Module, family: FamilyAdapter, plans: Sequence[Laye
 
     layers = decoder_layers(model, family)
     ratios: dict[int, float] = {}
-    for plan in plans:
-        if not plan.groups:
-            continue
+    last = max((plan.index for plan in plans if plan.groups), default=-1)
+    for plan in plans[:last + 1]:  # layers with nothing selected still feed the ones after them
         layer = layers[plan.index]
         layer.to(device)
         linears = family.linears(layer)
@@ -47,9 +46,10 @@ def outlier_ratios(model: nn.Module, family: FamilyAdapter, plans: Sequence[Laye
         finally:
             for handle in handles:
                 handle.remove()
-        ratios[plan.index] = _outlier_share(linears, plan.groups, stats, m)
-        if offload and device.type != "cpu":
-            layer.to("cpu")
+            if offload and device.type != "cpu":
+                layer.to("cpu")
+        if plan.groups:
+            ratios[plan.index] = _outlier_share(linears, plan.groups, stats, m)
     return ratios
 
 

@@ -96,10 +96,13 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
     skeleton, family, tokenizer = model_skeleton(config.model.name, config.model.revision)
     planned = planned_counts(skeleton, family,
                              plan_pruning(skeleton, family, config.prune.include, config.prune.exclude, spec), spec)
-    if config.prune.owl_lambda > 0:  # the sparsest and densest layers OWL may choose must fit every Linear too
-        for bound in (-2, 2):
-            extreme = replace(spec, sparsity=spec.sparsity + bound * config.prune.owl_lambda)
-            plan_pruning(skeleton, family, config.prune.include, config.prune.exclude, extreme)
+    if config.prune.owl_lambda > 0:  # the least sparse layer OWL may choose must still prune in every Linear
+        lowest = replace(spec, sparsity=spec.sparsity - 2 * config.prune.owl_lambda)
+        try:
+            plan_pruning(skeleton, family, config.prune.include, config.prune.exclude, lowest)
+        except ConfigError as error:
+            raise ConfigError(f"prune.owl_lambda: OWL may lower a layer's sparsity to {lowest.sparsity:.3g}, "
+                              f"where {error}; lower owl_lambda") from None
     if calib is None:
         calib = calibration_set(config.data.calibration, tokenizer)
     check_calibration(calib.ids, skeleton, family)
@@ -125,7 +128,8 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
     result = prune_model(model, family, method, plans, calib.ids, options, progress)
     timings.update(result.timings)
     if result.layer_sparsity:  # OWL chose the layer sparsities: the exact plan follows from them
-        planned = planned_counts(model, family, plans, spec)
+        layer_plans = [replace(plan, sparsity=result.layer_sparsity.get(plan.index)) for plan in plans]
+        planned = planned_counts(model, family, layer_plans, spec)
 
     report = build_report(config, loaded, calib, spec, result, options, planned)
     t0 = time.perf_counter()
