@@ -297,6 +297,47 @@ def test_gradient_checkpointing_and_accumulation_match_the_plain_step():
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(plain, accum))
 
 
+@pytest.mark.parametrize("family, method", [("llama", "norm+lm_head+masklora"), ("opt", "full"),
+                                            ("llama", "bias+scalelora")])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_chunked_loss_matches_the_model_loss_and_its_gradients(family, method, checkpointing):
+    from perp.recover.loss import causal_lm_loss, chunkable
+    from perp.recover.train import _checkpointing
+
+    def loss_and_grads(chunk_bytes):
+        torch.manual_seed(1)
+        model = pruned_tiny(family)
+        attachment = attach(model_scope(model, adapter_for(model)), method.split("+"), Settings(rank=4, alpha=8))
+        with torch.no_grad():  # non-zero adapters, so every trainable parameter gets a gradient
+            for param in attachment.unique_params():
+                param.add_(0.01 * torch.randn_like(param))
+        if checkpointing:
+            _checkpointing(model, True)
+        model.train()
+        ids = batches_of(model, 1, seqlen=24)[0]
+        loss = causal_lm_loss(model, ids) if chunk_bytes is None else causal_lm_loss(model, ids, 0, chunk_bytes)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in attachment.unique_params()]
+
+    model_loss, model_grads = loss_and_grads(None)  # tiny: the whole micro-batch fits, the model's own loss
+    vocab = pruned_tiny(family).config.vocab_size
+    chunked_loss, chunked_grads = loss_and_grads(7 * vocab * 4)  # 7 tokens of logits per chunk: 46 tokens, 7 chunks
+    assert chunkable(pruned_tiny(family))
+    assert torch.allclose(chunked_loss, model_loss, rtol=1e-6)
+    assert len(chunked_grads) == len(model_grads) > 0
+    for chunked, reference in zip(chunked_grads, model_grads):
+        assert torch.allclose(chunked, reference, rtol=1e-4, atol=1e-7)
+
+
+def test_chunked_loss_refuses_heads_that_are_not_plain():
+    from perp.recover.loss import chunkable
+
+    model = pruned_tiny("llama")
+    assert chunkable(model)
+    model.config.final_logit_softcapping = 30.0
+    assert not chunkable(model)
+
+
 @pytest.mark.parametrize("method", ["norm+lm_head+masklora", "scalelora", "full"])
 def test_half_precision_model_trains_fp32_masters_under_autocast(method):
     """A bf16 model (the GPU default) trains under bf16 autocast with fp32 trainable parameters; on CPU here."""

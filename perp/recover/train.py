@@ -16,6 +16,7 @@ from torch import nn
 
 from perp.config import RecoverConfig
 from perp.recover.base import RecoverError
+from perp.recover.loss import causal_lm_loss
 from perp.recover.selection import Attachment, autocast_context
 from perp.runtime import reuse_freed_memory
 
@@ -133,7 +134,7 @@ def train_end2end(model: nn.Module, attachment: Attachment, batches: Iterator[to
     def micro_batch_loss() -> tuple[torch.Tensor, int]:
         ids = next(batches).to(device, non_blocking=True)
         with autocast_context(device, model_dtype):
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss = causal_lm_loss(model, ids)
         return loss, ids.numel()
 
     was_training = model.training
