@@ -33,6 +33,7 @@ from torch import nn
 
 from perp.runtime import reuse_freed_memory
 from perp.models.families import FamilyAdapter
+from perp.models.placement import Visit, visiting
 from perp.prune.masks import PackedMask, pack_mask
 from perp.prune.methods.base import PruneMethod, PrunedLinear
 from perp.prune.owl import outlier_ratios, owl_sparsities
@@ -127,29 +128,20 @@ def _stem_on(model: nn.Module, family: FamilyAdapter, device: torch.device) -> I
     """Temporarily move what runs before the first decoder layer (embeddings, rotary tables...) to `device`.
 
     Every parameter and buffer outside the decoder layers, the final norm and the LM head moves (tensors are
-    moved in place, so tied weights stay tied) and returns afterwards. Yields the device the stem runs on.
+    moved in place, so tied weights stay tied) and points back at its host storage afterwards: the stem is only
+    read, so nothing is copied back. Yields the device the stem runs on.
     """
-    skip = (family.layers_path, family.final_norm_path, family.lm_head_path)
-    moved: list[tuple[Any, str, torch.device]] = []
-    try:
-        for name, module in model.named_modules():
-            if name and any(name == prefix or name.startswith(prefix + ".") for prefix in skip):
-                continue
-            for param in module.parameters(recurse=False):
-                if param.device != device:
-                    moved.append((param, "", param.device))
-                    param.data = param.data.to(device)
-            for key, buffer in list(module.named_buffers(recurse=False)):
-                if buffer is not None and buffer.device != device:
-                    moved.append((module, key, buffer.device))
-                    module._buffers[key] = buffer.to(device)
+    skip = tuple(module for path in (family.layers_path, family.final_norm_path, family.lm_head_path)
+                 if (module := _submodule(model, path)) is not None)
+    with visiting(model, device, write_back=False, skip=skip):
         yield device
-    finally:
-        for holder, key, original in reversed(moved):
-            if key:
-                holder._buffers[key] = holder._buffers[key].to(original)
-            else:
-                holder.data = holder.data.to(original)
+
+
+def _submodule(model: nn.Module, path: str) -> Optional[nn.Module]:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def default_batch_size(seqlen: int, device: torch.device) -> int:
@@ -546,7 +538,7 @@ def _prune_layers(model: nn.Module, family: FamilyAdapter, method: PruneMethod, 
     for plan in plans[:total]:
         layer = layers[plan.index]
         with timer.phase("onload"):
-            layer.to(device)
+            visit = Visit(layer, device)
         autocast_dtype = autocast_for(layer)
         method.spec = replace(base_spec, sparsity=layer_sparsity.get(plan.index, base_spec.sparsity))
         linears = family.linears(layer)
@@ -565,8 +557,8 @@ def _prune_layers(model: nn.Module, family: FamilyAdapter, method: PruneMethod, 
                 if plan.index < last:  # the last pruned layer's outputs feed nothing that is pruned
                     propagate(layer, inputs, in_place=True, autocast_dtype=autocast_dtype)
         with timer.phase("offload"):
-            if options.offload and device.type != "cpu":
-                layer.to("cpu")
+            if options.offload:
+                visit.end()  # the pruned weights go back into the host memory they came from
         if progress:
             done = [pruner.linears_out[plan.full_name(n)]["rel_error"] for n in plan.names]
             message = f"layer {plan.index}" + (f": mean rel_error {sum(done) / len(done):.4f}" if done else ": skipped")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from perp.models.families import FamilyAdapter
+from perp.models.placement import Visit
 from perp.prune.selection import LayerPlan, decoder_layers
 from perp.prune.stats import GroupStats
 
@@ -36,7 +37,7 @@ def outlier_ratios(model: nn.Module, family: FamilyAdapter, plans: Sequence[Laye
     last = max((plan.index for plan in plans if plan.groups), default=-1)
     for plan in plans[:last + 1]:  # layers with nothing selected still feed the ones after them
         layer = layers[plan.index]
-        layer.to(device)
+        visit = Visit(layer, device)
         linears = family.linears(layer)
         stats = [GroupStats(linears[group[0]].in_features, device, colsq=True) for group in plan.groups]
         handles = [linears[group[0]].register_forward_pre_hook(_adder(stat, device))
@@ -46,8 +47,8 @@ def outlier_ratios(model: nn.Module, family: FamilyAdapter, plans: Sequence[Laye
         finally:
             for handle in handles:
                 handle.remove()
-            if offload and device.type != "cpu":
-                layer.to("cpu")
+            if offload:
+                visit.end(write_back=False)  # a dense, read-only pass
         if plan.groups:
             ratios[plan.index] = _outlier_share(linears, plan.groups, stats, m)
     return ratios

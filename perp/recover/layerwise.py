@@ -28,6 +28,7 @@ from perp.data import evaluation_set
 from perp.evaluate.layered import layered_perplexity
 from perp.models import load_model
 from perp.models.families import count_parameters
+from perp.models.placement import visiting
 from perp.recover.base import RecoverError, Settings, block_scope
 from perp.prune.engine import LayerInputs, capture_layer_inputs, propagate, run_layer
 from perp.recover.data import WindowStream, training_windows
@@ -158,9 +159,8 @@ def run_layerwise(config: PerpConfig, model: str, dense: str, methods: list[str]
         for index in range(n_layers):
             layer, dense_layer = layers[index], dense_layers[index]
             home = next(layer.parameters()).device
-            dense_layer.to(device)
-            targets = outputs(dense_layer, data, rc.batch_size, autocast_dtype)
-            dense_layer.to(home)
+            with visiting(dense_layer, device, write_back=False):  # read only: nothing to copy back
+                targets = outputs(dense_layer, data, rc.batch_size, autocast_dtype)
 
             layer.to(device)
             layer.eval()

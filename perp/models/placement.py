@@ -1,0 +1,86 @@
+"""Visiting the compute device one module at a time, returning to the host memory the module came from.
+
+`module.to("cuda")` and back allocates the module's host memory anew on every return: for a 7B decoder layer
+that is 400 MB of fresh pages (faulted in and zeroed by the kernel) per layer and pass, about as long as the copy
+itself. A visit instead remembers each tensor's host storage and, on the way back, writes the device copy into
+it (or, for a module the visit did not modify, simply points the tensor back at it: no copy at all).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+_Moved = list[tuple[nn.Module, str, bool, torch.Tensor]]  # (owner, name, is_parameter, home tensor)
+
+
+class Visit:
+    """The parameters and buffers of `modules` (except those owned by `skip` and its children) on `device`
+    until `end()` puts them back in their original storage. Tensors move in place (`param.data`), so tied
+    weights stay tied and optimizers or hooks keep their objects."""
+
+    def __init__(self, modules: nn.Module | list[nn.Module], device: torch.device | str,
+                 skip: tuple[nn.Module, ...] = ()) -> None:
+        self._moved = _move(modules if isinstance(modules, list) else [modules], torch.device(device), skip)
+
+    def end(self, write_back: bool = True) -> None:
+        """Back to host storage. With `write_back`, what changed on the device is copied into it; without, the
+        device values are dropped (for a visit that only read the module)."""
+        moved, self._moved = self._moved, []
+        _return(moved, write_back)
+
+
+@contextlib.contextmanager
+def visiting(modules: nn.Module | list[nn.Module], device: torch.device | str, write_back: bool = True,
+             skip: tuple[nn.Module, ...] = ()) -> Iterator[None]:
+    """A `Visit` for the duration of the block."""
+    visit = Visit(modules, device, skip)
+    try:
+        yield
+    finally:
+        visit.end(write_back)
+
+
+def _move(modules: list[nn.Module], device: torch.device, skip: tuple[nn.Module, ...]) -> _Moved:
+    skipped = {id(m) for owner in skip for m in owner.modules()}
+    seen: set[int] = set()
+    moved: _Moved = []
+    for root in modules:
+        for module in root.modules():
+            if id(module) in skipped:
+                continue
+            for table, is_parameter in ((module._parameters, True), (module._buffers, False)):
+                for name, tensor in table.items():
+                    if tensor is None or id(tensor) in seen or _same_device(tensor.device, device):
+                        continue
+                    seen.add(id(tensor))
+                    home = tensor.data if is_parameter else tensor
+                    moved.append((module, name, is_parameter, home))
+                    if is_parameter:
+                        tensor.data = home.to(device, copy=True)
+                    else:
+                        table[name] = home.to(device, copy=True)
+    return moved
+
+
+def _return(moved: _Moved, write_back: bool) -> None:
+    for module, name, is_parameter, home in reversed(moved):
+        table = module._parameters if is_parameter else module._buffers
+        current = table[name]
+        if current is None:
+            continue
+        if write_back:
+            home.copy_(current.data if is_parameter else current)
+        if is_parameter:
+            current.data = home
+        else:
+            table[name] = home
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    return a.index is None or b.index is None or a.index == b.index
