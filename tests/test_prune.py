@@ -101,6 +101,16 @@ def _assert_pattern(model, family, result, spec):
         assert 0.0 <= result.linears[name]["rel_error"] < 1.5
 
 
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (1, 3)])
+def test_gpu_nm_selection_equals_the_rank_loop_with_ties(n, m):
+    """CUDA takes a sort for N:M groups (fewer kernels); it must pick exactly what the CPU rank loop picks."""
+    from perp.prune.patterns import _lowest_in_groups_sorted, _rank_small_groups
+
+    generator = torch.Generator().manual_seed(0)
+    grouped = torch.randint(0, 3, (64, 40, m), generator=generator).float()  # many ties
+    assert torch.equal(_lowest_in_groups_sorted(grouped, m - n), _rank_small_groups(grouped) < (m - n))
+
+
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 @pytest.mark.parametrize("spec", [
     PruneSpec(0.3, granularity="row", blocksize=32),

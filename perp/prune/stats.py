@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+import warnings
 from typing import Iterator, Optional
 
 import numpy as np
@@ -29,9 +30,16 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
     if a.is_cuda:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):  # older torch: no out_dtype
+        except (TypeError, RuntimeError) as error:  # older torch: no out_dtype
+            if not _FP32_FALLBACK_WARNED:
+                _FP32_FALLBACK_WARNED.append(True)
+                warnings.warn(f"half-precision GEMM with fp32 output unavailable ({error}); Hessians accumulate "
+                              f"through fp32 copies of the inputs, several times slower", RuntimeWarning, stacklevel=3)
             return None
     return None
+
+
+_FP32_FALLBACK_WARNED: list[bool] = []
 
 
 _BLAS_CONTROLLER: list = []
@@ -134,11 +142,16 @@ class GroupStats:
             if product is not None:
                 self._hessian += product
                 hessian_done = True
-        if self.colsq is not None or (self._hessian is not None and not hessian_done):
+        colsq_done = False
+        if self.colsq is not None and x.is_cuda:
+            # one pass that reads bf16 and accumulates in fp32 (the chunked path below reads x three times)
+            self.colsq += torch.linalg.vector_norm(x, 2, dim=0, dtype=torch.float32).square_()
+            colsq_done = True
+        if (self.colsq is not None and not colsq_done) or (self._hessian is not None and not hessian_done):
             step = max(1, _CHUNK_BYTES // (4 * x.shape[1]))
             for start in range(0, rows, step):
                 chunk = x[start:start + step].float()
-                if self.colsq is not None:
+                if self.colsq is not None and not colsq_done:
                     self.colsq += (chunk * chunk).sum(dim=0)
                 if self._hessian is not None and not hessian_done:
                     self._hessian.addmm_(chunk.t(), chunk)

@@ -64,7 +64,7 @@ def inverse_cholesky_upper(H: torch.Tensor, percdamp: float,
     """
     diag = H.diagonal()
     dead = diag == 0
-    diag[dead] = 1.0
+    diag.masked_fill_(dead, 1.0)  # no boolean indexing: no host sync on GPUs
     damp = percdamp * float(diag.mean())
     diag.add_(damp)
     total = damp
