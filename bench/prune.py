@@ -134,7 +134,7 @@ def bench_smollm2(args: argparse.Namespace) -> None:
         record = {
             "model": args.model, "device": report["engine"]["device"], "method": method, "pattern": pattern,
             "granularity": job_config.prune.granularity, "compute_dtype": report["engine"]["compute_dtype"],
-            "sequential": args.sequential, "owl_lambda": args.owl_lambda,
+            "sequential": report["engine"]["sequential"], "owl_lambda": args.owl_lambda,
             "threads": torch.get_num_threads(), "tokens": calib.num_tokens,
             "prune_s": round(prune_s, 2), "job_s": round(job_s, 2), "job_cpu_s": round(job_cpu_s, 2),
             "dense_forward_s": round(floor, 2), "dense_forward_cpu_s": round(floor_cpu, 2),
@@ -243,7 +243,7 @@ def bench_7b_shape(args: argparse.Namespace) -> None:
         prune_s = time.perf_counter() - started
         emit({
             "model": args.model, "device": str(device), "method": method_name, "pattern": pattern,
-            "sequential": args.sequential,
+            "sequential": result.sequential,
             "granularity": spec.granularity, "layers": args.layers, "tokens": ids.numel(),
             "prune_s": round(prune_s, 3), "dense_forward_s": round(floor, 3),
             "dense_decoder_forward_s": round(floor_decoder, 3), "prune_over_forward": round(prune_s / floor, 3),
@@ -273,7 +273,7 @@ def main() -> None:
     parser.add_argument("--error-tokens", type=int, default=512)
     parser.add_argument("--owl-lambda", type=float, default=0.0, help="OWL per-layer sparsity (SmolLM2 jobs); 0: off")
     parser.add_argument("--owl-m", type=float, default=5.0)
-    parser.add_argument("--sequential", default="layer", choices=["layer", "linear"],
+    parser.add_argument("--sequential", default="layer", choices=["layer", "linear", "auto"],
                         help="engine mode: layer (reference, 2 passes) or linear (true-sequential, 1 pass)")
     parser.add_argument("--layers", type=int, default=8, help="decoder layers of llama2-7b-shape")
     parser.add_argument("--solver", default="auto", choices=["auto", "loop", "solve"],

@@ -21,7 +21,7 @@ MODEL_ALIASES = ("smollm2-135m", "tiny-llama", "tiny-opt")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 PRUNE_COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
-PRUNE_SEQUENTIAL_MODES = ("layer", "linear")  # perp.prune.engine.SEQUENTIAL_MODES (kept torch-free here)
+PRUNE_SEQUENTIAL_MODES = ("layer", "linear", "auto")  # perp.prune.engine.SEQUENTIAL_MODES (torch-free here)
 RECOVER_METHODS = ("bias", "norm", "lm_head", "lora", "masklora", "scalelora", "full")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PATTERN = re.compile(r"^(\d+):(\d+)$")
@@ -165,7 +165,7 @@ class PruneConfig(_Section):
     compute_dtype: str = "auto"  # precision of the calibration forwards: auto (the weights') or a lower one
     batch_size: Optional[int] = None  # windows per micro-batch; None: ~4096 tokens on CPU, ~16384 on CUDA
     error_tokens: int = 512  # calibration tokens that estimate the reconstruction error (0: none)
-    sequential: str = "layer"  # layer (reference, two passes per layer) | linear (true-sequential, one pass)
+    sequential: str = "layer"  # layer (reference, two passes) | linear (true-sequential, one pass) | auto
     # OWL (Yin et al., 2024): per-layer sparsity from each layer's share of outlier Wanda scores; 0 = uniform
     owl_lambda: float = 0.0  # layer sparsities lie within sparsity ± 2λ (± λ when the outlier ratios spread evenly)
     owl_m: float = 5.0  # an outlier score exceeds owl_m × the layer's mean score

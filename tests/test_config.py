@@ -40,7 +40,7 @@ def test_repo_params_and_defaults_are_valid():
         ("prune.batch_size=0", "prune.batch_size: must be > 0 or null (automatic), got 0"),
         ("prune.batch_size=lots", "prune.batch_size: "),
         ("prune.error_tokens=-1", "prune.error_tokens: must be >= 0"),
-        ("prune.sequential=diagonal", "prune.sequential: unknown mode 'diagonal' (allowed: layer, linear)"),
+        ("prune.sequential=diagonal", "prune.sequential: unknown mode 'diagonal' (allowed: layer, linear, auto)"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(override, message):
@@ -66,7 +66,7 @@ def test_prune_engine_settings_default_to_the_engine_defaults_and_load_from_yaml
     assert all(resolve_compute_dtype(name) in (None, torch.float32, torch.bfloat16, torch.float16)
                for name in PRUNE_COMPUTE_DTYPES)
     quick = load_params(REPO / "params.yaml").prune  # the CPU quick profile: bf16, one pass per layer
-    assert quick == prune.model_copy(update={"compute_dtype": "bfloat16", "sequential": "linear"})
+    assert quick == prune.model_copy(update={"compute_dtype": "bfloat16", "sequential": "auto"})
 
     params = tmp_path / "params.yaml"
     params.write_text("prune:\n  compute_dtype: bfloat16\n  batch_size: 3\n  error_tokens: 0\n  sequential: linear\n")

@@ -266,6 +266,28 @@ def test_sparsegpt_matches_direct_algorithm(family_name, nm, granularity):
     _compare(model, reference, family, weight_atol=2e-4, max_mask_flips=1e-3)
 
 
+def test_auto_sequential_takes_one_pass_only_when_the_layer_activations_fit(monkeypatch):
+    import perp.prune.engine as engine
+
+    ids = calib_ids(4, 32)
+    spec = PruneSpec(0.5, blocksize=32)
+    model = build_tiny_model("llama", 0)
+    estimate = engine.one_pass_activation_bytes(model, ids)
+    assert estimate == 4 * 32 * (8 * 64 + 3 * 128) * 4  # tiny LLaMA: hidden 64, intermediate 128, fp32
+    _, _, small = prune_tiny("llama", "wanda", spec, ids, sequential="auto")
+    assert small.sequential == "linear"
+    monkeypatch.setattr(engine, "ONE_PASS_BUDGET_BYTES", estimate - 1)
+    _, _, large = prune_tiny("llama", "wanda", spec, ids, sequential="auto")
+    assert large.sequential == "layer"
+    _, _, forced = prune_tiny("llama", "wanda", spec, ids, sequential="linear")
+    assert forced.sequential == "linear"
+    # a 7B layer on the paper's 128 x 2048 calibration set is far over budget in bf16
+    seven_b = torch.nn.Linear(1, 1).to(torch.bfloat16)
+    seven_b.config = type("Config", (), {"hidden_size": 4096, "intermediate_size": 11008,
+                                         "num_attention_heads": 32})()
+    assert engine.one_pass_activation_bytes(seven_b, torch.zeros(128, 2048)) > 30 * 2**30
+
+
 def _reference_prune_true_sequential(model, family, ids, prune_linear):
     """Group by group in forward order, each from a whole-model forward in which every earlier group (this
     layer's included) is already pruned: the definition of sequential="linear"."""

@@ -76,7 +76,8 @@ def prune(
         None, "--error-tokens", help="Calibration tokens that estimate the reconstruction error (overrides "
         "prune.error_tokens; 0: none)."),
     sequential: Optional[str] = typer.Option(
-        None, "--sequential", help="layer (reference: two passes per layer) or linear (true-sequential, one pass); "
+        None, "--sequential", help="layer (reference: two passes per layer), linear (true-sequential, one pass) or "
+        "auto (linear when one layer's activations over all calibration tokens fit in 2 GiB); "
         "overrides prune.sequential."),
     owl_lambda: Optional[float] = typer.Option(
         None, "--owl-lambda", help="OWL: per-layer sparsity within sparsity ± 2λ from each layer's outlier share "

@@ -248,6 +248,10 @@ class EngineOptions:
     produces the next layer's inputs: one pass per layer, but the whole calibration set goes through the layer
     at once (activation memory ∝ windows × seqlen).
 
+    `auto` takes `linear` when one layer's activations over the whole calibration set are estimated to fit in
+    `ONE_PASS_BUDGET_BYTES` (2 GiB: SmolLM2 on 32 × 512 tokens needs ~0.6 GiB, a 7B layer on 128 × 2048 ~34 GiB),
+    else `layer`; `EngineResult.sequential` says which ran.
+
     `compute_dtype`: precision of the calibration forwards (None: the weights' dtype). A lower one than the
     weights (bf16 for an fp32 model) runs under autocast: matmuls in bf16; residual stream, statistics and all
     pruning math stay fp32. `error_tokens`: how many calibration tokens (a seeded random subset) estimate the
@@ -259,13 +263,14 @@ class EngineOptions:
     batch_size: Optional[int] = None  # windows per micro-batch (sequential="layer")
     error_tokens: int = 512
     offload: bool = True  # move each layer back to CPU once pruned (when the device is not the CPU)
-    sequential: str = "layer"  # "layer" or "linear"
+    sequential: str = "layer"  # "layer", "linear" or "auto"
     seed: int = 0
     owl_lambda: float = 0.0  # OWL per-layer sparsity (perp.prune.owl); 0: every layer at the spec's sparsity
     owl_m: float = 5.0
 
 
-SEQUENTIAL_MODES = ("layer", "linear")
+SEQUENTIAL_MODES = ("layer", "linear", "auto")
+ONE_PASS_BUDGET_BYTES = 2 * 1024**3  # sequential="auto": the largest one-layer activation estimate run in one pass
 
 
 @dataclass
@@ -276,6 +281,7 @@ class EngineResult:
     notes: list[str]
     peak_device_bytes: Optional[int]
     tokens: int
+    sequential: str = "layer"  # the mode that ran ("auto" resolved)
     layer_sparsity: dict[int, float] = field(default_factory=dict)  # OWL: layer index → its sparsity
     outlier_ratios: dict[int, float] = field(default_factory=dict)  # OWL: layer index → outlier share
 
@@ -474,6 +480,31 @@ def prune_model(model: nn.Module, family: FamilyAdapter, method: PruneMethod, pl
         return _prune_model(model, family, method, plans, ids, options, progress)
 
 
+def resolve_sequential(mode: str, model: nn.Module, ids: torch.Tensor, compute_dtype: Optional[torch.dtype] = None
+                       ) -> str:
+    """`layer` or `linear` for `mode`; `auto` picks `linear` when the one-pass activation estimate of a decoder
+    layer over all of `ids` fits in `ONE_PASS_BUDGET_BYTES`."""
+    if mode != "auto":
+        return mode
+    return "linear" if one_pass_activation_bytes(model, ids, compute_dtype) <= ONE_PASS_BUDGET_BYTES else "layer"
+
+
+def one_pass_activation_bytes(model: nn.Module, ids: torch.Tensor, compute_dtype: Optional[torch.dtype] = None) -> int:
+    """Rough peak of one decoder layer's forward over every calibration token at once: the residual stream,
+    norms, q/k/v/o and the three MLP intermediates per token (and eager attention's probabilities)."""
+    config = model.config
+    hidden = config.hidden_size
+    intermediate = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", 4 * hidden)
+    heads = getattr(config, "num_attention_heads", 1)
+    windows, seqlen = ids.shape
+    element = max(torch.finfo(compute_dtype).bits // 8 if compute_dtype is not None else 0,
+                  next(model.parameters()).element_size())
+    per_token = (8 * hidden + 3 * intermediate) * element
+    if getattr(config, "_attn_implementation", "sdpa") == "eager":
+        per_token += heads * seqlen * element
+    return windows * seqlen * per_token
+
+
 def _prune_model(model: nn.Module, family: FamilyAdapter, method: PruneMethod, plans: Sequence[LayerPlan],
                  ids: torch.Tensor, options: EngineOptions, progress: Optional[ProgressFn]) -> EngineResult:
     device = torch.device(options.device)
@@ -483,7 +514,8 @@ def _prune_model(model: nn.Module, family: FamilyAdapter, method: PruneMethod, p
     total = last + 1
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    single_pass = options.sequential == "linear"
+    sequential = resolve_sequential(options.sequential, model, ids, options.compute_dtype)
+    single_pass = sequential == "linear"
 
     def autocast_for(layer: nn.Module) -> Optional[torch.dtype]:
         weight_dtype = next(layer.parameters()).dtype
@@ -521,7 +553,7 @@ def _prune_model(model: nn.Module, family: FamilyAdapter, method: PruneMethod, p
     del inputs
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return EngineResult(linears=pruner.linears_out, masks=pruner.masks, timings=timer.totals,
-                        notes=list(method.notes), peak_device_bytes=peak, tokens=tokens,
+                        notes=list(method.notes), peak_device_bytes=peak, tokens=tokens, sequential=sequential,
                         layer_sparsity=layer_sparsity, outlier_ratios=ratios)
 
 

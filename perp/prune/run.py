@@ -76,7 +76,7 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
     `prune.sequential`: the calibration forward precision (`auto` = the weights'), windows per micro-batch (None:
     automatic), the number of calibration tokens that estimate the reconstruction error of Hessian-free methods,
     and the engine mode (`layer`: reference, two passes per layer; `linear`: true-sequential, one pass, whole
-    calibration set at once — see `EngineOptions`). The keyword options of the same names, when given (not
+    calibration set at once; `auto`: `linear` when that fits in 2 GiB — see `EngineOptions`). The keyword options of the same names, when given (not
     None), override the config's; the report's `config` records the values used.
     """
     from perp.data import calibration_set
@@ -207,7 +207,7 @@ def build_report(config: PerpConfig, loaded: Any, calib: TokenSet, spec: PruneSp
             "weights_dtype": str(loaded.dtype).removeprefix("torch."),
             "compute_dtype": str(options.compute_dtype or loaded.dtype).removeprefix("torch."),
             "batch_size": options.batch_size,
-            "sequential": options.sequential,
+            "sequential": result.sequential,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
