@@ -36,7 +36,7 @@ def test_repo_params_and_defaults_are_valid():
         ("register.store=ftp://host/x", "register.store: unknown store scheme 'ftp://'"),
         ("register.name=../etc", "register.name: '../etc' is not a valid model name"),
         ("evaluate.zeroshot.task_data=/no/such/dir", "evaluate.zeroshot.task_data: '/no/such/dir' is not a directory"),
-        ("prune.compute_dtype=int8", "prune.compute_dtype: unknown dtype 'int8' (allowed: auto, float32, bfloat16"),
+        ("prune.compute_dtype=int8", "prune.compute_dtype: unknown dtype 'int8' (allowed: auto, fast, float32, bfloat16"),
         ("prune.batch_size=0", "prune.batch_size: must be > 0 or null (automatic), got 0"),
         ("prune.batch_size=lots", "prune.batch_size: "),
         ("prune.error_tokens=-1", "prune.error_tokens: must be >= 0"),
@@ -51,7 +51,7 @@ def test_bad_values_name_the_key_and_what_is_allowed(override, message):
     assert "\n" not in text
 
 
-def test_prune_engine_settings_default_to_the_engine_defaults_and_load_from_yaml(tmp_path):
+def test_prune_engine_settings_default_to_the_engine_defaults_and_load_from_yaml(tmp_path, monkeypatch):
     import torch
 
     from perp.config import PRUNE_COMPUTE_DTYPES, PRUNE_SEQUENTIAL_MODES
@@ -65,8 +65,15 @@ def test_prune_engine_settings_default_to_the_engine_defaults_and_load_from_yaml
     assert PRUNE_SEQUENTIAL_MODES == SEQUENTIAL_MODES
     assert all(resolve_compute_dtype(name) in (None, torch.float32, torch.bfloat16, torch.float16)
                for name in PRUNE_COMPUTE_DTYPES)
+    import perp.prune.run as run
+
+    monkeypatch.setattr(run, "native_bf16", lambda device: device.type == "cuda")  # a CPU without native bf16
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_compute_dtype("fast", cuda, torch.float32) == torch.bfloat16  # native: bf16 under autocast
+    assert resolve_compute_dtype("fast", cuda, torch.bfloat16) is None  # already half: the weights' dtype
+    assert resolve_compute_dtype("fast", cpu, torch.float32) is None  # emulated bf16: stay fp32
     quick = load_params(REPO / "params.yaml").prune  # the CPU quick profile: bf16, one pass per layer
-    assert quick == prune.model_copy(update={"compute_dtype": "bfloat16", "sequential": "auto"})
+    assert quick == prune.model_copy(update={"compute_dtype": "fast", "sequential": "auto"})
 
     params = tmp_path / "params.yaml"
     params.write_text("prune:\n  compute_dtype: bfloat16\n  batch_size: 3\n  error_tokens: 0\n  sequential: linear\n")

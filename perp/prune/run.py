@@ -29,6 +29,7 @@ from perp.prune.masks import MASKS_FILE, save_masks
 from perp.prune.methods import create_method
 from perp.prune.patterns import PruneSpec
 from perp.prune.selection import check_calibration, plan_pruning, planned_counts
+from perp.prune.stats import native_bf16
 
 REPORT_FILE = "prune_report.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,14 +40,21 @@ def _peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def resolve_compute_dtype(value: Optional[str | torch.dtype]) -> Optional[torch.dtype]:
-    """`auto`/None: the weights' dtype; else float32, bfloat16 or float16 (lower precision runs under autocast)."""
+def resolve_compute_dtype(value: Optional[str | torch.dtype], device: Optional[torch.device] = None,
+                          weights_dtype: Optional[torch.dtype] = None) -> Optional[torch.dtype]:
+    """`auto`/None: the weights' dtype; `fast`: bfloat16 for fp32 weights where the hardware computes bf16
+    natively (`device` a GPU, or a CPU with AVX512-BF16/AMX), else the weights' dtype; else float32, bfloat16 or
+    float16 (lower precision than the weights runs under autocast)."""
     if value is None or value == "auto":
         return None
+    if value == "fast":
+        if device is None or weights_dtype not in (None, torch.float32):
+            return None
+        return torch.bfloat16 if native_bf16(torch.device(device)) else None
     if isinstance(value, torch.dtype):
         return value
     if value not in _DTYPES:
-        raise ConfigError(f"prune.compute_dtype: unknown dtype '{value}' (allowed: auto, {', '.join(_DTYPES)})")
+        raise ConfigError(f"prune.compute_dtype: unknown dtype '{value}' (allowed: auto, fast, {', '.join(_DTYPES)})")
     return _DTYPES[value]
 
 
@@ -89,7 +97,7 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
                                    error_tokens=error_tokens, sequential=sequential)
     spec = PruneSpec.from_config(config.prune)
     method = create_method(config.prune.method, spec)
-    dtype_option = resolve_compute_dtype(config.prune.compute_dtype)
+    resolve_compute_dtype(config.prune.compute_dtype)  # an unknown name fails here, before anything loads
 
     # Everything that can be wrong is checked on a weightless (meta) copy of the model first.
     t0 = time.perf_counter()
@@ -118,7 +126,7 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
 
     options = EngineOptions(
         device=loaded.device,
-        compute_dtype=dtype_option,
+        compute_dtype=resolve_compute_dtype(config.prune.compute_dtype, loaded.device, loaded.dtype),
         batch_size=config.prune.batch_size or default_batch_size(calib.seqlen, loaded.device),
         error_tokens=config.prune.error_tokens,
         sequential=config.prune.sequential,
