@@ -1,5 +1,3 @@
-import json
-import os
 from pathlib import Path
 
 import boto3

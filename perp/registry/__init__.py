@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from perp.registry.names import RegistryError
+from perp.registry.names import RegistryError  # noqa: F401 - re-exported: perp.registry.RegistryError
 
 _API = {
     "register_version", "promote", "rollback", "deregister", "list_models", "show", "history", "verify", "pull",
