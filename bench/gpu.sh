@@ -38,14 +38,19 @@ export PERP_CACHE=${PERP_CACHE:-$OUT/cache}
 
 if compgen -G "$KIT/whl/*.whl" > /dev/null; then
     site="$KIT/site"
-    if [ ! -d "$site" ]; then
-        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$KIT"/whl/*.whl \
+    if [ ! -d "$site" ]; then  # installed once, into a temporary folder first: a failed install leaves none
+        rm -rf "$site.tmp"
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site.tmp" \
+            "$KIT"/whl/*.whl && mv "$site.tmp" "$site" \
             || { echo "gpu.sh: installing the kit's wheels failed" >&2; exit 1; }
     fi
     export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
 else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
+
+"$PYTHON" -c "import perp.prune, perp.recover, perp.evaluate" \
+    || { echo "gpu.sh: perp does not import here (a dependency missing from the node and the kit?)" >&2; exit 1; }
 
 data_file() {  # the kit's copy, else the shared data beside the repository
     if [ -f "$KIT/data/$1" ]; then echo "$KIT/data/$1"; else echo "$PWD/../shared/data/$2/$1"; fi
@@ -69,10 +74,12 @@ smollm2() {  # the kit's GGUF (joined from its parts once), else the pip-install
 }
 
 run_prune() {
+    local rc=0
     "$PYTHON" bench/prune.py --model llama2-7b-shape --device "$DEVICE" --layers "$LAYERS" --nsamples "$NSAMPLES" \
-        --seqlen "$SEQLEN" --jobs wanda,sparsegpt,wanda:2:4,sparsegpt:2:4 | tee "$OUT/prune_7b_layer.jsonl"
+        --seqlen "$SEQLEN" --jobs wanda,sparsegpt,wanda:2:4,sparsegpt:2:4 | tee "$OUT/prune_7b_layer.jsonl" || rc=1
     "$PYTHON" bench/prune.py --model llama2-7b-shape --device "$DEVICE" --layers "$LAYERS" --nsamples "$NSAMPLES" \
-        --seqlen "$SEQLEN" --jobs wanda,sparsegpt --sequential linear | tee "$OUT/prune_7b_linear.jsonl"
+        --seqlen "$SEQLEN" --jobs wanda,sparsegpt --sequential linear | tee "$OUT/prune_7b_linear.jsonl" || rc=1
+    return $rc
 }
 
 run_recover() {

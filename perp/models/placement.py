@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-_Moved = list[tuple[nn.Module, str, bool, torch.Tensor]]  # (owner, name, is_parameter, home tensor)
+_Moved = list[tuple[nn.Module, str, bool, torch.Tensor, torch.Tensor]]  # owner, name, is_param, entry, home
 
 
 class Visit:
@@ -45,39 +45,66 @@ def visiting(modules: nn.Module | list[nn.Module], device: torch.device | str, w
 
 
 def _move(modules: list[nn.Module], device: torch.device, skip: tuple[nn.Module, ...]) -> _Moved:
+    """Move every parameter and buffer entry; on any failure (out of device memory...) put back what moved."""
     skipped = {id(m) for owner in skip for m in owner.modules()}
-    seen: set[int] = set()
+    copies: dict[int, torch.Tensor] = {}  # id(original tensor) → its device copy (shared tensors move once)
     moved: _Moved = []
-    for root in modules:
-        for module in root.modules():
-            if id(module) in skipped:
-                continue
-            for table, is_parameter in ((module._parameters, True), (module._buffers, False)):
-                for name, tensor in table.items():
-                    if tensor is None or id(tensor) in seen or _same_device(tensor.device, device):
-                        continue
-                    seen.add(id(tensor))
-                    home = tensor.data if is_parameter else tensor
-                    moved.append((module, name, is_parameter, home))
-                    if is_parameter:
-                        tensor.data = home.to(device, copy=True)
-                    else:
-                        table[name] = home.to(device, copy=True)
+    try:
+        for root in modules:
+            for module in root.modules():
+                if id(module) in skipped:
+                    continue
+                for table, is_parameter in ((module._parameters, True), (module._buffers, False)):
+                    for name, tensor in table.items():
+                        if tensor is None or _same_device(tensor.device, device):
+                            continue
+                        home = tensor.data if is_parameter else tensor
+                        if is_parameter:  # moved in place: the entry stays the same Parameter object
+                            if id(tensor) not in copies:  # a tied parameter is one object: move its data once
+                                copies[id(tensor)] = home.to(device, copy=True)
+                                tensor.data = copies[id(tensor)]
+                            moved.append((module, name, True, tensor, home))
+                        else:  # the entry is replaced; every module that shares the buffer gets the same copy
+                            if id(tensor) not in copies:
+                                copies[id(tensor)] = home.to(device, copy=True)
+                            table[name] = copies[id(tensor)]
+                            moved.append((module, name, False, copies[id(tensor)], home))
+    except BaseException:
+        _return(moved, write_back=False)
+        raise
     return moved
 
 
 def _return(moved: _Moved, write_back: bool) -> None:
-    for module, name, is_parameter, home in reversed(moved):
+    """Point every moved entry back at its host storage, first copying the device values into it if
+    `write_back`. An entry replaced during the visit (a new parameter or buffer object) is moved to the host as it
+    is, never aliased to the storage of the one it replaced."""
+    written: set[int] = set()
+    for module, name, is_parameter, entry, home in reversed(moved):
         table = module._parameters if is_parameter else module._buffers
-        current = table[name]
+        current = table.get(name)
         if current is None:
             continue
-        if write_back:
-            home.copy_(current.data if is_parameter else current)
+        if current is not entry:
+            table[name] = _to_host(current, home.device, is_parameter)
+            continue
+        value = current.data if is_parameter else current
+        if write_back and id(home) not in written and value is not home:
+            home.copy_(value)
+            written.add(id(home))
         if is_parameter:
             current.data = home
         else:
             table[name] = home
+
+
+def _to_host(tensor: torch.Tensor, device: torch.device, is_parameter: bool) -> torch.Tensor:
+    if tensor.device == device:
+        return tensor
+    if is_parameter:
+        tensor.data = tensor.data.to(device)
+        return tensor
+    return tensor.to(device)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

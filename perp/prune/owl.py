@@ -44,13 +44,13 @@ def outlier_ratios(model: nn.Module, family: FamilyAdapter, plans: Sequence[Laye
                    for group, stat in zip(plan.groups, stats)]
         try:
             propagate(layer, inputs, in_place=True, autocast_dtype=autocast_for(layer))
+            if plan.groups:  # while the weights are still on the device, where the statistics are
+                ratios[plan.index] = _outlier_share(linears, plan.groups, stats, m)
         finally:
             for handle in handles:
                 handle.remove()
             if offload:
                 visit.end(write_back=False)  # a dense, read-only pass
-        if plan.groups:
-            ratios[plan.index] = _outlier_share(linears, plan.groups, stats, m)
     return ratios
 
 

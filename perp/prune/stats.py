@@ -30,6 +30,8 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
     if a.is_cuda:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
+        except torch.OutOfMemoryError:
+            raise
         except (TypeError, RuntimeError) as error:  # older torch: no out_dtype
             if not _FP32_FALLBACK_WARNED:
                 _FP32_FALLBACK_WARNED.append(True)
@@ -189,10 +191,10 @@ class GroupStats:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls are fast here: any CUDA device, or a CPU with AVX512-BF16 or AMX (elsewhere oneDNN
-    emulates them, ~60x slower than fp32)."""
+    """Whether bf16 matmuls are fast here: a CUDA device of compute capability 8.0 or later, or a CPU with
+    AVX512-BF16 or AMX (elsewhere oneDNN emulates them, ~60x slower than fp32)."""
     if device.type == "cuda":
-        return True
+        return torch.cuda.get_device_capability(device) >= (8, 0)  # Ampere and later; earlier GPUs emulate bf16
     if device.type != "cpu":
         return False
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
