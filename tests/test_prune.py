@@ -274,13 +274,16 @@ def test_auto_sequential_takes_one_pass_only_when_the_layer_activations_fit(monk
     model = build_tiny_model("llama", 0)
     estimate = engine.one_pass_activation_bytes(model, ids)
     assert estimate == 4 * 32 * (8 * 64 + 3 * 128) * 4  # tiny LLaMA: hidden 64, intermediate 128, fp32
-    _, _, small = prune_tiny("llama", "wanda", spec, ids, sequential="auto")
-    assert small.sequential == "linear"
+    runs = {mode: prune_tiny("llama", "sparsegpt", spec, ids, sequential=mode) for mode in ("linear", "layer")}
+    small_model, _, small = prune_tiny("llama", "sparsegpt", spec, ids, sequential="auto")
     monkeypatch.setattr(engine, "ONE_PASS_BUDGET_BYTES", estimate - 1)
-    _, _, large = prune_tiny("llama", "wanda", spec, ids, sequential="auto")
-    assert large.sequential == "layer"
-    _, _, forced = prune_tiny("llama", "wanda", spec, ids, sequential="linear")
-    assert forced.sequential == "linear"
+    large_model, _, large = prune_tiny("llama", "sparsegpt", spec, ids, sequential="auto")
+    assert (small.sequential, large.sequential) == ("linear", "layer")
+    for model, mode in ((small_model, "linear"), (large_model, "layer")):  # it really ran that mode
+        reference = runs[mode][0].state_dict()
+        assert all(torch.equal(tensor, reference[name]) for name, tensor in model.state_dict().items())
+    linear_weights, layer_weights = runs["linear"][0].state_dict(), runs["layer"][0].state_dict()
+    assert not all(torch.equal(linear_weights[name], layer_weights[name]) for name in linear_weights)
     # a 7B layer on the paper's 128 x 2048 calibration set is far over budget in bf16
     seven_b = torch.nn.Linear(1, 1).to(torch.bfloat16)
     seven_b.config = type("Config", (), {"hidden_size": 4096, "intermediate_size": 11008,
