@@ -123,3 +123,19 @@ def test_shared_buffers_move_for_every_owner_and_replaced_entries_are_not_aliase
     visit.end()
     assert first.table is shared and second.table is shared
     assert first.weight.data_ptr() != weight_home and torch.count_nonzero(first.weight) == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_layered_perplexity_visits_leave_the_model_as_it_was(monkeypatch, family):
+    from perp.data.windows import TokenSet
+    from perp.evaluate.layered import layered_perplexity
+    from perp.models.families import adapter_for
+
+    model = build_tiny_model(family, seed=3).eval()
+    windows = TokenSet(ids=torch.randint(0, 259, (3, 16), generator=torch.Generator().manual_seed(0)), source="x")
+    reference = layered_perplexity(model, adapter_for(model), windows, "cpu").ppl
+    before, values = _addresses(model), {name: t.clone() for name, t in model.state_dict().items()}
+    monkeypatch.setattr(placement, "_same_device", lambda a, b: False)
+    assert layered_perplexity(model, adapter_for(model), windows, "cpu").ppl == reference
+    assert _addresses(model) == before
+    assert all(torch.equal(tensor, values[name]) for name, tensor in model.state_dict().items())

@@ -19,6 +19,7 @@ from torch import nn
 from perp.data.windows import TokenSet
 from perp.evaluate.perplexity import PerplexityResult
 from perp.models.families import FamilyAdapter
+from perp.models.placement import visiting
 from perp.prune.engine import capture_layer_inputs, propagate
 
 
@@ -28,12 +29,6 @@ def _tail(model: nn.Module, family: FamilyAdapter) -> list[nn.Module]:
     project_out = getattr(model.get_submodule(decoder), "project_out", None)
     modules = [family.final_norm(model), project_out, family.lm_head(model)]
     return [module for module in modules if module is not None]
-
-
-def _visit(module: nn.Module, device: torch.device):
-    home = next(module.parameters()).device
-    module.to(device)
-    return home
 
 
 @torch.no_grad()
@@ -47,29 +42,26 @@ def layered_perplexity(model: nn.Module, family: FamilyAdapter, windows: TokenSe
     layers = family.layers(model)
     inputs = capture_layer_inputs(model, family, windows.ids, device, batch_size)
     for index, layer in enumerate(layers):
-        home = _visit(layer, device)
-        propagate(layer, inputs, in_place=True)
-        layer.to(home)
+        with visiting(layer, device, write_back=False):  # read only: nothing is copied back
+            propagate(layer, inputs, in_place=True)
         if progress is not None:
             progress(index + 1, len(layers))
     tail = _tail(model, family)
-    homes = [_visit(module, device) for module in tail]
     nll_sum = torch.zeros((), dtype=torch.float64)
     try:
-        start = 0
-        for hidden in inputs.hidden:
-            count = hidden.shape[0]
-            ids = windows.ids[start:start + count].to(device)
-            start += count
-            for module in tail:
-                hidden = module(hidden)
-            labels = torch.full_like(ids, -100)
-            labels[:, :-1] = ids[:, 1:]
-            nll_sum += F.cross_entropy(hidden.reshape(-1, hidden.shape[-1]).float(), labels.reshape(-1),
-                                       ignore_index=-100, reduction="sum").double().cpu()
+        with visiting(tail, device, write_back=False):
+            start = 0
+            for hidden in inputs.hidden:
+                count = hidden.shape[0]
+                ids = windows.ids[start:start + count].to(device)
+                start += count
+                for module in tail:
+                    hidden = module(hidden)
+                labels = torch.full_like(ids, -100)
+                labels[:, :-1] = ids[:, 1:]
+                nll_sum += F.cross_entropy(hidden.reshape(-1, hidden.shape[-1]).float(), labels.reshape(-1),
+                                           ignore_index=-100, reduction="sum").double().cpu()
     finally:
-        for module, home in zip(tail, homes):
-            module.to(home)
         model.train(was_training)
     tokens = windows.num_windows * (windows.seqlen - 1)
     mean_nll = float(nll_sum) / tokens
