@@ -20,6 +20,7 @@ import contextlib
 import http.client
 import os
 import socket
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator, Optional
@@ -51,6 +52,17 @@ class _AtomicConditionalWrites:
             return list(self.app(environ, start_response))
 
 
+def _ignore_hang_ups(handle_error: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+    """A client closing a kept-alive connection (boto3's pool at exit) is not a server error worth a traceback."""
+
+    def handle(request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            return
+        handle_error(request, client_address)
+
+    return handle
+
+
 @contextlib.contextmanager
 def moto_s3(buckets: tuple[str, ...] = (), atomic_conditional_writes: bool = True,
             set_env: bool = True) -> Iterator[str]:
@@ -72,6 +84,7 @@ def moto_s3(buckets: tuple[str, ...] = (), atomic_conditional_writes: bool = Tru
             if atomic_conditional_writes:
                 app = _AtomicConditionalWrites(app)
             self._server = make_server(self._ip_address, self._port, app, True, request_handler=QuietHandler)
+            self._server.handle_error = _ignore_hang_ups(self._server.handle_error)
             self._server_ready_event.set()
             self._server.serve_forever()
 
