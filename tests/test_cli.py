@@ -23,6 +23,10 @@ def _one_line_error(result, *needles):
         (["eval", "ppl", "--model", "tiny-llama", "--data", "missing.txt"], ["data.evaluation.source", "'missing.txt' is not a file"]),
         (["recover", "--model", "tiny-llama", "--rank", "0"], ["recover.rank", "must be > 0"]),
         (["run", "-S", "prune.method=magnitud"], ["prune.method", "unknown method 'magnitud'", "allowed"]),
+        (["recover", "--fused", "--model", "tiny-llama", "--dense", "tiny-llama"], ["--fused", "drop --dense"]),
+        (["recover", "--fused", "--model", "tiny-llama", "--mode", "end2end"], ["--fused", "drop --mode end2end"]),
+        (["recover", "--fused", "--model", "tiny-llama", "-S", "prune.sequential=linear"],
+         ["prune.sequential", "'layer' or 'auto'"]),
     ],
 )
 def test_bad_input_is_one_line_naming_the_problem(cli, args, needles, tmp_path):
@@ -54,3 +58,15 @@ def test_info_and_ppl_json(cli, tiny_opt_dir):
     assert set(ppl) >= {"ppl", "tokens", "seconds"}
     assert ppl["windows"] == 4 and ppl["tokens"] == 4 * 63
     assert 1.0 < ppl["ppl"] < 10_000
+
+
+def test_recover_fused_writes_one_directory_with_both_reports(cli, tiny_opt_dir, tmp_path):
+    out = tmp_path / "fused"
+    result = cli("recover", "--fused", "--model", str(tiny_opt_dir), "--method", "bias+norm", "--steps", "2",
+                 "-S", "model.device=cpu", "-S", "data.calibration.nsamples=4", "-S", "data.calibration.seqlen=32",
+                 "-S", "data.evaluation.seqlen=32", "-S", "data.evaluation.max_windows=1", "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["recover"]["fused_with_pruning"] is True and shown["prune"]["achieved_sparsity"] == 0.5
+    assert {"prune_report.json", "recover_report.json", "masks.safetensors", "adapter.safetensors"} <= {
+        p.name for p in out.iterdir()}

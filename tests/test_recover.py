@@ -213,7 +213,8 @@ def _effective_weights(model):
 
 def _zero_violations(weights, masks):
     """Pruned positions that are not zero (during training a product may give -0.0, which still multiplies to 0)."""
-    return {n: int((w[~masks[n]] != 0).sum()) for n, w in weights.items() if n in masks and (w[~masks[n]] != 0).any()}
+    kept = {n: m.unpack() for n, m in masks.items()}
+    return {n: int((w[~kept[n]] != 0).sum()) for n, w in weights.items() if n in kept and (w[~kept[n]] != 0).any()}
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
@@ -484,6 +485,85 @@ def test_recovers_a_checkpoint_from_the_prune_stage(tiny_llama_dir, tmp_path):
     recovered = load_model(str(out), device="cpu")
     for name, linear in recovered.family.named_decoder_linears(recovered.model):
         assert torch.equal(linear.weight[~kept[name]], torch.zeros_like(linear.weight[~kept[name]]))
+
+
+def test_fused_with_pruning_reconstructs_each_block_right_after_pruning_it(tiny_llama_dir, tmp_path):
+    """Prune block i, reconstruct block i, move on: one output with both reports; masks hold; every block's MSE to
+    the dense block falls; the pruning report and masks are those of the pruner."""
+    from perp.recover.fused import run_fused
+
+    out = tmp_path / "fused"
+    config = tiny_config(f"model.name={tiny_llama_dir}", "prune.method=wanda", "prune.sparsity=0.5",
+                         "data.calibration.seqlen=32", "prune.sequential=auto", "recover.method=norm+masklora",
+                         "recover.steps=15", "recover.lr=0.005")
+    result = run_fused(config, out)
+    prune_report, report = result["prune"], result["recover"]
+    assert prune_report["engine"]["sequential"] == "layer"  # auto resolves to the two-pass mode
+    assert {"targets", "reconstruct"} <= set(prune_report["timings"])
+    assert report["fused_with_pruning"] is True and report["mode"] == "layerwise"
+    assert len(report["blocks"]) == 2 and len(report["loss_curve"]) == 2 * 15
+    for block in report["blocks"]:
+        assert block["mse_after"] < block["mse_before"], block
+    assert report["data"]["sha256"] == prune_report["calibration"]["sha256"]  # trained on the calibration windows
+    on_disk = json.loads((out / "recover_report.json").read_text())
+    assert on_disk["ppl_after"] == report["ppl_after"] and (out / "prune_report.json").is_file()
+    kept = load_masks(out)
+    recovered = load_model(str(out), device="cpu")
+    assert len(kept) == 2 * 7
+    for name, linear in recovered.family.named_decoder_linears(recovered.model):
+        assert torch.equal(linear.weight[~kept[name]], torch.zeros_like(linear.weight[~kept[name]]))
+    adapter = load_file(str(out / "adapter.safetensors"))
+    assert any(key.startswith(recovered.family.layer_prefix(1)) and "lora_B" in key for key in adapter)
+    # Pruning alone gives block 0 the same masks (its inputs are the same) but not the retrained weights; block 1
+    # is pruned on the outputs of the reconstructed block 0 instead of the merely pruned one.
+    plain = tmp_path / "plain"
+    run_prune(config.model_copy(update={"prune": config.prune.model_copy(update={"sequential": "layer"})}), plain)
+    prefix = recovered.family.layer_prefix(0)
+    assert all(torch.equal(kept[name], mask) for name, mask in load_masks(plain).items() if name.startswith(prefix))
+    pruned = load_model(str(plain), device="cpu")
+    differ = [name for (name, a), (_, b) in zip(pruned.family.named_decoder_linears(pruned.model),
+                                                recovered.family.named_decoder_linears(recovered.model))
+              if not torch.equal(a.weight, b.weight)]
+    assert len(differ) == 2 * 7
+
+
+def test_fused_refuses_what_it_cannot_run(tiny_llama_dir, tmp_path):
+    from perp.recover.fused import run_fused
+
+    base = (f"model.name={tiny_llama_dir}", "data.calibration.seqlen=32")
+    with pytest.raises(ConfigError, match="prune.sequential"):
+        run_fused(tiny_config(*base, "prune.sequential=linear", "recover.method=masklora"), tmp_path / "x")
+    with pytest.raises(RecoverError, match="trains nothing inside decoder blocks"):
+        run_fused(tiny_config(*base, "recover.method=lm_head"), tmp_path / "x")
+    with pytest.raises(RecoverError, match="no biases"):
+        run_fused(tiny_config(*base, "recover.method=bias"), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_layerwise_runs_layernorm_models_in_bf16_on_cpu(pruned_dirs, tmp_path):
+    """OPT's LayerNorm on CPU refuses fp32 inputs with bf16 weights: block inputs are kept in the model's dtype."""
+    config = tiny_config("recover.mode=layerwise", "recover.method=masklora", "model.dtype=bfloat16",
+                         "recover.steps=2")
+    report = run_recover(config, str(pruned_dirs["opt"]), tmp_path / "lw", dense=str(pruned_dirs["dense-opt"]))
+    assert report["dtype"] == "bfloat16" and len(report["blocks"]) == 2
+
+
+def test_layerwise_refuses_a_pruned_model_as_the_dense_reference(pruned_dirs, tmp_path):
+    with pytest.raises(RecoverError, match="looks pruned, not dense"):
+        run_recover(tiny_config("recover.mode=layerwise"), str(pruned_dirs["llama"]), tmp_path / "x",
+                    dense=str(pruned_dirs["llama"]))
+    assert not (tmp_path / "x").exists()
+
+
+def test_windows_longer_than_the_model_positions_are_refused_before_loading(pruned_dirs, tmp_path, monkeypatch):
+    import perp.recover.run as recover_run
+
+    limit = json.loads((pruned_dirs["llama"] / "config.json").read_text())["max_position_embeddings"]
+    monkeypatch.setattr(recover_run, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    for override in (f"recover.seqlen={limit + 1}", f"data.evaluation.seqlen={limit + 1}"):
+        with pytest.raises(RecoverError, match=f"exceed the {limit} positions"):
+            run_recover(tiny_config(override), str(pruned_dirs["llama"]), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
 
 
 # --------------------------------------------------------------------------------------------- bad input

@@ -9,8 +9,10 @@ from typing import Any, Iterator, Optional
 import typer
 
 from perp.cli.app import JsonOption, ParamsOption, SetOption, app, build_config, console, emit
+from perp.errors import PerpError
 
-_STAGES = {"load": "loading", "ppl_before": "perplexity before", "train": "training", "merge": "merging",
+_STAGES = {"load": "loading", "ppl_before": "perplexity before", "prune": "pruning layers", "train": "training",
+           "merge": "merging",
            "ppl_after": "perplexity after", "save": "saving"}
 _SUMMARY = ("method", "mode", "trainable_params", "trainable_fraction", "ppl_before", "ppl_after", "seconds",
             "tokens_per_second", "peak_memory_bytes", "dense_result", "tied_embeddings_action")
@@ -61,6 +63,10 @@ def recover(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for adapter init and window order."),
     gradient_checkpointing: Optional[bool] = typer.Option(
         None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward."),
+    fused: bool = typer.Option(False, "--fused", help="Prune --model (dense) with the prune.* settings and "
+                               "reconstruct each block right after pruning it (layer-wise); writes both reports."),
+    calib_set: Optional[Path] = typer.Option(None, "--calib-set", help="With --fused: stored calibration windows "
+                                             "from `perp calibrate` (default: sample data.calibration)."),
     out: Path = typer.Option(Path("out/recovered"), "--out", help="Output directory (written atomically)."),
     params: Optional[Path] = ParamsOption,
     sets: Optional[list[str]] = SetOption,
@@ -80,6 +86,11 @@ def recover(
             **values, "recover.data.source": source.source, "recover.data.text_field": source.text_field,
             "recover.data.seed": source.seed, "recover.data.nsamples": nsamples,
         })
+    if fused:
+        _run_fused(config, mode, dense, calib_set, out, as_json)
+        return
+    if calib_set is not None:
+        raise PerpError("perp recover: --calib-set goes with --fused (training windows come from --data)")
     from perp.recover import run_recover, validate_request
 
     validate_request(config, config.model.name, dense)  # bad input fails before any model is loaded
@@ -89,3 +100,31 @@ def recover(
         emit({**report, "out": str(out)}, as_json=True)
     else:
         emit({**{key: report[key] for key in _SUMMARY}, "out": str(out)}, as_json=False, title="recover")
+
+
+def _run_fused(config: Any, mode: Optional[str], dense: Optional[str], calib_set: Optional[Path], out: Path,
+               as_json: bool) -> None:
+    from perp.recover.fused import check_fused_request, run_fused
+    from perp.recover.run import validate_request
+
+    if mode == "end2end":
+        raise PerpError("perp recover: --fused is layer-wise reconstruction fused with pruning; drop --mode end2end")
+    if dense is not None:
+        raise PerpError("perp recover: with --fused, --model is the dense model, pruned and reconstructed in one "
+                        "pass; drop --dense")
+    fused_config = config.model_copy(update={"recover": config.recover.model_copy(update={"mode": "layerwise"})})
+    validate_request(fused_config, config.model.name, config.model.name)
+    check_fused_request(fused_config)
+    token_set = None
+    if calib_set is not None:
+        from perp.data.calibrate import load_token_set
+
+        token_set = load_token_set(calib_set)
+    with _progress(enabled=not as_json) as progress:
+        result = run_fused(fused_config, out, calib=token_set, progress=progress)
+    report = result["recover"]
+    if as_json:
+        emit({**result, "out": str(out)}, as_json=True)
+    else:
+        emit({**{key: report.get(key) for key in _SUMMARY}, "achieved_sparsity": result["prune"]["achieved_sparsity"],
+              "out": str(out)}, as_json=False, title="recover (fused with pruning)")

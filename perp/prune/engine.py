@@ -26,7 +26,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -267,6 +267,19 @@ class EngineOptions:
     seed: int = 0
     owl_lambda: float = 0.0  # OWL per-layer sparsity (perp.prune.owl); 0: every layer at the spec's sparsity
     owl_m: float = 5.0
+    reconstruct: Optional["LayerReconstruction"] = None  # fused layer-wise recovery: see `LayerReconstruction`
+
+
+class LayerReconstruction(Protocol):
+    """Called by the engine for each pruned layer, on the device, between pruning and propagation.
+
+    `inputs` are the layer's calibration inputs (the outputs of the already pruned, already reconstructed layers
+    before it), `targets` the dense layer's outputs on those inputs, computed before it was pruned. The callee
+    retrains the pruned layer in place (masks held); the engine then runs the reconstructed layer to produce the
+    next layer's inputs. Needs the two-pass `layer` mode: the inputs must outlive the pruning.
+    """
+
+    def __call__(self, index: int, layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tensor]) -> None: ...
 
 
 SEQUENTIAL_MODES = ("layer", "linear", "auto")
@@ -470,6 +483,9 @@ def prune_model(model: nn.Module, family: FamilyAdapter, method: PruneMethod, pl
         if method.spec.nm is not None or not (low > 0 and high < 1):
             raise ValueError(f"OWL needs an unstructured pattern and sparsity ± 2·owl_lambda inside (0, 1); got "
                              f"{method.spec.pattern} and [{low:.3g}, {high:.3g}]")
+    if options.reconstruct is not None and options.sequential == "linear":
+        raise ValueError("fused layer-wise reconstruction needs sequential='layer' (or 'auto'): it trains each "
+                         "pruned layer on the inputs that 'linear' mode overwrites while pruning")
     device = torch.device(options.device)
     if device.type == "cpu" and options.compute_dtype == torch.bfloat16 and not native_bf16(device):
         message = ("prune.compute_dtype bfloat16 on a CPU without AVX512-BF16 or AMX: bf16 matmuls are emulated "
@@ -514,7 +530,8 @@ def _prune_model(model: nn.Module, family: FamilyAdapter, method: PruneMethod, p
     total = last + 1
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    sequential = resolve_sequential(options.sequential, model, ids, options.compute_dtype)
+    sequential = "layer" if options.reconstruct is not None else resolve_sequential(
+        options.sequential, model, ids, options.compute_dtype)
     single_pass = sequential == "linear"
 
     def autocast_for(layer: nn.Module) -> Optional[torch.dtype]:
@@ -578,6 +595,10 @@ def _prune_layers(model: nn.Module, family: FamilyAdapter, method: PruneMethod, 
             _prune_in_forward(layer, linears, plan, inputs, pruner, sample_index, device, autocast_dtype)
         else:
             if plan.groups:
+                targets = None
+                if options.reconstruct is not None:
+                    with timer.phase("targets"):  # the dense layer's outputs, before it is pruned
+                        targets = propagate(layer, inputs, in_place=False, autocast_dtype=autocast_dtype).hidden
                 stats: dict[int, GroupStats] = {}
                 if needs_pass1:
                     with timer.phase("stats"):
@@ -585,6 +606,10 @@ def _prune_layers(model: nn.Module, family: FamilyAdapter, method: PruneMethod, 
                                                autocast_dtype)
                 for index, group in enumerate(plan.groups):
                     pruner.prune_group(plan, group, linears, stats.pop(index, None))
+                if targets is not None:
+                    with timer.phase("reconstruct"), torch.enable_grad():
+                        options.reconstruct(plan.index, layer, inputs, targets)
+                    del targets
             with timer.phase("propagate"):
                 if plan.index < last:  # the last pruned layer's outputs feed nothing that is pruned
                     propagate(layer, inputs, in_place=True, autocast_dtype=autocast_dtype)

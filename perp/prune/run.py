@@ -16,7 +16,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 
@@ -24,7 +24,8 @@ from perp.config import PerpConfig, PruneConfig, dump_params, validate_section
 from perp.data.windows import TokenSet
 from perp.errors import ConfigError
 from perp.io.atomic import atomic_directory, write_json_atomic
-from perp.prune.engine import EngineOptions, EngineResult, default_batch_size, prune_model
+from perp.prune.engine import (EngineOptions, EngineResult, LayerReconstruction, default_batch_size,
+                               prune_model)
 from perp.prune.masks import MASKS_FILE, save_masks
 from perp.prune.methods import create_method
 from perp.prune.patterns import PruneSpec
@@ -73,7 +74,7 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
               progress: Optional[Callable[..., None]] = None, *,
               compute_dtype: Optional[str | torch.dtype] = None,
               batch_size: Optional[int] = None, error_tokens: Optional[int] = None,
-              sequential: Optional[str] = None) -> dict[str, Any]:
+              sequential: Optional[str] = None, reconstruction: Optional["FusedStep"] = None) -> dict[str, Any]:
     """Prune `config.model.name` with `config.prune`, calibrated on `calib` (default: `config.data.calibration`).
 
     Every check (architecture, Linear selection, pattern vs. shapes, calibration text and vocabulary) runs
@@ -86,6 +87,9 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
     and the engine mode (`layer`: reference, two passes per layer; `linear`: true-sequential, one pass, whole
     calibration set at once; `auto`: `linear` when that fits in 2 GiB — see `EngineOptions`). The keyword options of the same names, when given (not
     None), override the config's; the report's `config` records the values used.
+
+    `reconstruction` (`perp.recover.fused`) retrains each layer right after it is pruned; its report and files
+    are written into the same output directory.
     """
     from perp.data import calibration_set
     from perp.models import load_model
@@ -132,7 +136,10 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
         sequential=config.prune.sequential,
         owl_lambda=config.prune.owl_lambda,
         owl_m=config.prune.owl_m,
+        reconstruct=reconstruction,
     )
+    if reconstruction is not None:
+        reconstruction.prepare(loaded, calib, sum(1 for plan in plans if plan.groups))
     result = prune_model(model, family, method, plans, calib.ids, options, progress)
     timings.update(result.timings)
     if result.layer_sparsity:  # OWL chose the layer sparsities: the exact plan follows from them
@@ -140,11 +147,18 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
         planned = planned_counts(model, family, layer_plans, spec)
 
     report = build_report(config, loaded, calib, spec, result, options, planned)
+    if reconstruction is not None:
+        recovered = reconstruction.finish(result.peak_device_bytes or _peak_rss_bytes(),
+                                          loaded.family.decoder_sparsity(model))
+        report["reconstruction"] = {key: recovered.get(key) for key in (
+            "method", "trainable_params", "ppl_before", "ppl_after", "seconds")} | {"report": "recover_report.json"}
     t0 = time.perf_counter()
     with atomic_directory(out_dir) as staging:
         model.save_pretrained(staging)
         loaded.tokenizer.save_pretrained(staging)
         save_masks(result.masks, staging / MASKS_FILE)
+        if reconstruction is not None:
+            reconstruction.write(staging)
         timings["save"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - started
         report["timings"] = {key: round(value, 4) for key, value in timings.items()}
@@ -152,6 +166,16 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
         report["peak_rss_bytes"] = _peak_rss_bytes()
         write_json_atomic(staging / REPORT_FILE, report)
     return report
+
+
+class FusedStep(LayerReconstruction, Protocol):
+    """A per-layer reconstruction and what `run_prune` calls around the engine (`perp.recover.fused`)."""
+
+    def prepare(self, loaded: Any, calib: TokenSet, blocks: int) -> None: ...
+
+    def finish(self, peak_memory_bytes: int, sparsity: dict[str, Any]) -> dict[str, Any]: ...
+
+    def write(self, staging: Path) -> None: ...
 
 
 def model_skeleton(spec: str, revision: Optional[str] = None) -> tuple[torch.nn.Module, Any, Any]:

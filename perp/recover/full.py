@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 from perp.recover.base import RecoverMethod, Scope, register
-from perp.recover.masks import capture_masks
+from perp.recover.masks import device_masks
 
 
 @register("full")
 class Full(RecoverMethod):
     def attach(self, scope: Scope) -> dict[str, nn.Parameter]:
-        self.masks = capture_masks(scope.linears)
+        self.masks = device_masks(scope.linears)
         selected = {}
         seen: set[int] = set()
         for name, param in scope.root.named_parameters():

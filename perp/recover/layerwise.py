@@ -32,7 +32,7 @@ from perp.models.placement import visiting
 from perp.recover.base import RecoverError, Settings, block_scope
 from perp.prune.engine import LayerInputs, capture_layer_inputs, propagate, run_layer
 from perp.recover.data import WindowStream, training_windows
-from perp.recover.masks import capture_masks, mask_violations, require_pruned
+from perp.recover.masks import MIN_PRUNED_SPARSITY, capture_masks, mask_violations, require_pruned
 from perp.recover.memory import PeakMemory
 from perp.recover.selection import attach, autocast_context, require_trainable
 from perp.recover.train import optimize
@@ -61,8 +61,9 @@ class BlockData:
     tables, positions) has batch size one and broadcasts (or expands) to any batch of windows.
     """
 
-    def __init__(self, captured: LayerInputs) -> None:
-        self.hidden = torch.cat(captured.hidden)
+    def __init__(self, captured: LayerInputs, hidden: Optional[torch.Tensor] = None) -> None:
+        """`captured` with batch-one call arguments; `hidden` [n, L, d] (default: `captured`'s own)."""
+        self.hidden = torch.cat(captured.hidden) if hidden is None else hidden
         self.args = captured.args[0]
         self.kwargs = captured.kwargs[0]
 
@@ -110,14 +111,91 @@ def _layered_ppl(net: nn.Module, family, eval_set, batch_size: int, device: torc
     return result.as_dict()
 
 
+class BlockTrainer:
+    """Retrains pruned decoder blocks one at a time to reproduce the dense blocks' outputs (MSE).
+
+    `train` attaches the selected parameters to one block (already on the device), optimises them for
+    `recover.steps` steps over seeded batches of windows, merges them, and verifies the masks bit for bit. It is
+    shared by layer-wise recovery of a pruned checkpoint (`run_layerwise`) and by recovery fused with pruning
+    (`perp.recover.fused`), which differ only in where the block inputs and the dense targets come from.
+    """
+
+    def __init__(self, config: PerpConfig, methods: list[str], settings: Settings, preserves: bool, family,
+                 device: torch.device, model_dtype: torch.dtype, stream: WindowStream, progress,
+                 total_blocks: int) -> None:
+        self.config, self.methods, self.settings, self.preserves = config, methods, settings, preserves
+        self.family, self.device, self.model_dtype, self.stream = family, device, model_dtype, stream
+        self.progress, self.total_steps = progress, config.recover.steps * total_blocks
+        self.autocast_dtype = _autocast_dtype(device, model_dtype)
+        self.batches_needed = config.recover.steps * config.recover.grad_accum
+        self.loss_curve: list[list[float]] = []
+        self.blocks: list[dict[str, Any]] = []
+        self.adapter: dict[str, torch.Tensor] = {}
+        self.notes: dict[str, Any] = {}
+        self.trainable = 0
+        self.tokens_per_block = 0
+        self.seconds = 0.0
+        self.trained = 0
+
+    def train(self, index: int, layer: nn.Module, data: BlockData, targets: torch.Tensor) -> None:
+        from perp.recover.run import _emit
+
+        started = time.perf_counter()
+        rc, device = self.config.recover, self.device
+        layer.eval()
+        scope = block_scope(layer, self.family)
+        masks = capture_masks(scope.linears) if self.preserves else {}
+        mse_before = block_mse(layer, data, targets, rc.batch_size, self.autocast_dtype)
+        block_settings = Settings(rank=self.settings.rank, alpha=self.settings.alpha, seed=self.settings.seed + index)
+        attachment = attach(scope, self.methods, block_settings)
+        require_trainable(attachment, rc.method, f"decoder block {index}")
+        indices = self.stream.index_batches(self.batches_needed)
+
+        def micro_batch_loss() -> tuple[torch.Tensor, int]:
+            pick = next(indices)
+            x, y = data.hidden[pick].to(device), targets[pick].to(device)
+            with autocast_context(device, self.model_dtype):
+                out = data.run(layer, x)
+            return F.mse_loss(out.float(), y.float()), x.shape[0] * x.shape[1]
+
+        def on_step(global_step: int, loss: float) -> None:
+            _emit(self.progress, "train", global_step, self.total_steps, f"block {index} mse {loss:.4g}")
+
+        result = optimize(attachment, rc, micro_batch_loss, device, self.model_dtype, on_step,
+                          self.trained * rc.steps)
+        self.loss_curve.extend(result.loss_curve)
+        self.tokens_per_block = result.tokens
+        if "full" not in self.methods:
+            self.adapter.update(attachment.state_dict(f"{self.family.layer_prefix(index)}."))
+        self.notes.update(attachment.describe())
+        attachment.merge()
+        violations = mask_violations(((n, m.weight) for n, m in self.family.linears(layer).items()), masks)
+        if violations:  # pragma: no cover - a bug, never a user error
+            raise RuntimeError(f"pruning masks violated after merging block {index}: {violations}")
+        mse_after = block_mse(layer, data, targets, rc.batch_size, self.autocast_dtype)
+        self.trainable += attachment.trainable_params
+        self.trained += 1
+        self.seconds += time.perf_counter() - started
+        self.blocks.append({"block": index, "mse_before": mse_before, "mse_after": mse_after,
+                            "trainable_params": attachment.trainable_params})
+
+    def report(self) -> dict[str, Any]:
+        """Training figures: `tokens` are the windows' tokens each block trained on (every token passes through
+        every block once, as in end-to-end training), so tokens/s compares with end-to-end mode."""
+        return {"blocks": self.blocks, "block_tokens_total": self.tokens_per_block * self.trained,
+                "training_seconds": round(self.seconds, 3),
+                **{k: v for k, v in self.notes.items() if k != "tied_embeddings_action"}}
+
+
 def run_layerwise(config: PerpConfig, model: str, dense: str, methods: list[str], settings: Settings,
                   preserves: bool, progress) -> dict[str, Any]:
-    from perp.recover.run import _common_report, _emit
+    from perp.recover.run import _common_report, _emit, check_windows_fit
 
     rc = config.recover
     mc = config.model
     loaded = load_model(model, mc.device, mc.dtype, mc.revision, load_to_device=False)
     net, family, device = loaded.model, loaded.family, loaded.device
+    check_windows_fit(net.config, config, model)
     if methods == ["bias"] and not any(n.endswith("bias") for n, _ in family.layers(net).named_parameters()):
         raise RecoverError(f"recover.method: 'bias' selects no trainable parameters in '{model}' "
                            "(LLaMA-style models have no biases)")
@@ -125,6 +203,7 @@ def run_layerwise(config: PerpConfig, model: str, dense: str, methods: list[str]
     dense_loaded = load_model(dense, mc.device, mc.dtype, mc.revision, load_to_device=False)
     dense_net = dense_loaded.model
     check_same_architecture(net, dense_net, family, model, dense)
+    require_dense(dense_net, family, dense)
     net.requires_grad_(False)  # each block's `attach` selects its own trainable parameters
     dense_net.requires_grad_(False)
     total_params = count_parameters(net)
@@ -132,93 +211,60 @@ def run_layerwise(config: PerpConfig, model: str, dense: str, methods: list[str]
     eval_set = evaluation_set(config.data.evaluation, loaded.tokenizer)
     ppl_before = _layered_ppl(net, family, eval_set, config.evaluate.batch_size, device, progress, "ppl_before")
 
-    autocast = lambda: autocast_context(device, loaded.dtype)  # noqa: E731
-    autocast_dtype = _autocast_dtype(device, loaded.dtype)
-    store_dtype = torch.float32 if device.type == "cpu" else loaded.dtype
-    layers, dense_layers = family.layers(net), family.layers(dense_net)
-    n_layers = len(layers)
+    n_layers = family.num_layers(net)
     stream = WindowStream(train_set, rc.batch_size, rc.seed)
-    batches_needed = rc.steps * rc.grad_accum
-    plan = stream.plan(batches_needed)
-    stream.warn_if_repeating(batches_needed)  # once: every block uses the same plan
-    total_steps = rc.steps * n_layers
-    _emit(progress, "train", 0, total_steps)
+    plan = stream.plan(rc.steps * rc.grad_accum)
+    stream.warn_if_repeating(rc.steps * rc.grad_accum)  # once: every block uses the same plan
+    trainer = BlockTrainer(config, methods, settings, preserves, family, device, loaded.dtype, stream, progress,
+                           n_layers)
+    _emit(progress, "train", 0, trainer.total_steps)
 
     torch.manual_seed(rc.seed)
     meter = PeakMemory(device)
     meter.start()
     started = time.perf_counter()
-    data = BlockData(capture_layer_inputs(net, family, train_set.ids, device, batch_size=1, dtype=store_dtype))
-    loss_curve: list[list[float]] = []
-    blocks: list[dict[str, Any]] = []
-    adapter: dict[str, torch.Tensor] = {}
-    trainable = 0
-    tokens = 0
-    notes: dict[str, Any] = {}
+    # Hidden states are kept in the model's dtype: blocks run on them directly (LayerNorm on CPU refuses fp32
+    # inputs with bf16 weights), and their outputs are cast back to it anyway.
+    data = BlockData(capture_layer_inputs(net, family, train_set.ids, device, batch_size=1, dtype=loaded.dtype))
     with reuse_freed_memory(device.type == "cpu"):  # once for all blocks (each optimize() nests)
         for index in range(n_layers):
-            layer, dense_layer = layers[index], dense_layers[index]
-            home = next(layer.parameters()).device
+            layer, dense_layer = family.layers(net)[index], family.layers(dense_net)[index]
             with visiting(dense_layer, device, write_back=False):  # read only: nothing to copy back
-                targets = outputs(dense_layer, data, rc.batch_size, autocast_dtype)
-
+                targets = outputs(dense_layer, data, rc.batch_size, trainer.autocast_dtype)
+            dense_layer = None
+            home = next(layer.parameters()).device
             layer.to(device)
-            layer.eval()
-            scope = block_scope(layer, family)
-            masks = capture_masks(scope.linears) if preserves else {}
-            mse_before = block_mse(layer, data, targets, rc.batch_size, autocast_dtype)
-            block_settings = Settings(rank=settings.rank, alpha=settings.alpha, seed=settings.seed + index)
-            attachment = attach(scope, methods, block_settings)
-            require_trainable(attachment, rc.method, f"decoder block {index}")
-            trainable += attachment.trainable_params
-            indices = stream.index_batches(batches_needed)
-
-            def micro_batch_loss() -> tuple[torch.Tensor, int]:
-                pick = next(indices)
-                x, y = data.hidden[pick].to(device), targets[pick].to(device)
-                with autocast():
-                    out = data.run(layer, x)
-                return F.mse_loss(out.float(), y.float()), x.shape[0] * x.shape[1]
-
-            def on_step(global_step: int, loss: float) -> None:
-                _emit(progress, "train", global_step, total_steps, f"block {index} mse {loss:.4g}")
-
-            result = optimize(attachment, rc, micro_batch_loss, device, loaded.dtype, on_step, index * rc.steps)
-            loss_curve.extend(result.loss_curve)
-            tokens += result.tokens
-            prefix = f"{family.layer_prefix(index)}."
-            if "full" not in methods:
-                adapter.update(attachment.state_dict(prefix))
-            notes.update(attachment.describe())
-            attachment.merge()
-            violations = mask_violations(((n, m.weight) for n, m in family.linears(layer).items()), masks)
-            if violations:  # pragma: no cover - a bug, never a user error
-                raise RuntimeError(f"pruning masks violated after merging block {index}: {violations}")
-            mse_after = block_mse(layer, data, targets, rc.batch_size, autocast_dtype)
-            data.hidden = outputs(layer, data, rc.batch_size, autocast_dtype)  # reconstructed outputs feed block i+1
+            trainer.train(index, layer, data, targets)
+            targets = None  # free before the block's outputs are computed
+            data.hidden = outputs(layer, data, rc.batch_size, trainer.autocast_dtype)  # feed block i+1
             layer.to(home)
-            targets = None  # free before the next block's targets
-            blocks.append({"block": index, "mse_before": mse_before, "mse_after": mse_after,
-                           "trainable_params": attachment.trainable_params})
     seconds = time.perf_counter() - started
     peak = meter.stop()
     dense_sha256 = dense_loaded.content_hash
-    data = dense_net = dense_loaded = None  # free the captured states and the dense model
+    data = dense_net = dense_loaded = None  # free the captured states and the dense model before ppl_after
 
     ppl_after = _layered_ppl(net, family, eval_set, config.evaluate.batch_size, device, progress, "ppl_after")
     report = {
-        **_common_report(trainable, total_params, loss_curve, ppl_before, ppl_after, seconds, tokens, meter, peak,
-                         train_set, config, plan),
-        "blocks": blocks,
+        **_common_report(trainer.trainable, total_params, trainer.loss_curve, ppl_before, ppl_after, seconds,
+                         trainer.tokens_per_block, meter, peak, train_set, config, plan),
+        **trainer.report(),
         "sparsity_before": sparsity_before,
         "sparsity_after": family.decoder_sparsity(net),
         "masks_held": bool(preserves),
         "tied_embeddings_action": ("tied, unchanged" if family.ties_embeddings(net) else "not tied")
                                   + " (layer-wise mode does not retrain the LM head)",
         "dense_sha256": dense_sha256,
-        **{k: v for k, v in notes.items() if k != "tied_embeddings_action"},
     }
-    return {"loaded": loaded, "report": report, "adapter": adapter}
+    return {"loaded": loaded, "report": report, "adapter": trainer.adapter}
+
+
+def require_dense(dense_net: nn.Module, family, dense_name: str) -> None:
+    """A pruned model passed as the dense reference would make every target equal the pruned outputs, and the
+    training would silently do nothing."""
+    sparsity = family.decoder_sparsity(dense_net)["sparsity"]
+    if sparsity >= MIN_PRUNED_SPARSITY:
+        raise RecoverError(f"--dense '{dense_name}' has {sparsity:.2%} zero weights in its decoder Linears: it looks "
+                           "pruned, not dense; pass the model it was pruned from")
 
 
 def _autocast_dtype(device: torch.device, model_dtype: torch.dtype) -> Optional[torch.dtype]:

@@ -51,7 +51,9 @@ class LowRankAdapter(nn.Module):
     def _operands(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         dtype = compute_dtype(x)
         bias = self.base.bias.to(dtype) if self.base.bias is not None else None
-        return x.to(dtype), self.base.weight.to(dtype), bias, self.lora_A.to(dtype), self.lora_B.to(dtype)
+        # The frozen weight is passed as it is: the autograd functions cast it to x's dtype when they use it, so
+        # what they save for the backward pass is a reference to the weight, never a cast copy of it.
+        return x.to(dtype), self.base.weight, bias, self.lora_A.to(dtype), self.lora_B.to(dtype)
 
     @torch.no_grad()
     def effective_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

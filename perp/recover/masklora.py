@@ -41,7 +41,7 @@ class _MaskedLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
-        out = F.linear(x, effective_weight(weight, lora_a, lora_b, scaling), bias)
+        out = F.linear(x, effective_weight(weight.to(x.dtype), lora_a, lora_b, scaling), bias)
         ctx.save_for_backward(x, weight, lora_a, lora_b)
         ctx.scaling = scaling
         return out
@@ -49,6 +49,7 @@ class _MaskedLoRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, lora_a, lora_b = ctx.saved_tensors
+        weight = weight.to(x.dtype)
         scaling = ctx.scaling
         keep = keep_mask(weight)
         grad_x = grad_bias = grad_a = grad_b = None

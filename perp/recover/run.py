@@ -54,7 +54,10 @@ def validate_request(config: PerpConfig, model: str, dense: Optional[str]) -> li
         raise RecoverError(f"recover.rank: LoRA rank must be > 0, got {rc.rank}")
     if not rc.lr > 0 or not math.isfinite(rc.lr):
         raise RecoverError(f"recover.lr: the learning rate must be > 0, got {rc.lr}")
-    classify_model_source(model)
+    if classify_model_source(model) in ("local", "alias", "gguf"):  # remote sources are checked once fetched
+        from perp.models.loading import resolve_model_dir
+
+        check_windows_fit(_model_config(resolve_model_dir(model, config.model.revision)[1]), config, model)
     if rc.mode == "layerwise":
         if dense is None:
             raise RecoverError(
@@ -68,6 +71,27 @@ def validate_request(config: PerpConfig, model: str, dense: Optional[str]) -> li
                 "them); layer-wise mode needs bias, norm, lora, masklora, scalelora or full"
             )
     return methods
+
+
+def _model_config(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}  # load_model reports an unreadable model with its own error
+
+
+def check_windows_fit(model_config: Any, config: PerpConfig, model: str) -> None:
+    """Training and evaluation windows must fit the model's positions (else the embedding lookup fails deep in
+    the first forward, after minutes of loading and evaluating)."""
+    get = model_config.get if isinstance(model_config, dict) else lambda key: getattr(model_config, key, None)
+    limit = get("max_position_embeddings")
+    if not limit:
+        return
+    for what, seqlen in (("recover.seqlen", config.recover.seqlen), ("data.evaluation.seqlen",
+                                                                     config.data.evaluation.seqlen)):
+        if seqlen > limit:
+            raise RecoverError(f"{what}: windows of {seqlen} tokens exceed the {limit} positions of '{model}'; "
+                               f"use at most {limit}")
 
 
 def _emit(progress: Optional[Progress], stage: str, done: int = 0, total: int = 0, status: str = "") -> None:
@@ -104,23 +128,8 @@ def run_recover(config: PerpConfig, model: str, out_dir: Path, dense: Optional[s
         outcome = _run_end2end(config, model, methods, settings, preserves, progress)
     loaded = outcome["loaded"]
 
-    report: dict[str, Any] = {
-        "method": rc.method,
-        "methods": methods,
-        "mode": rc.mode,
-        "model": model,
-        "model_sha256": loaded.content_hash,
-        "dense": dense,
-        "family": loaded.family.name,
-        "device": str(loaded.device),
-        "dtype": str(loaded.dtype).removeprefix("torch."),
-        **outcome["report"],
-        "dense_result": not preserves,
-        "config": dump_params(config),
-        "versions": {"perp": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "peft": peft.__version__},
-        "threads": torch.get_num_threads(),
-    }
+    report: dict[str, Any] = {**report_header(config, model, loaded, methods, preserves, dense),
+                              **outcome["report"]}
     report["wall_seconds"] = round(time.perf_counter() - started, 3)
 
     _emit(progress, "save")
@@ -145,11 +154,33 @@ def run_recover(config: PerpConfig, model: str, out_dir: Path, dense: Optional[s
     return report
 
 
+def report_header(config: PerpConfig, model: str, loaded: Any, methods: list[str], preserves: bool,
+                  dense: Optional[str]) -> dict[str, Any]:
+    """What every recover_report.json starts with: the request, the model's identity, the environment."""
+    return {
+        "method": config.recover.method,
+        "methods": methods,
+        "mode": config.recover.mode,
+        "model": model,
+        "model_sha256": loaded.content_hash,
+        "dense": dense,
+        "family": loaded.family.name,
+        "device": str(loaded.device),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "dense_result": not preserves,
+        "config": dump_params(config),
+        "versions": {"perp": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": peft.__version__},
+        "threads": torch.get_num_threads(),
+    }
+
+
 def _run_end2end(config: PerpConfig, model: str, methods: list[str], settings: Settings, preserves: bool,
                  progress: Optional[Progress]) -> dict[str, Any]:
     rc = config.recover
     loaded = load_model(model, config.model.device, config.model.dtype, config.model.revision)
     net, family, device = loaded.model, loaded.family, loaded.device
+    check_windows_fit(net.config, config, model)
     sparsity_before = require_pruned(net, family, model, methods) if preserves else family.decoder_sparsity(net)
     total_params = count_parameters(net)
     train_set = training_windows(config, loaded.tokenizer)

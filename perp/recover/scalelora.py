@@ -22,13 +22,14 @@ class _ScaledLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b):
-        out = F.linear(x, weight * (lora_b @ lora_a), bias)
+        out = F.linear(x, weight.to(x.dtype) * (lora_b @ lora_a), bias)
         ctx.save_for_backward(x, weight, lora_a, lora_b)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, lora_a, lora_b = ctx.saved_tensors
+        weight = weight.to(x.dtype)
         grad_x = grad_bias = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_out @ (weight * (lora_b @ lora_a))

@@ -68,7 +68,7 @@ def attach(scope: Scope, method_names: list[str], settings: Settings) -> Attachm
     methods = sorted((METHODS.get(name)(settings) for name in method_names), key=lambda m: m.stage)
     params: dict[str, nn.Parameter] = {}
     existing = {id(p) for p in scope.root.parameters()}
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    devices = sorted({p.device for p in scope.root.parameters() if p.device.type == "cuda"}, key=str)
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(settings.seed)
         for method in methods:
