@@ -325,6 +325,13 @@ class RecoverConfig(_Section):
             raise ValueError(f"must be > 0, got {value}")
         return value
 
+    @field_validator("weight_decay")
+    @classmethod
+    def _non_negative(cls, value: float) -> float:
+        if not value >= 0:
+            raise ValueError(f"must be >= 0, got {value}")
+        return value
+
     @field_validator("warmup_fraction")
     @classmethod
     def _fraction(cls, value: float) -> float:

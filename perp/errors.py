@@ -23,3 +23,7 @@ class UnsupportedArchitectureError(PerpError):
 
 class DataSourceError(PerpError):
     """A text or token source cannot be read or is unusable for the request."""
+
+
+class OutputError(PerpError):
+    """An output directory that perp must not write: someone else's files, the current directory, an input."""

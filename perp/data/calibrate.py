@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from perp.config import PerpConfig, dump_params
 from perp.data.windows import TokenSet, token_hash
 from perp.errors import DataSourceError
-from perp.io.atomic import atomic_directory
+from perp.io.atomic import atomic_directory, check_output_directory
 
 TOKENS_FILE = "calibration.safetensors"
 META_FILE = "calibration.json"
@@ -47,6 +47,8 @@ def run_calibrate(config: PerpConfig, out_dir: str | Path) -> dict[str, Any]:
     """Tokenize and sample `data.calibration` with the model's tokenizer; write the windows atomically."""
     from perp.data import calibration_set
     from perp.models import load_tokenizer
+
+    check_output_directory(out_dir, inputs=[config.model.name, config.data.calibration.source])
 
     tokenizer = load_tokenizer(config.model.name, config.model.revision)
     token_set = calibration_set(config.data.calibration, tokenizer)

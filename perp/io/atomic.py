@@ -13,7 +13,9 @@ import shutil
 import socket
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
+
+from perp.errors import OutputError
 
 COMPLETE_MARKER = ".perp-complete"
 
@@ -43,10 +45,42 @@ def remove_stale_staging(target: Path) -> list[Path]:
     return removed
 
 
+def check_output_directory(target: str | Path, inputs: Iterable[str | Path] = (), what: str = "--out") -> Path:
+    """Refuse an output directory that replacing would destroy something perp did not write.
+
+    Allowed: a path that does not exist, an empty directory, or a complete perp output (it has the marker file).
+    Refused: a file, a non-empty directory without the marker (someone's data), the current directory or one of
+    its ancestors, and a path equal to, inside or containing one of `inputs` (the stage would replace its own
+    input). Returns the target as a Path.
+    """
+    target = Path(target)
+    resolved = target.expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise OutputError(f"{what} '{target}' is the current directory (or contains it); name a new directory")
+    for source in inputs:
+        source_path = Path(source).expanduser()
+        if not source_path.exists():
+            continue
+        source_resolved = source_path.resolve()
+        if resolved == source_resolved or source_resolved in resolved.parents or resolved in source_resolved.parents:
+            raise OutputError(f"{what} '{target}' would replace the input '{source}'; write to another directory")
+    if target.exists():
+        if not target.is_dir():
+            raise OutputError(f"{what} '{target}' exists and is not a directory")
+        if any(target.iterdir()) and not is_complete(target):
+            raise OutputError(f"{what} '{target}' exists and is not empty; choose another directory (perp replaces "
+                              "only its own complete outputs)")
+    return target
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces `target` atomically, on error it is removed."""
-    target = Path(target)
+    """Yield a temporary directory; on success it replaces `target` atomically, on error it is removed.
+
+    Only an empty directory or a complete perp output is ever replaced (`check_output_directory`); file modes
+    follow the umask (some writers create 0600 temporary files and rename them into place)."""
+    target = check_output_directory(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(target)
     staging = target.parent / f".{target.name}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -54,6 +88,7 @@ def atomic_directory(target: str | Path, overwrite: bool = True) -> Iterator[Pat
     try:
         yield staging
         (staging / COMPLETE_MARKER).write_text("")
+        _apply_umask(staging)
         if target.exists():
             if not overwrite:
                 raise FileExistsError(f"{target} already exists")
@@ -66,6 +101,27 @@ def atomic_directory(target: str | Path, overwrite: bool = True) -> Iterator[Pat
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    try:  # Linux: read it; setting it to read it back would race with other threads creating files
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def _apply_umask(root: Path) -> None:
+    """What `open()` would have given: files 0666 and directories 0777, less the umask."""
+    umask = _umask()
+    root.chmod(0o777 & ~umask)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def is_complete(directory: str | Path) -> bool:

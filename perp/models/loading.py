@@ -236,16 +236,28 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", revision: O
         raise ModelSourceError(f"'{spec}' has no .safetensors weights; perp loads only safetensors (convert "
                                "pickled .bin checkpoints with transformers' save_pretrained first)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True,
-                                                     use_safetensors=True)
+        model, loading = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True,
+                                                              use_safetensors=True, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except OSError as error:
         raise ModelSourceError(f"cannot load model from '{path}': {str(error).splitlines()[0]}") from None
+    _require_complete(spec, loading)
     model.eval()
     if load_to_device:
         model.to(torch_device)
     return LoadedModel(model=model, tokenizer=tokenizer, family=family, source=spec, kind=kind, path=path,
                        device=torch_device, dtype=torch_dtype)
+
+
+def _require_complete(spec: str, loading: dict[str, Any]) -> None:
+    """transformers fills tensors missing from a checkpoint (or of the wrong shape) with fresh random values and
+    only logs it; pruning, training or evaluating such a model gives numbers about noise."""
+    for key, what in (("missing_keys", "missing from"), ("mismatched_keys", "of the wrong shape in")):
+        names = sorted(str(name) for name in loading.get(key) or ())
+        if names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            raise ModelSourceError(f"'{spec}' is incomplete: {len(names)} tensor(s) {what} its weights ({shown}); "
+                                   "transformers would fill them with random values")
 
 
 def model_info(loaded: LoadedModel) -> dict[str, Any]:

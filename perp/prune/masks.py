@@ -70,12 +70,25 @@ def unpack_bits(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def save_masks(masks: dict[str, PackedMask], path: str | Path) -> None:
-    from safetensors.torch import save_file
+    """A standard safetensors file, byte for byte the same for the same masks (safetensors' own writer orders
+    the metadata keys differently from run to run, which would change the checkpoint's content hash)."""
+    import struct
 
-    tensors = {name: packed.bits.contiguous() for name, packed in masks.items()}
     shapes = {name: list(packed.shape) for name, packed in masks.items()}
-    save_file(tensors, str(path), metadata={"format": FORMAT, "bitorder": "little", "meaning": "True=kept",
-                                            "shapes": json.dumps(shapes, sort_keys=True)})
+    header: dict[str, object] = {"__metadata__": {"format": FORMAT, "bitorder": "little", "meaning": "True=kept",
+                                                  "shapes": json.dumps(shapes, sort_keys=True)}}
+    offset = 0
+    for name in sorted(masks):
+        size = masks[name].bits.numel()
+        header[name] = {"dtype": "U8", "shape": [size], "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(encoded)))
+        out.write(encoded)
+        for name in sorted(masks):
+            out.write(masks[name].bits.to(torch.uint8).contiguous().numpy().tobytes())
 
 
 def load_packed_masks(path: str | Path) -> dict[str, PackedMask]:

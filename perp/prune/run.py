@@ -15,6 +15,7 @@ from dataclasses import replace
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
@@ -23,7 +24,7 @@ import torch
 from perp.config import PerpConfig, PruneConfig, dump_params, validate_section
 from perp.data.windows import TokenSet
 from perp.errors import ConfigError
-from perp.io.atomic import atomic_directory, write_json_atomic
+from perp.io.atomic import atomic_directory, check_output_directory, write_json_atomic
 from perp.prune.engine import (EngineOptions, EngineResult, LayerReconstruction, default_batch_size,
                                prune_model)
 from perp.prune.masks import MASKS_FILE, save_masks
@@ -96,11 +97,16 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    out_dir = Path(out_dir)
+    out_dir = check_output_directory(out_dir, inputs=[config.model.name])
     config = with_engine_overrides(config, compute_dtype=compute_dtype, batch_size=batch_size,
                                    error_tokens=error_tokens, sequential=sequential)
     spec = PruneSpec.from_config(config.prune)
     method = create_method(config.prune.method, spec)
+    if spec.nm is not None and abs(config.prune.sparsity - spec.target_sparsity) > 1e-9:
+        message = (f"prune.sparsity {config.prune.sparsity:g} is ignored: the {spec.pattern} pattern prunes exactly "
+                   f"{spec.target_sparsity:g}")
+        warnings.warn(message, stacklevel=2)
+        method.notes.append(message)
     resolve_compute_dtype(config.prune.compute_dtype)  # an unknown name fails here, before anything loads
 
     # Everything that can be wrong is checked on a weightless (meta) copy of the model first.

@@ -26,7 +26,7 @@ from perp.data import TokenSet, evaluation_set
 from perp.errors import ConfigError
 from perp.models.families import count_parameters
 from perp.prune.engine import LayerInputs, capture_layer_inputs
-from perp.recover.base import METHODS, RecoverError, Settings
+from perp.recover.base import METHODS, Settings
 from perp.recover.data import WindowStream
 from perp.recover.layerwise import BlockData, BlockTrainer, _layered_ppl
 from perp.recover.memory import PeakMemory
@@ -55,12 +55,12 @@ class FusedReconstruction:
 
     def prepare(self, loaded: Any, calib: TokenSet, blocks: int) -> None:
         """Dense perplexity (the 'before'), the blocks' call arguments for one window, the training plan."""
+        from perp.recover.run import require_biases
+
         rc = self.config.recover
         model, family, device = loaded.model, loaded.family, loaded.device
         self.loaded, self.calib = loaded, calib
-        if self.methods == ["bias"] and not any(n.endswith("bias") for n, _ in family.layers(model).named_parameters()):
-            raise RecoverError(f"recover.method: 'bias' selects no trainable parameters in '{loaded.source}' "
-                               "(LLaMA-style models have no biases)")
+        require_biases(self.methods, model, family, loaded.source)
         self.total_params = count_parameters(model)
         self.eval_set = evaluation_set(self.config.data.evaluation, loaded.tokenizer)
         self.ppl_before = _layered_ppl(model, family, self.eval_set, self.config.evaluate.batch_size, device,
@@ -85,7 +85,7 @@ class FusedReconstruction:
         self.trainer.train(index, layer, data, dense_outputs)
 
     def finish(self, peak_memory_bytes: int, sparsity: dict[str, Any]) -> dict[str, Any]:
-        from perp.recover.run import _common_report, report_header
+        from perp.recover.run import _common_report, check_outcome, report_header
 
         seconds = time.perf_counter() - self.started
         loaded, config, trainer = self.loaded, self.config, self.trainer
@@ -100,6 +100,7 @@ class FusedReconstruction:
                           "windows_from": "the calibration set (fused with pruning)"}
         common["schedule"]["seqlen"] = self.calib.seqlen
         common["peak_memory_above_start_bytes"] = None
+        check_outcome(common)
         self.report = {
             **report_header(config, loaded.source, loaded, self.methods, self.preserves, dense=loaded.source),
             "fused_with_pruning": True,

@@ -32,7 +32,8 @@ from perp.models.placement import visiting
 from perp.recover.base import RecoverError, Settings, block_scope
 from perp.prune.engine import LayerInputs, capture_layer_inputs, propagate, run_layer
 from perp.recover.data import WindowStream, training_windows
-from perp.recover.masks import MIN_PRUNED_SPARSITY, capture_masks, mask_violations, require_pruned
+from perp.recover.masks import (MIN_PRUNED_SPARSITY, capture_masks, check_source_masks, mask_violations,
+                                require_pruned)
 from perp.recover.memory import PeakMemory
 from perp.recover.selection import attach, autocast_context, require_trainable
 from perp.recover.train import optimize
@@ -189,17 +190,17 @@ class BlockTrainer:
 
 def run_layerwise(config: PerpConfig, model: str, dense: str, methods: list[str], settings: Settings,
                   preserves: bool, progress) -> dict[str, Any]:
-    from perp.recover.run import _common_report, _emit, check_windows_fit
+    from perp.recover.run import _common_report, _emit, check_windows_fit, require_biases
 
     rc = config.recover
     mc = config.model
     loaded = load_model(model, mc.device, mc.dtype, mc.revision, load_to_device=False)
     net, family, device = loaded.model, loaded.family, loaded.device
     check_windows_fit(net.config, config, model)
-    if methods == ["bias"] and not any(n.endswith("bias") for n, _ in family.layers(net).named_parameters()):
-        raise RecoverError(f"recover.method: 'bias' selects no trainable parameters in '{model}' "
-                           "(LLaMA-style models have no biases)")
+    require_biases(methods, net, family, model)
     sparsity_before = require_pruned(net, family, model, methods) if preserves else family.decoder_sparsity(net)
+    if preserves:
+        check_source_masks(loaded.path, net, family, model)
     dense_loaded = load_model(dense, mc.device, mc.dtype, mc.revision, load_to_device=False)
     dense_net = dense_loaded.model
     check_same_architecture(net, dense_net, family, model, dense)

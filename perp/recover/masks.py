@@ -6,6 +6,7 @@ checkpoint itself (`weight != 0`), so it needs no side file and always matches t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -65,3 +66,29 @@ def require_pruned(model: nn.Module, family: FamilyAdapter, source: str, methods
             "`perp prune`, or use --method lora for a dense LoRA baseline)"
         )
     return sparsity
+
+
+@torch.no_grad()
+def check_source_masks(model_dir: Path, model: nn.Module, family: FamilyAdapter, source: str) -> bool:
+    """A pruned checkpoint's `masks.safetensors` travels with the recovered model, so it must describe these
+    weights: every position it marks pruned is zero here. Returns whether there is such a file."""
+    from perp.prune.masks import MASKS_FILE, load_packed_masks
+
+    path = Path(model_dir) / MASKS_FILE
+    if not path.is_file():
+        return False
+    masks = load_packed_masks(path)
+    linears = dict(family.named_decoder_linears(model))
+    unknown = sorted(set(masks) - set(linears))
+    if unknown:
+        raise RecoverError(f"{path} names Linears '{source}' does not have ({', '.join(unknown[:3])}...): it belongs "
+                           "to another model; remove it or prune again")
+    for name, packed in masks.items():
+        weight = linears[name].weight
+        if tuple(weight.shape) != packed.shape:
+            raise RecoverError(f"{path}: {name} is {packed.shape} there but {tuple(weight.shape)} in '{source}'")
+        stray = int(torch.count_nonzero(weight[~packed.unpack().to(weight.device)]))
+        if stray:
+            raise RecoverError(f"{path} does not match the weights of '{source}': {stray} positions of {name} it marks "
+                               "pruned are non-zero (masks of another pruning run?); remove it or prune again")
+    return True

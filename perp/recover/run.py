@@ -14,6 +14,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -25,12 +26,12 @@ from perp import __version__
 from perp.config import PerpConfig, classify_model_source, dump_params
 from perp.data import evaluation_set
 from perp.evaluate.perplexity import perplexity
-from perp.io.atomic import atomic_directory
+from perp.io.atomic import atomic_directory, check_output_directory
 from perp.models import load_model
 from perp.models.families import count_parameters
 from perp.recover.base import METHODS, DataRepeatWarning, RecoverError, Settings, model_scope
 from perp.recover.data import WindowStream, training_source, training_windows
-from perp.recover.masks import capture_masks, mask_violations, require_pruned
+from perp.recover.masks import capture_masks, check_source_masks, mask_violations, require_pruned
 from perp.recover.memory import PeakMemory
 from perp.recover.selection import attach, require_trainable
 from perp.recover.train import MAX_GRAD_NORM, linear_schedule, train_end2end
@@ -115,6 +116,7 @@ def run_recover(config: PerpConfig, model: str, out_dir: Path, dense: Optional[s
     """Recover the pruned `model` per `config.recover`; write the outputs into `out_dir`; return the report."""
     started = time.perf_counter()
     rc = config.recover
+    out_dir = check_output_directory(out_dir, inputs=[model] + ([dense] if dense else []))
     methods = validate_request(config, model, dense)
     preserves = all(METHODS.get(name).preserves_sparsity for name in methods)
     settings = settings_for(config)
@@ -127,9 +129,10 @@ def run_recover(config: PerpConfig, model: str, out_dir: Path, dense: Optional[s
     else:
         outcome = _run_end2end(config, model, methods, settings, preserves, progress)
     loaded = outcome["loaded"]
+    check_outcome(outcome["report"])
 
     report: dict[str, Any] = {**report_header(config, model, loaded, methods, preserves, dense),
-                              **outcome["report"]}
+                              **outcome["report"], **source_pruning(loaded.path)}
     report["wall_seconds"] = round(time.perf_counter() - started, 3)
 
     _emit(progress, "save")
@@ -152,6 +155,64 @@ def run_recover(config: PerpConfig, model: str, out_dir: Path, dense: Optional[s
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
     _emit(progress, "done")
     return report
+
+
+class RecoveryRegressionWarning(UserWarning):
+    """Recovery finished but the held-out perplexity is worse than before it."""
+
+
+def check_outcome(report: dict[str, Any]) -> None:
+    """A non-finite held-out perplexity after training means the run diverged: refuse to write its model. A
+    finite but worse one is kept (a short or badly tuned run), with a warning and a flag in the report."""
+    before, after = report.get("ppl_before"), report.get("ppl_after")
+    if after is None:
+        return
+    if not math.isfinite(after):
+        raise RecoverError(f"training diverged: held-out perplexity after recovery is {after} (before: {before}); "
+                           "nothing was written; lower recover.lr")
+    report["worse_than_before"] = bool(before is not None and math.isfinite(before) and after > before)
+    if report["worse_than_before"]:
+        warnings.warn(RecoveryRegressionWarning(
+            f"recovery made the held-out perplexity worse: {before:.4g} -> {after:.4g}; check recover.lr and steps"),
+            stacklevel=3)
+
+
+def source_pruning(model_dir: Path) -> dict[str, Any]:
+    """What the pruned input's own report says about its pruning (target and planned sparsity, method,
+    calibration), so the recovered model carries it: evaluation gates the recovered model against its own
+    pruning plan, not against whatever params.yaml says now. A recovered input passes its record on."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return {}
+    for name in ("prune_report.json", REPORT_FILE):
+        path = model_dir / name
+        if not path.is_file():
+            continue
+        try:
+            source = json.loads(path.read_text())
+        except ValueError:
+            return {}
+        if name == REPORT_FILE:
+            return {"pruning": source["pruning"]} if isinstance(source.get("pruning"), dict) else {}
+        return {"pruning": {
+            "source": str(model_dir),
+            **{key: source.get(key) for key in ("method", "pattern", "granularity", "target_sparsity",
+                                                "planned_sparsity", "planned_pruned_weights", "achieved_sparsity")},
+            "calibration_sha256": (source.get("calibration") or {}).get("sha256"),
+            "base_model": source.get("base_model"),
+        }}
+    return {}
+
+
+def require_biases(methods: list[str], model: Any, family: Any, source: str) -> None:
+    """`bias` alone on a model without biases (LLaMA style) would train nothing: refuse before any training.
+    Combined with other methods it adds nothing, which the report notes (`bias_note`)."""
+    if "bias" in methods and not any(n.endswith("bias") for n, _ in family.layers(model).named_parameters()):
+        if methods == ["bias"]:
+            raise RecoverError(f"recover.method: 'bias' selects no trainable parameters in '{source}' "
+                               "(LLaMA-style models have no biases)")
+        warnings.warn(f"recover.method: '{source}' has no biases in its decoder layers; 'bias' adds nothing",
+                      stacklevel=3)
 
 
 def report_header(config: PerpConfig, model: str, loaded: Any, methods: list[str], preserves: bool,
@@ -182,6 +243,9 @@ def _run_end2end(config: PerpConfig, model: str, methods: list[str], settings: S
     net, family, device = loaded.model, loaded.family, loaded.device
     check_windows_fit(net.config, config, model)
     sparsity_before = require_pruned(net, family, model, methods) if preserves else family.decoder_sparsity(net)
+    if preserves:
+        check_source_masks(loaded.path, net, family, model)
+    require_biases(methods, net, family, model)
     total_params = count_parameters(net)
     train_set = training_windows(config, loaded.tokenizer)
     eval_set = evaluation_set(config.data.evaluation, loaded.tokenizer)
