@@ -35,8 +35,9 @@ class _Section(BaseModel):
 # --------------------------------------------------------------------------------------------- sources
 
 
-def classify_model_source(spec: str) -> str:
-    """Return the kind of a model spec: alias, s3, gguf, local or hub. Raises ConfigError for a missing path."""
+def classify_model_source(spec: str, what: str = "model.name") -> str:
+    """Return the kind of a model spec: alias, s3, gguf, local or hub. Raises ConfigError for a missing path,
+    naming the setting or option `what` it came from."""
     if spec in MODEL_ALIASES:
         return "alias"
     if spec.startswith("s3://"):
@@ -48,7 +49,7 @@ def classify_model_source(spec: str) -> str:
     if not looks_like_path and _HUB_ID.match(spec):
         return "hub"
     raise ConfigError(
-        f"model.name: '{spec}' does not exist (allowed: a local Hugging Face directory, a .gguf file, "
+        f"{what}: '{spec}' does not exist (allowed: a local Hugging Face directory, a .gguf file, "
         f"an s3:// URI, a Hub id such as org/name, or the alias {', '.join(MODEL_ALIASES)})"
     )
 

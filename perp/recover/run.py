@@ -65,7 +65,7 @@ def validate_request(config: PerpConfig, model: str, dense: Optional[str]) -> li
                 "recover.mode: layerwise reconstruction matches each pruned block to the dense block's outputs, so "
                 "it needs the dense reference model: pass --dense DENSE (or use --mode end2end)"
             )
-        classify_model_source(dense)
+        classify_model_source(dense, "--dense")
         if not any(METHODS.get(name).in_blocks for name in methods):
             raise RecoverError(
                 f"recover.method: '{rc.method}' trains nothing inside decoder blocks (the LM head is outside "
