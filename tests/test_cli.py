@@ -70,3 +70,11 @@ def test_recover_fused_writes_one_directory_with_both_reports(cli, tiny_opt_dir,
     assert shown["recover"]["fused_with_pruning"] is True and shown["prune"]["achieved_sparsity"] == 0.5
     assert {"prune_report.json", "recover_report.json", "masks.safetensors", "adapter.safetensors"} <= {
         p.name for p in out.iterdir()}
+
+
+def test_perp_warnings_are_one_line(cli, tmp_path):
+    result = cli("prune", "--model", "tiny-llama", "-S", "model.device=cpu", "--nsamples", "2", "--seqlen", "32",
+                 "--pattern", "2:4", "--sparsity", "0.6", "--out", str(tmp_path / "p"), "--json")
+    assert result.returncode == 0, result.stderr
+    warning = [line for line in result.stderr.splitlines() if "ignored" in line]
+    assert warning == ["warning: prune.sparsity 0.6 is ignored: the 2:4 pattern prunes exactly 0.5"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 from perp.cli.app import app, console
 from perp.cli import calibrate, evaluate, info, prune, recover, register, registry, report, run, zeroshot  # noqa: F401,E501
@@ -15,6 +16,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # perp shows its own progress; transformers' per-load bars would drown it.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.showwarning = _show_warning
     try:
         # Standalone mode: click prints usage errors itself and exits with their code; `typer.Exit(n)` exits n.
         app(standalone_mode=True)
@@ -22,5 +24,17 @@ def main() -> None:
         console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """perp's own warnings (data repeats, an ignored setting, a worse model) are one yellow line for a user, not
+    a source location; everything else keeps Python's format."""
+    if category.__module__.startswith("perp") or filename.startswith(_PERP_ROOT):
+        console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_PERP_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_python_showwarning = warnings.showwarning
 
 __all__ = ["app", "main"]
