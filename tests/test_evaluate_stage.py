@@ -91,6 +91,9 @@ def test_metrics_shape_and_cached_baseline(models, baselines, shared_data, tmp_p
                             "perplexity", "zeroshot", "gates"}
     assert on_disk["planned_pruned_weights"] == on_disk["model"]["decoder_linear_zeros"]  # halved exactly
     assert {"source", "sha256"} <= set(on_disk["model"]) and on_disk["model"]["source"] == str(pruned)
+    # no report records a base model: the dense baseline is model.name, and metrics.json says so
+    assert on_disk["model"]["dense_source"] == str(dense) and on_disk["model"]["dense_from"] == "model.name"
+    assert on_disk["model"]["target_sparsity_from"] == "config" and on_disk["model"]["pruning_record"] is None
     assert on_disk["sparsity"] == pytest.approx(0.5, abs=1e-3)  # measured from the weights
     assert on_disk["target_sparsity"] == 0.5
     # no prune_report.json here: the plan of the config's prune section (half of every row of every Linear)

@@ -32,9 +32,23 @@ def eval_ppl(
     from perp.evaluate import perplexity
     from perp.models import load_model
 
+    _check_seqlen_fits(config.model.name, config.model.revision, config.data.evaluation.seqlen)
     loaded = load_model(config.model.name, config.model.device, config.model.dtype, config.model.revision)
     token_set = evaluation_set(config.data.evaluation, loaded.tokenizer)
     with progress_bar("perplexity", token_set.num_windows, enabled=not as_json) as advance:
         result = perplexity(loaded.model, token_set, config.evaluate.batch_size, progress=advance)
     emit({"model": config.model.name, "data": config.data.evaluation.source, **result.as_dict()}, as_json,
          title="perplexity")
+
+
+def _check_seqlen_fits(model: str, revision: Optional[str], seqlen: int) -> None:
+    """Windows longer than the model's positions fail before the weights are read (for a local model; a remote
+    one is checked by `perplexity` once fetched and loaded)."""
+    from perp.config import classify_model_source
+    from perp.evaluate.perplexity import check_positions, read_model_config
+    from perp.models.loading import resolve_model_dir
+
+    if classify_model_source(model) not in ("local", "alias", "gguf"):
+        return
+    _, path = resolve_model_dir(model, revision)
+    check_positions(read_model_config(path), seqlen, "data.evaluation.seqlen (--seqlen)", f"'{model}'")

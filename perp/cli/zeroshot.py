@@ -103,7 +103,8 @@ def eval_zeroshot(
 def evaluate(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to evaluate (default: model.name, the "
                                         "dense model itself)."),
-    dense: Optional[str] = typer.Option(None, "--dense", help="Dense baseline (default: model.name)."),
+    dense: Optional[str] = typer.Option(None, "--dense", help="Dense baseline (default: the base model the candidate's "
+                                        "own reports record, else model.name)."),
     out: Path = typer.Option(Path("out/metrics.json"), "--out", "-o", help="metrics.json path (or a directory)."),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated lm-eval tasks (evaluate.zeroshot.tasks)."),
     task_data: Optional[str] = typer.Option(None, "--task-data", help="Directory of <task>.jsonl files (offline)."),

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from perp.data.windows import TokenSet
-from perp.evaluate.perplexity import PerplexityResult
+from perp.evaluate.perplexity import PerplexityResult, ppl_from_nll
 from perp.models.families import FamilyAdapter
 from perp.models.placement import visiting
 from perp.prune.engine import capture_layer_inputs, propagate
@@ -65,5 +65,5 @@ def layered_perplexity(model: nn.Module, family: FamilyAdapter, windows: TokenSe
         model.train(was_training)
     tokens = windows.num_windows * (windows.seqlen - 1)
     mean_nll = float(nll_sum) / tokens
-    return PerplexityResult(ppl=math.exp(mean_nll), nll=mean_nll, tokens=tokens, windows=windows.num_windows,
+    return PerplexityResult(ppl=ppl_from_nll(mean_nll), nll=mean_nll, tokens=tokens, windows=windows.num_windows,
                             seqlen=windows.seqlen, seconds=time.perf_counter() - started, data_hash=windows.hash)

@@ -4,10 +4,17 @@ For the evaluated model: perplexity on every configured text (`evaluate.perplexi
 (`evaluate.zeroshot`), and the decoder sparsity measured from the weights. Next to each number, the dense
 baseline's, computed once and cached under `cache_dir("baselines")`, keyed by the dense model's content hash,
 the data hash and the settings that change the number (window length, dtype, device, lm-eval and task versions,
-limit, batch size). Then the relative figures the gates read: the perplexity ratio vs dense (the worst text), the
-zero-shot mean and its drop vs dense in points, and the measured sparsity, next to the planned sparsity the
-sparsity gate compares it with (the exact fraction of the decoder Linear weights the pruning plan zeroes, from the
-model's prune_report.json or the plan of the `prune` section; per-row rounding keeps it off the nominal target).
+limit, batch size). Then the relative figures the gates read: the perplexity ratio vs dense (the worst text; NaN
+beats everything), the zero-shot mean and its drop vs dense in points, and the measured sparsity, next to the
+planned sparsity the sparsity gate compares it with (the exact fraction of the decoder Linear weights the pruning
+plan zeroes; per-row rounding keeps it off the nominal target).
+
+The candidate's own reports say what it is held to: a pruned directory's prune_report.json, a recovered one's
+recover_report.json (its `pruning` section, else the prune_report.json of the input it names, while that input
+still holds the same weights). They give the target and planned sparsity (else the config's `prune` section)
+and the dense model it was pruned from, the default baseline (else `model.name`). A baseline of another
+architecture, a recorded base model that is gone or changed, and windows longer than either model's positions are
+one-line errors before any weight is loaded.
 
 Beside `metrics.json`, `plots/eval_perplexity.csv` and `plots/eval_zeroshot.csv` hold the same series for
 `dvc plots`.
@@ -21,9 +28,10 @@ import csv
 import gc
 import io
 import json
+import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Optional
 
@@ -131,36 +139,195 @@ def _release() -> None:
         torch.cuda.empty_cache()
 
 
-def _prune_report(model_path: Path) -> dict[str, Any]:
-    """The model's own `prune_report.json` (a pruned checkpoint has one), else {}."""
-    report_file = model_path / "prune_report.json" if model_path.is_dir() else None
-    if report_file is None or not report_file.is_file():
+PRUNE_REPORT = "prune_report.json"
+RECOVER_REPORT = "recover_report.json"
+_MAX_HOPS = 8  # recovered from recovered from ... pruned: how far back the reports are followed
+
+
+@dataclass
+class _Lineage:
+    """What the candidate's own reports say about it: the dense model it was pruned from (`base`) and its pruning
+    record (`pruning`: target_sparsity, planned_pruned_weights, config.prune, owl...), each with the report file
+    that said so. Empty for a model without reports (the dense model, or a bare checkpoint)."""
+
+    base: Optional[str] = None
+    base_kind: Optional[str] = None
+    base_sha256: Optional[str] = None
+    base_from: Optional[str] = None  # "prune_report" or "recover_report"
+    base_file: Optional[str] = None  # the report file naming the base model
+    pruning: dict[str, Any] = field(default_factory=dict)
+    pruning_from: Optional[str] = None  # "prune_report" or "recover_report"
+    pruning_file: Optional[str] = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _read_report(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, else {} (missing, unreadable or not an object)."""
+    if not path.is_file():
         return {}
     try:
-        report = json.loads(report_file.read_text())
-    except ValueError:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
         return {}
     return report if isinstance(report, dict) else {}
 
 
-def _target_sparsity(report: dict[str, Any], is_dense: bool, config: PerpConfig) -> tuple[Optional[float], Optional[str]]:
-    """The nominal pruning target: the model's own `prune_report.json` when it has one, else the config's `prune`
-    section (for a compressed model), else none (the dense model itself)."""
+def _text(value: Any) -> Optional[str]:
+    return value if isinstance(value, str) and value else None
+
+
+def _take_prune_report(lineage: _Lineage, report: dict[str, Any], file: Path) -> None:
+    """A pruned checkpoint's report names the model it was pruned from (the base: it beats a recover report's
+    `dense`, with its sha256) and holds its pruning record (unless a nearer recover report copied it)."""
+    base = report.get("base_model") if isinstance(report.get("base_model"), dict) else {}
+    if _text(base.get("source")):
+        lineage.base, lineage.base_kind = base["source"], _text(base.get("kind"))
+        lineage.base_sha256, lineage.base_file = _text(base.get("sha256")), str(file)
+        lineage.base_from = "prune_report"
+    if not lineage.pruning:
+        lineage.pruning, lineage.pruning_from, lineage.pruning_file = report, "prune_report", str(file)
+
+
+def _take_recover_report(lineage: _Lineage, report: dict[str, Any], file: Path) -> None:
+    """A recovered checkpoint's report: its `pruning` section (copied from its input's prune_report.json) and
+    the dense reference it was recovered against (a fallback base when the input's report is out of reach)."""
+    section = report.get("pruning")
+    if isinstance(section, dict) and section and not lineage.pruning:
+        lineage.pruning, lineage.pruning_from, lineage.pruning_file = section, "recover_report", str(file)
+    if lineage.base is None and _text(report.get("dense")):
+        lineage.base, lineage.base_sha256 = report["dense"], _text(report.get("dense_sha256"))
+        lineage.base_from, lineage.base_file = "recover_report", str(file)
+
+
+def _recover_input(report: dict[str, Any], lineage: _Lineage) -> Optional[Path]:
+    """The local directory a recovered model was recovered from, when it still holds the same weights."""
+    source = _text(report.get("model"))
+    if source is None or not Path(source).expanduser().is_dir():
+        return None
+    path = Path(source).expanduser()
+    recorded = _text(report.get("model_sha256"))
+    if recorded is not None:
+        from perp.models.loading import model_content_hash
+
+        if model_content_hash(path) != recorded:
+            lineage.notes.append(f"'{source}' changed since it was recovered from; its reports are not used")
+            return None
+    return path
+
+
+def _lineage(model_path: Path) -> _Lineage:
+    """Walk the candidate's reports back to the pruning: a pruned directory's prune_report.json; a recovered
+    directory's recover_report.json, then the input it names (while that is a local directory with the same
+    weights). The nearest record wins; a prune_report's base model (with its sha256) beats a recover `dense`."""
+    lineage = _Lineage()
+    path: Optional[Path] = model_path
+    seen: set[Path] = set()
+    while path is not None and path.is_dir() and path.resolve() not in seen and len(seen) < _MAX_HOPS:
+        seen.add(path.resolve())
+        prune = _read_report(path / PRUNE_REPORT)
+        if prune:
+            _take_prune_report(lineage, prune, path / PRUNE_REPORT)
+            break
+        recover = _read_report(path / RECOVER_REPORT)
+        if not recover:
+            break
+        _take_recover_report(lineage, recover, path / RECOVER_REPORT)
+        path = _recover_input(recover, lineage)
+    return lineage
+
+
+_GIVEN = ("--dense", "model.name")  # dense baselines the user named, as opposed to ones a report recorded
+
+
+def _choose_dense(dense: Optional[str], lineage: _Lineage, config: PerpConfig) -> tuple[str, str]:
+    """(dense spec, where it came from): `--dense`, else the base model the candidate's reports record
+    ("prune_report" / "recover_report"), else `model.name`."""
+    if dense:
+        return dense, "--dense"
+    if lineage.base and lineage.base_from:
+        return lineage.base, lineage.base_from
+    return config.model.name, "model.name"
+
+
+def _resolve_dense(spec: str, origin: str, lineage: _Lineage, config: PerpConfig) -> tuple[str, Path]:
+    """The dense model's (kind, local directory). A base model recorded by the candidate's report that is not
+    here is a clear error, never a silent fall back to model.name."""
+    from perp.config import classify_model_source
+    from perp.models.loading import resolve_model_dir
+
+    revision = config.model.revision if spec == config.model.name else None
+    if origin in _GIVEN:
+        classify_model_source(spec)
+        return resolve_model_dir(spec, revision)
+    try:
+        if lineage.base_kind in ("local", "gguf") and not Path(spec).expanduser().exists():
+            raise EvaluateError(f"'{spec}' does not exist")  # not a Hub id, whatever its spelling
+        classify_model_source(spec)
+        return resolve_model_dir(spec, revision)
+    except PerpError as error:
+        raise EvaluateError(f"{lineage.base_file} names the dense model '{spec}' the candidate was pruned from, "
+                            f"which is not usable here ({error}); pass the dense model with --dense") from None
+
+
+def _check_dense_identity(lineage: _Lineage, dense_spec: str, origin: str, dense_sha: str) -> None:
+    """A recorded base model must still hold the weights that were pruned (its recorded sha256)."""
+    if origin in _GIVEN or lineage.base_sha256 is None or lineage.base_sha256 == dense_sha:
+        return
+    raise EvaluateError(f"{lineage.base_file} names the dense model '{dense_spec}' with sha256 "
+                        f"{lineage.base_sha256[:12]}, but '{dense_spec}' now has sha256 {dense_sha[:12]}; pass the "
+                        "dense model with --dense")
+
+
+_ARCHITECTURE = ("model_type", "num_hidden_layers", "hidden_size", "vocab_size")
+
+
+def _check_same_architecture(model_config: Any, dense_config: Any, model: str, dense_spec: str,
+                             origin: str) -> None:
+    """The dense baseline must be the candidate's architecture: a ratio against another model means nothing."""
+    from perp.evaluate.perplexity import config_value
+
+    pairs = {key: (config_value(model_config, key), config_value(dense_config, key)) for key in _ARCHITECTURE}
+    differences = [f"{key} {ours} vs {theirs}" for key, (ours, theirs) in pairs.items()
+                   if ours is not None and theirs is not None and ours != theirs]
+    if differences:
+        raise EvaluateError(f"dense baseline '{dense_spec}' (from {origin}) is not the architecture of '{model}' "
+                            f"(candidate vs dense: {', '.join(differences)}); pass the dense model it was pruned "
+                            "from with --dense")
+
+
+def _check_windows_fit(texts: list[PerplexityTextConfig], model_config: Any, dense_config: Any, model: str,
+                       dense_spec: str) -> None:
+    """Every perplexity text's windows must fit the positions of the candidate and of the dense model."""
+    from perp.evaluate.perplexity import check_positions
+
+    for index, text in enumerate(texts):
+        key = f"evaluate.perplexity.{index}.seqlen (text '{text.name}')"  # no [...]: the CLI prints rich markup
+        check_positions(model_config, text.seqlen, key, f"'{model}'")
+        check_positions(dense_config, text.seqlen, key, f"the dense model '{dense_spec}'")
+
+
+def _target_sparsity(report: dict[str, Any], is_dense: bool, config: PerpConfig,
+                     origin: str = "prune_report") -> tuple[Optional[float], Optional[str]]:
+    """The nominal pruning target: the model's pruning record (its `prune_report.json`, or for a recovered model
+    its recover_report.json's `pruning` section or its input's prune_report.json; `origin` says which) when it has
+    one, else the config's `prune` section (for a compressed model), else none (the dense model itself)."""
     value = report.get("target_sparsity")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value), "prune_report"
+        return float(value), origin
     if is_dense:
         return None, None
     return float(config.prune.target_sparsity), "config"
 
 
-def _planned_zeros(report: dict[str, Any], model: Any, family: Any, config: PerpConfig) -> tuple[Optional[int], Optional[str]]:
-    """How many decoder Linear weights the pruning plan zeroes: `planned_pruned_weights` of the model's own
-    `prune_report.json`, else the plan of its recorded (or the config's) `prune` section on this model's shapes.
-    Computed from the plan, never from the weights; None when that plan does not apply to this model."""
+def _planned_zeros(report: dict[str, Any], model: Any, family: Any, config: PerpConfig,
+                   origin: str = "prune_report") -> tuple[Optional[int], Optional[str]]:
+    """How many decoder Linear weights the pruning plan zeroes: `planned_pruned_weights` of the model's pruning
+    record (see `_target_sparsity`; `origin` names it), else the plan of its recorded (or the config's) `prune`
+    section on this model's shapes. Computed from the plan, never from the weights; None when that plan does not
+    apply to this model."""
     count = report.get("planned_pruned_weights")
     if isinstance(count, int) and not isinstance(count, bool):
-        return count, "prune_report"
+        return count, origin
     from perp.config import PruneConfig
     from perp.prune.patterns import PruneSpec
     from perp.prune.selection import plan_pruning, planned_counts
@@ -176,7 +343,7 @@ def _planned_zeros(report: dict[str, Any], model: Any, family: Any, config: Perp
                 return None, None
             plans = [replace(plan, sparsity=float(chosen[str(plan.index)])) if str(plan.index) in chosen else plan
                      for plan in plans]
-        return planned_counts(model, family, plans, spec)[0], "prune_report" if recorded else "config"
+        return planned_counts(model, family, plans, spec)[0], origin if recorded else "config"
     except (PerpError, ValueError):
         return None, None
 
@@ -235,6 +402,14 @@ def _ratio(value: Optional[float], dense: Optional[float]) -> Optional[float]:
     return value / dense
 
 
+def _worst_ratio(ratios: list[float]) -> Optional[float]:
+    """The largest perplexity ratio; NaN (a diverged text) is the worst of all (max() would skip it when it
+    follows a number, and a promotion gate would pass); None without ratios."""
+    if any(math.isnan(ratio) for ratio in ratios):
+        return math.nan
+    return max(ratios, default=None)
+
+
 def _drop_points(mean: Optional[float], dense_mean: Optional[float]) -> Optional[float]:
     if mean is None or dense_mean is None:
         return None
@@ -246,21 +421,26 @@ def _drop_points(mean: Optional[float], dense_mean: Optional[float]) -> Optional
 
 def run_evaluate(config: PerpConfig, model: str, out_path: Path, dense: Optional[str] = None, *,
                  progress_factory: Optional[ProgressFactory] = None, log: Optional[Log] = None) -> dict[str, Any]:
-    """Evaluate `model` against the dense baseline (`dense`, default `config.model.name`); write metrics.json.
+    """Evaluate `model` against the dense baseline; write metrics.json.
 
-    `out_path` is the metrics file (`.../metrics.json`) or a directory to hold it. Returns the metrics dict.
-    Everything that can be checked without weights (texts via the config, zero-shot tasks and their files) is
-    checked before any model is loaded.
+    The dense baseline is `dense`, else the model the candidate was pruned from as its reports record it
+    (prune_report.json, or a recovered model's recover_report.json and the reports of its input), else
+    `config.model.name`; it must be the candidate's architecture. The target and planned sparsity come from the
+    same reports (else from the config's `prune` section). `out_path` is the metrics file (`.../metrics.json`)
+    or a directory to hold it. Returns the metrics dict. Everything that can be checked without weights (texts
+    via the config, window lengths against both models' positions, the dense model's identity and architecture,
+    zero-shot tasks and their files) is checked before any model is loaded.
     """
     from perp.config import classify_model_source
+    from perp.evaluate.perplexity import read_model_config
     from perp.evaluate.zeroshot import validate_zeroshot
     from perp.models import load_model, resolve_device_dtype
-    from perp.models.loading import LoadedModel, resolve_model_dir
+    from perp.models.loading import model_content_hash, resolve_model_dir
 
     started = time.perf_counter()
-    dense_spec = dense or config.model.name
     classify_model_source(model)
-    classify_model_source(dense_spec)
+    if dense:
+        classify_model_source(dense)
     zs_cfg = config.evaluate.zeroshot
     plan = validate_zeroshot(zs_cfg.tasks, zs_cfg.task_data, zs_cfg.limit) if zs_cfg.tasks else None
     texts = list(config.evaluate.perplexity)
@@ -269,8 +449,24 @@ def run_evaluate(config: PerpConfig, model: str, out_path: Path, dense: Optional
     device, dtype = resolve_device_dtype(config.model.device, config.model.dtype)
     out_file = metrics_path_for(out_path)
 
-    # ---- the evaluated model
+    # ---- what the candidate's reports say, and the dense baseline: checked before any weight is read
     revision = config.model.revision if model == config.model.name else None
+    _, candidate_path = resolve_model_dir(model, revision)
+    lineage = _lineage(candidate_path)
+    dense_spec, dense_from = _choose_dense(dense, lineage, config)
+    _, dense_path = _resolve_dense(dense_spec, dense_from, lineage, config)
+    candidate_config, dense_config = read_model_config(candidate_path), read_model_config(dense_path)
+    _check_same_architecture(candidate_config, dense_config, model, dense_spec, dense_from)
+    _check_windows_fit(texts, candidate_config, dense_config, model, dense_spec)
+    dense_sha = model_content_hash(dense_path)
+    _check_dense_identity(lineage, dense_spec, dense_from, dense_sha)
+    if log:
+        for note in lineage.notes:
+            log(note)
+        if dense_from not in _GIVEN:
+            log(f"dense baseline: {dense_spec} (recorded in {lineage.base_file})")
+
+    # ---- the evaluated model
     offload = config.evaluate.offload
     loaded = load_model(model, config.model.device, config.model.dtype, revision, load_to_device=not offload)
     model_sha = loaded.content_hash
@@ -285,18 +481,14 @@ def run_evaluate(config: PerpConfig, model: str, out_path: Path, dense: Optional
                   "dtype": str(dtype).removeprefix("torch."), "device": str(device),
                   "decoder_linear_zeros": measured["zeros"], "decoder_linear_weights": measured["total"]}
     model_tokenizer_fp = tokenizer_fingerprint(loaded.tokenizer)
-    model_path = Path(loaded.path)
-    prune_report = _prune_report(model_path)
-    planned_zeros, planned_from = _planned_zeros(prune_report, loaded.model, loaded.family, config)
+    pruning, pruning_from = lineage.pruning, lineage.pruning_from or "prune_report"
+    planned_zeros, planned_from = _planned_zeros(pruning, loaded.model, loaded.family, config, pruning_from)
     del loaded
     _release()
 
     # ---- the dense baseline: from the cache, else computed once and cached
-    dense_kind, dense_path = resolve_model_dir(dense_spec, config.model.revision if dense_spec == config.model.name else None)
-    dense_sha = LoadedModel(model=None, tokenizer=None, family=None, source=dense_spec, kind=dense_kind,  # type: ignore[arg-type]
-                            path=dense_path, device=device, dtype=dtype).content_hash
     is_dense = dense_sha == model_sha
-    target, target_from = _target_sparsity(prune_report, is_dense, config)
+    target, target_from = _target_sparsity(pruning, is_dense, config, pruning_from)
     # What the sparsity gate compares the measured sparsity with: the plan's exact count over the same weights.
     planned = planned_zeros / measured["total"] if planned_zeros is not None and measured["total"] else None
     if is_dense:
@@ -351,8 +543,9 @@ def run_evaluate(config: PerpConfig, model: str, out_path: Path, dense: Optional
         }
     ratios = [entry["ratio"] for entry in perplexity_section.values() if entry["ratio"] is not None]
     metrics = {
-        "model": {**model_info, "dense_source": dense_spec, "dense_sha256": dense_sha,
-                  "target_sparsity_from": target_from, "planned_sparsity_from": planned_from},
+        "model": {**model_info, "dense_source": dense_spec, "dense_sha256": dense_sha, "dense_from": dense_from,
+                  "target_sparsity_from": target_from, "planned_sparsity_from": planned_from,
+                  "pruning_record": lineage.pruning_file if lineage.pruning else None},
         "sparsity": measured["sparsity"],
         "target_sparsity": target,
         "planned_sparsity": planned,
@@ -360,7 +553,7 @@ def run_evaluate(config: PerpConfig, model: str, out_path: Path, dense: Optional
         "perplexity": perplexity_section,
         "zeroshot": zeroshot_section,
         "gates": {
-            "ppl_ratio": max(ratios) if ratios else None,
+            "ppl_ratio": _worst_ratio(ratios),
             "zeroshot_drop_points": zeroshot_section["drop_points"] if zeroshot_section else None,
             "sparsity": measured["sparsity"],
         },
