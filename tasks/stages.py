@@ -124,7 +124,8 @@ def evaluate(evaluate: dict[str, Any], candidate: dict[str, Any], dense_model: d
 def register(register: dict[str, Any], candidate: dict[str, Any], metrics: dict[str, Any], params: dict[str, Any],
              lineage: dict[str, Any]) -> dict[str, Any]:
     manifest = pipeline.register_stage(register, candidate, metrics, params, lineage)
-    name, version = manifest.get("name"), manifest.get("version")
-    _publish("register", {"name": name, "version": version, "store": register["store"]},
-             f"### Registered\n\n**{name}** version **{version}** in `{register['store']}`")
+    name, version, reused = manifest.get("name"), manifest.get("version"), bool(manifest.get("reused"))
+    note = " (already registered with this model, metrics and lineage: reused)" if reused else ""
+    _publish("register", {"name": name, "version": version, "reused": reused, "store": register["store"]},
+             f"### Registered\n\n**{name}** version **{version}** in `{register['store']}`{note}")
     return manifest

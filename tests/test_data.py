@@ -116,3 +116,76 @@ def test_hf_source_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataSourceError, match="hf:some/dataset-not-cached:default:test: cannot load the dataset \\(the Hub is offline"):
         read_documents("hf:some/dataset-not-cached:default:test")
+
+
+def test_non_utf8_text_is_a_clear_error_naming_file_and_line(tmp_path):
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(DataSourceError, match=r"bin\.txt: not UTF-8 text \(byte 0xff at offset 0, line 1\); "
+                                              r"convert it from UTF-16 \(it starts with a UTF-16 byte order mark\)"):
+        read_documents(str(binary))
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\u00e9\nna\u00efve".encode("latin-1"))
+    with pytest.raises(DataSourceError, match=r"latin\.txt: not UTF-8 text \(byte 0xe9 at offset 3, line 1\)"):
+        read_documents(str(latin))
+
+    jsonl = tmp_path / "bin.jsonl"
+    jsonl.write_bytes(b'{"text": "fine"}\n\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataSourceError, match=r"bin\.jsonl: line 3 is not UTF-8 \(byte 0xe9 at column 14\)"):
+        read_documents(str(jsonl))
+    crlf = tmp_path / "crlf.jsonl"
+    crlf.write_bytes('\ufeff{"text": "a\u00e9"}\r\n\r\n{"text": "b"}\r\n'.encode())  # BOM, CRLF, blank line
+    assert read_documents(str(crlf)) == ["a\u00e9", "b"]
+
+
+@pytest.mark.parametrize("value, problem", [
+    (None, "line 2 has a null 'text'"),
+    (5, "line 2 has a 'text' of type number, not a string"),
+    (["a"], "line 2 has a 'text' of type array, not a string"),
+    ({"a": 1}, "line 2 has a 'text' of type object, not a string"),
+    (True, "line 2 has a 'text' of type boolean, not a string"),
+])
+def test_jsonl_text_that_is_not_a_string_is_an_error_not_its_repr(tmp_path, value, problem):
+    jsonl = tmp_path / "corpus.jsonl"
+    jsonl.write_text(json.dumps({"text": "ok " * 20}) + "\n" + json.dumps({"text": value}) + "\n")
+    with pytest.raises(DataSourceError, match=f"corpus.jsonl: {problem}"):
+        read_documents(str(jsonl))
+
+
+def test_jsonl_lone_surrogate_and_empty_text(tmp_path):
+    jsonl = tmp_path / "corpus.jsonl"
+    jsonl.write_text('{"text": "\\ud800"}\n')
+    with pytest.raises(DataSourceError, match="line 1 has a 'text' that is not valid Unicode"):
+        read_documents(str(jsonl))
+    jsonl.write_text('{"text": ""}\n{"text": "x"}\n')
+    assert read_documents(str(jsonl)) == ["", "x"]  # empty text is text: kept as before
+
+
+def test_parquet_nulls_non_strings_and_garbage_are_clear_errors(tmp_path):
+    nulls = tmp_path / "nulls.parquet"
+    pq.write_table(pa.table({"text": ["a", None, "c"]}), nulls)
+    with pytest.raises(DataSourceError, match="nulls.parquet: record 2 has a null 'text'"):
+        read_documents(str(nulls))
+    numbers = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"text": [1, 2]}), numbers)
+    with pytest.raises(DataSourceError, match="numbers.parquet: record 1 has a 'text' of type number, not a string"):
+        read_documents(str(numbers))
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"\xff\xfe not parquet at all")
+    with pytest.raises(DataSourceError, match="garbage.parquet: cannot read it as Parquet"):
+        read_documents(str(garbage))
+
+
+def test_cli_reports_non_utf8_data_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    binary = tmp_path / "bin.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    result = subprocess.run([sys.executable, "-m", "perp", "prune", "--model", "tiny-llama", "--calib", str(binary),
+                             "--method", "wanda", "--sparsity", "0.5", "--out", str(tmp_path / "pruned")],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "bin.jsonl: line 1 is not UTF-8 (byte 0xff at column 1)" in " ".join(result.stderr.split())
+    assert not (tmp_path / "pruned").exists()

@@ -100,6 +100,26 @@ def test_compress_runs_end_to_end_then_hits_the_cache(harness, tmp_path):
     assert {states[s] for s in ("mask", "recover", "evaluate", "register")} == {"Completed"}
 
 
+def test_re_running_identical_params_registers_no_duplicate_version(harness, tmp_path):
+    """The flow's register task is cached; `perp run` (run_pipeline) and a flow whose cache missed call
+    register_stage again: the version that already holds this model, metrics and lineage comes back."""
+    from flows.compress import compress
+    from perp.pipeline import config_from_sections, run_pipeline
+    from perp.registry import history
+
+    store, workdir = tmp_path / "store", str(tmp_path / "runs")
+    state = compress(**tiny_sections(store), workdir=workdir, return_state=True)
+    assert state.is_completed(), state
+    registered = state.result()["registered"]
+    assert registered["version"] == 1 and registered["reused"] is False
+    for _ in range(2):
+        again = run_pipeline(config_from_sections(**tiny_sections(store)), workdir)["registered"]
+        assert again["reused"] is True and again["version"] == 1
+        assert again["manifest_sha256"] == registered["manifest_sha256"]
+    assert [event["type"] for event in history(str(store), "tiny-perp")] == ["register"]
+    assert _versions(store)[0]["versions"] == 1
+
+
 def test_wiped_workdir_recomputes_instead_of_returning_dangling_refs(harness, tmp_path):
     import shutil
 

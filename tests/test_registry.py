@@ -22,6 +22,7 @@ from perp.registry import (
     RegistryError,
     RegistryIntegrityError,
     deregister,
+    find_version,
     gc,
     history,
     list_models,
@@ -146,6 +147,28 @@ def test_register_promote_pull_round_trip(store_uri, model_dir, tmp_path):
     report = verify(store_uri)
     assert report["ok"], report["problems"]
     assert report["checked"]["events"] == 6 and report["checked"]["manifests"] == 2
+
+
+def test_find_version_returns_only_an_active_version_with_exactly_this_content(store_uri, model_dir, tmp_path):
+    params = {"prune": {"sparsity": 0.5}}
+    assert find_version(store_uri, "tiny", model_dir, GOOD, params, LINEAGE) is None
+    assert store_keys(store_uri) == []  # looking never creates a store
+    first = register_version(store_uri, "tiny", model_dir, GOOD, params, LINEAGE)
+    found = find_version(store_uri, "tiny", model_dir, GOOD, params, LINEAGE)
+    assert found["version"] == 1 and found["manifest_sha256"] == first["manifest_sha256"]
+    assert found["files"] == first["files"] and found["metrics"] == GOOD
+
+    assert find_version(store_uri, "tiny", model_dir, BAD, params, LINEAGE) is None
+    assert find_version(store_uri, "tiny", model_dir, GOOD, {"prune": {"sparsity": 0.6}}, LINEAGE) is None
+    assert find_version(store_uri, "tiny", model_dir, GOOD, params, {**LINEAGE, "calibration_sha256": "0" * 64}) is None
+    changed = _copy_with_extra(model_dir, tmp_path / "changed", size=10)
+    assert find_version(store_uri, "tiny", changed, GOOD, params, LINEAGE) is None  # one more file
+    assert find_version(store_uri, "other", model_dir, GOOD, params, LINEAGE) is None
+
+    deregister(store_uri, "tiny", 1, reason="withdrawn")
+    assert find_version(store_uri, "tiny", model_dir, GOOD, params, LINEAGE) is None
+    events = history(store_uri, "tiny")
+    assert [e["type"] for e in events] == ["register", "deregister"]  # finding wrote nothing
 
 
 def test_gate_refusal_then_forced_promotion(store_uri, model_dir):

@@ -3,6 +3,7 @@
     from perp.registry import register_version, promote, rollback, pull, verify, gc
 
     manifest = register_version("s3://bucket/registry", "smollm2-perp", Path("out/recovered"), metrics, params, lineage)
+    same = find_version("s3://bucket/registry", "smollm2-perp", Path("out/recovered"), metrics, params, lineage)
     promote("s3://bucket/registry", "smollm2-perp", manifest["version"], "dev", reason="nightly")
     pull("s3://bucket/registry", "smollm2-perp@prod", "deploy/model")
     gc("s3://bucket/registry", older_than_seconds=86400, dry_run=False)   # orphans of failed registrations
@@ -21,8 +22,8 @@ from typing import Any
 from perp.registry.names import RegistryError  # noqa: F401 - re-exported: perp.registry.RegistryError
 
 _API = {
-    "register_version", "promote", "rollback", "deregister", "list_models", "show", "history", "verify", "pull",
-    "gc", "GateRefused",
+    "register_version", "find_version", "promote", "rollback", "deregister", "list_models", "show", "history",
+    "verify", "pull", "gc", "GateRefused",
 }
 _EVENTS = {"RegistryIntegrityError", "RegistryConflict"}
 

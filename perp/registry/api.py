@@ -1,4 +1,4 @@
-"""Model registry operations: register, promote, rollback, deregister, list, show, history, verify, pull, gc.
+"""Model registry operations: register, find, promote, rollback, deregister, list, show, history, verify, pull, gc.
 
 A version is immutable: ``register`` uploads every file of the checkpoint as a content-addressed blob (each
 ``*.safetensors`` in the compact perp-sparse format, rebuilt byte for byte on pull), then a manifest blob, and
@@ -274,6 +274,51 @@ def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: 
     event, _ = append_event(store, name, build)
     return {**manifest, "version": event["version"], "manifest_sha256": manifest_ref.sha256,
             "event": _event_summary(event)}
+
+
+def find_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: Optional[dict] = None,
+                 params: Optional[dict] = None, lineage: Optional[dict] = None,
+                 extra: Optional[dict] = None) -> Optional[dict[str, Any]]:
+    """The active version of `name` that already records exactly this registration, else None.
+
+    Candidates are the newest active version and the versions a stage holds; one matches when its manifest
+    lists the same files (path, sha256, size) and the same metrics, params, lineage and extra as
+    `register_version` would record for these arguments (`metrics` as given, no metrics.json default). Nothing
+    is written; an absent store or model is None. Returns the version's manifest + version, like `show`.
+    """
+    from perp.io.hashing import cached_sha256
+
+    name = validate_name(name)
+    store = store_uri if isinstance(store_uri, Store) else open_store(store_uri)
+    if not store.exists():
+        return None
+    _, state = load_state(store, name)
+    candidates = _reuse_candidates(state)
+    if not candidates:
+        return None
+    model_dir = Path(model_dir)
+    files = {rel: {"sha256": cached_sha256(path), "size": path.stat().st_size} for rel, path in _model_files(model_dir)}
+    wanted = json.loads(canonical(jsonable({
+        "files": files, "metrics": _dict_or_none(metrics, "metrics"), "params": _dict_or_none(params, "params"),
+        "lineage": _dict_or_none(lineage, "lineage"), "extra": _dict_or_none(extra, "extra")})))
+    for version in candidates:
+        try:
+            manifest = _load_manifest(store, name, state, version)
+        except (RegistryError, StoreError):
+            continue  # an unreadable version is never reused: `verify` reports it
+        if {key: manifest.get(key) for key in wanted} == wanted:
+            record = state.versions[version]
+            return {**manifest, "version": version, "manifest_sha256": record.manifest_sha256,
+                    "stages": state.stages_of(version), "registered_event": record.seq}
+    return None
+
+
+def _reuse_candidates(state: ModelState) -> list[int]:
+    """The newest active version, then the versions stages hold (newest first): what a re-run may return."""
+    active = {v for v, record in state.versions.items() if not record.deregistered}
+    held = {state.current(stage) for stage in state.stacks} - {None}
+    newest = {max(active)} if active else set()
+    return sorted((newest | held) & active, reverse=True)
 
 
 def _blobs_of_latest_version(store: Store, name: str, state: ModelState) -> set[str]:
