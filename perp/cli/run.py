@@ -28,7 +28,8 @@ def run(
     def on_stage(stage: str, result: Any) -> None:
         if not as_json:
             if stage == "register":
-                where = f"{result.get('name')} v{result.get('version')} in {config.register.store}"
+                where = (f"{result.get('name')} v{result.get('version')} in {config.register.store}"
+                         + (" (already registered: reused)" if result.get("reused") else ""))
             else:
                 where = result.get("uri", "")
             console.print(f"[green]✓[/] {stage} {where}", highlight=False)
@@ -38,7 +39,8 @@ def run(
         "metrics": refs["metrics"]["uri"],
         "model": refs["recovered"]["uri"],
         "registered": {"store": config.register.store, "name": refs["registered"].get("name"),
-                       "version": refs["registered"].get("version")},
+                       "version": refs["registered"].get("version"),
+                       "reused": bool(refs["registered"].get("reused"))},
     }
     if report:
         from perp.pipeline import assemble_run
@@ -54,5 +56,6 @@ def run(
     emit(summary, as_json, title="perp run")
     if not as_json:
         registered = summary["registered"]
-        console.print(f"[green]done[/]: registered {registered['name']} v{registered['version']} in "
+        verb = "already registered as" if registered["reused"] else "registered"
+        console.print(f"[green]done[/]: {verb} {registered['name']} v{registered['version']} in "
                       f"{registered['store']}" + (f"; report {summary['report']}" if report else ""), highlight=False)
