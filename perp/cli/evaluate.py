@@ -30,11 +30,12 @@ def eval_ppl(
     })
     from perp.data import evaluation_set
     from perp.evaluate import perplexity
-    from perp.models import load_model
+    from perp.models import load_model, load_tokenizer
 
     _check_seqlen_fits(config.model.name, config.model.revision, config.data.evaluation.seqlen)
+    # The text is read and tokenized first: unreadable or too short data fails before the weights load.
+    token_set = evaluation_set(config.data.evaluation, load_tokenizer(config.model.name, config.model.revision))
     loaded = load_model(config.model.name, config.model.device, config.model.dtype, config.model.revision)
-    token_set = evaluation_set(config.data.evaluation, loaded.tokenizer)
     with progress_bar("perplexity", token_set.num_windows, enabled=not as_json) as advance:
         result = perplexity(loaded.model, token_set, config.evaluate.batch_size, progress=advance)
     emit({"model": config.model.name, "data": config.data.evaluation.source, **result.as_dict()}, as_json,
