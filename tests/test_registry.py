@@ -782,3 +782,12 @@ def test_gc_checks_each_blob_again_before_deleting_it(store_uri, monkeypatch):
     assert gc(store_uri)["deleted_keys"] == [orphan]  # a dry run trusts the listing
     report = gc(store_uri, dry_run=False)
     assert (report["deleted"], report["kept_young"]) == (0, 1) and store.head(orphan) is not None
+
+
+def test_gate_details_show_counts_in_full():
+    from perp.registry.gates import _check
+
+    check = _check("prod", "model.decoder_linear_zeros", ">=", 36864, 50820, "zeroed decoder weights")
+    assert check["passed"] and check["detail"] == "zeroed decoder weights 50820 >= 36864"
+    check = _check("prod", "ppl_ratio", "<=", 1.25, 1.2345678, "perplexity ratio vs dense")
+    assert check["detail"] == "perplexity ratio vs dense 1.235 <= 1.25"

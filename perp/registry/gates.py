@@ -76,10 +76,15 @@ def _check(gate: str, metric: str, op: str, threshold: float, raw: Any, label: s
         verb = "is below the minimum"
     check.update(passed=passed, by=round(by, 6) if not passed else 0.0)
     if passed:
-        check["detail"] = f"{label} {value:.4g} {op} {threshold:g}"
+        check["detail"] = f"{label} {_shown(value)} {op} {_shown(threshold)}"
     else:
-        check["detail"] = f"{label} {value:.4g} {verb} {threshold:g} by {by:.4g}"
+        check["detail"] = f"{label} {_shown(value)} {verb} {_shown(threshold)} by {_shown(by)}"
     return check
+
+
+def _shown(number: float) -> str:
+    """Counts (whole numbers) in full, everything else to 4 significant digits."""
+    return f"{int(number)}" if float(number).is_integer() and abs(number) < 1e15 else f"{number:.4g}"
 
 
 def evaluate_gates(stage: str, stages: list[str], config: Optional[GatesConfig | dict[str, Any]],
