@@ -315,3 +315,17 @@ def test_an_input_that_changed_since_recovery_is_not_trusted(chain, tmp_path):
                                  log=lines.append)
     assert metrics["target_sparsity"] == 0.5 and metrics["model"]["target_sparsity_from"] == "config"
     assert any("changed since it was recovered from" in line for line in lines)
+
+
+def test_iterative_pruning_defaults_to_the_original_dense_model(chain, tiny_opt_dir, loads, tmp_path):
+    """dense → pruned 70% → recovered → pruned again (80%): the baseline is the dense model, not an intermediate."""
+    from perp.prune.run import run_prune
+
+    ids = torch.randint(3, 259, (4, 32), generator=torch.Generator().manual_seed(1))
+    config = load_params(None, [f"model.name={chain['recovered']}", "model.device=cpu", "prune.method=wanda",
+                                "prune.sparsity=0.8"])
+    run_prune(config, tmp_path / "again", calib=TokenSet(ids, "test:random", {"seed": 1}))
+    loads.clear()
+    metrics = stage.run_evaluate(_config(tiny_opt_dir), str(tmp_path / "again"), tmp_path / "metrics.json")
+    assert metrics["model"]["dense_source"] == str(chain["dense"])
+    assert metrics["target_sparsity"] == 0.8  # the nearest pruning record

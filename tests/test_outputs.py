@@ -184,3 +184,13 @@ def test_recovery_that_makes_things_worse_is_kept_with_a_warning(pruned_dir, tmp
     assert report["worse_than_before"] is True and (tmp_path / "out").is_dir()
     assert any(issubclass(w.category, RecoveryRegressionWarning) for w in caught)
     assert json.loads((tmp_path / "out" / "recover_report.json").read_text())["worse_than_before"] is True
+
+
+def test_a_symlinked_output_is_written_where_it_points(tiny_llama_dir, tmp_path):
+    elsewhere = tmp_path / "big-disk" / "pruned"
+    elsewhere.mkdir(parents=True)
+    link = tmp_path / "pruned"
+    link.symlink_to(elsewhere, target_is_directory=True)
+    run_prune(_config(tiny_llama_dir), link, calib=_calib())
+    assert link.is_symlink() and (elsewhere / MASKS_FILE).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big-disk", "pruned"]

@@ -618,3 +618,45 @@ def test_cli_recover_json_and_one_line_errors(cli, pruned_dirs, tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     lines = [line for line in bad.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--dense" in lines[0]
+
+
+def test_bias_alone_trains_layernorm_models_in_bf16_on_cpu(pruned_dirs, tmp_path):
+    """Only the LayerNorm biases train (fp32 masters) next to frozen bf16 LayerNorm weights: the norm runs with
+    one dtype during training, and the merged model is bf16 again."""
+    report = run_recover(tiny_config("recover.method=bias", "model.dtype=bfloat16", "recover.steps=2"),
+                         str(pruned_dirs["opt"]), tmp_path / "b")
+    recovered = load_model(str(tmp_path / "b"), device="cpu", dtype="bfloat16")
+    assert report["dtype"] == "bfloat16" and report["trainable_params"] > 0
+    assert {p.dtype for p in recovered.model.parameters()} == {torch.bfloat16}
+
+
+def test_fused_refuses_dense_merges_unused_options_and_its_own_calibration_set(tiny_llama_dir, tmp_path, cli):
+    from perp.recover.fused import run_fused
+
+    with pytest.raises(ConfigError, match="'lora' merges into dense weights"):
+        run_fused(tiny_config(f"model.name={tiny_llama_dir}", "recover.method=lora"), tmp_path / "x")
+    result = cli("recover", "--fused", "--model", str(tiny_llama_dir), "--seqlen", "64", "--out", str(tmp_path / "x"))
+    assert result.returncode == 2 and "drop --seqlen" in result.stderr
+    calib = tmp_path / "calib"
+    made = cli("calibrate", "--model", str(tiny_llama_dir), "-S", "data.calibration.nsamples=2",
+               "-S", "data.calibration.seqlen=32", "--out", str(calib))
+    assert made.returncode == 0, made.stderr
+    for command in (["recover", "--fused"], ["prune"]):
+        result = cli(*command, "--model", str(tiny_llama_dir), "--calib-set", str(calib), "--out", str(calib))
+        assert result.returncode == 2 and "would replace the input" in result.stderr, result.stderr
+    assert (calib / "calibration.safetensors").is_file()
+    assert not (tmp_path / "x").exists()
+
+
+def test_fused_precision_is_the_trainings_and_dense_before_is_no_regression(tiny_llama_dir, tmp_path):
+    from perp.recover.fused import run_fused
+
+    config = tiny_config(f"model.name={tiny_llama_dir}", "data.calibration.seqlen=32", "recover.method=norm",
+                         "recover.steps=2", "prune.compute_dtype=bfloat16")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_fused(config, tmp_path / "f")
+    assert result["prune"]["engine"]["compute_dtype"] == "float32"  # fp32 model on CPU trains without autocast
+    assert any("training's precision" in note for note in result["prune"]["notes"])
+    assert "worse_than_before" not in result["recover"]  # 'before' is the dense model
+    assert not [w for w in caught if "worse" in str(w.message)]

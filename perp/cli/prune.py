@@ -108,7 +108,9 @@ def prune(
             raise PerpError("perp prune: --calib-set already fixes the windows; drop --calib, --nsamples, --seqlen "
                             "and --seed")
         from perp.data.calibrate import load_token_set
+        from perp.io.atomic import check_output_directory
 
+        check_output_directory(out, inputs=[calib_set])
         token_set = load_token_set(calib_set)
     with _LayerProgress(enabled=not as_json) as progress:
         report = run_prune(config, out, calib=token_set, progress=progress)

@@ -87,6 +87,11 @@ def recover(
             "recover.data.seed": source.seed, "recover.data.nsamples": nsamples,
         })
     if fused:
+        unused = [flag for flag, value in (("--data", data), ("--seqlen", seqlen), ("--nsamples", nsamples))
+                  if value is not None]
+        if unused:
+            raise PerpError(f"perp recover: with --fused the blocks train on the calibration windows "
+                            f"(data.calibration or --calib-set); drop {', '.join(unused)}")
         _run_fused(config, mode, dense, calib_set, out, as_json)
         return
     if calib_set is not None:
@@ -104,7 +109,8 @@ def recover(
 
 def _run_fused(config: Any, mode: Optional[str], dense: Optional[str], calib_set: Optional[Path], out: Path,
                as_json: bool) -> None:
-    from perp.recover.fused import check_fused_request, run_fused
+    from perp.io.atomic import check_output_directory
+    from perp.recover.fused import check_fused_request, fused_config, run_fused
     from perp.recover.run import validate_request
 
     if mode == "end2end":
@@ -112,16 +118,17 @@ def _run_fused(config: Any, mode: Optional[str], dense: Optional[str], calib_set
     if dense is not None:
         raise PerpError("perp recover: with --fused, --model is the dense model, pruned and reconstructed in one "
                         "pass; drop --dense")
-    fused_config = config.model_copy(update={"recover": config.recover.model_copy(update={"mode": "layerwise"})})
-    validate_request(fused_config, config.model.name, config.model.name)
-    check_fused_request(fused_config)
+    config = fused_config(config)
+    validate_request(config, config.model.name, config.model.name)
+    check_fused_request(config)
+    check_output_directory(out, inputs=[config.model.name] + ([calib_set] if calib_set is not None else []))
     token_set = None
     if calib_set is not None:
         from perp.data.calibrate import load_token_set
 
         token_set = load_token_set(calib_set)
     with _progress(enabled=not as_json) as progress:
-        result = run_fused(fused_config, out, calib=token_set, progress=progress)
+        result = run_fused(config, out, calib=token_set, progress=progress)
     report = result["recover"]
     if as_json:
         emit({**result, "out": str(out)}, as_json=True)

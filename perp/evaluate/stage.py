@@ -215,10 +215,21 @@ def _recover_input(report: dict[str, Any], lineage: _Lineage) -> Optional[Path]:
     return path
 
 
+def _pruned_base(lineage: _Lineage) -> Optional[Path]:
+    """The recorded base model's directory when perp made it too (it has its own reports), else None."""
+    if lineage.base is None or lineage.base_kind not in (None, "local"):
+        return None
+    path = Path(lineage.base).expanduser()
+    if path.is_dir() and ((path / PRUNE_REPORT).is_file() or (path / RECOVER_REPORT).is_file()):
+        return path
+    return None
+
+
 def _lineage(model_path: Path) -> _Lineage:
     """Walk the candidate's reports back to the pruning: a pruned directory's prune_report.json; a recovered
     directory's recover_report.json, then the input it names (while that is a local directory with the same
-    weights). The nearest record wins; a prune_report's base model (with its sha256) beats a recover `dense`."""
+    weights). The nearest pruning record wins; the base model is the farthest one (iterative pruning: a base that
+    perp pruned or recovered is followed to its own base); a prune_report's base beats a recover `dense`."""
     lineage = _Lineage()
     path: Optional[Path] = model_path
     seen: set[Path] = set()
@@ -227,7 +238,8 @@ def _lineage(model_path: Path) -> _Lineage:
         prune = _read_report(path / PRUNE_REPORT)
         if prune:
             _take_prune_report(lineage, prune, path / PRUNE_REPORT)
-            break
+            path = _pruned_base(lineage)  # iterative pruning: the base was itself pruned (or recovered)
+            continue
         recover = _read_report(path / RECOVER_REPORT)
         if not recover:
             break

@@ -81,6 +81,8 @@ def atomic_directory(target: str | Path, overwrite: bool = True) -> Iterator[Pat
     Only an empty directory or a complete perp output is ever replaced (`check_output_directory`); file modes
     follow the umask (some writers create 0600 temporary files and rename them into place)."""
     target = check_output_directory(target)
+    if target.is_symlink():  # --out pointing at a directory elsewhere (a bigger disk): write there
+        target = target.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(target)
     staging = target.parent / f".{target.name}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -134,9 +134,14 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
     model = loaded.model
     plans = plan_pruning(model, family, config.prune.include, config.prune.exclude, spec)
 
+    compute = resolve_compute_dtype(config.prune.compute_dtype, loaded.device, loaded.dtype)
+    if reconstruction is not None:
+        compute = reconstruction.compute_dtype(loaded.device, loaded.dtype)
+        method.notes.append("fused with layer-wise recovery: calibration forwards run in the training's precision "
+                            f"({str(compute or loaded.dtype).removeprefix('torch.')}), not prune.compute_dtype")
     options = EngineOptions(
         device=loaded.device,
-        compute_dtype=resolve_compute_dtype(config.prune.compute_dtype, loaded.device, loaded.dtype),
+        compute_dtype=compute,
         batch_size=config.prune.batch_size or default_batch_size(calib.seqlen, loaded.device),
         error_tokens=config.prune.error_tokens,
         sequential=config.prune.sequential,
@@ -178,6 +183,8 @@ class FusedStep(LayerReconstruction, Protocol):
     """A per-layer reconstruction and what `run_prune` calls around the engine (`perp.recover.fused`)."""
 
     def prepare(self, loaded: Any, calib: TokenSet, blocks: int) -> None: ...
+
+    def compute_dtype(self, device: torch.device, model_dtype: torch.dtype) -> Optional[torch.dtype]: ...
 
     def finish(self, peak_memory_bytes: int, sparsity: dict[str, Any]) -> dict[str, Any]: ...
 

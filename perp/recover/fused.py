@@ -28,7 +28,7 @@ from perp.models.families import count_parameters
 from perp.prune.engine import LayerInputs, capture_layer_inputs
 from perp.recover.base import METHODS, Settings
 from perp.recover.data import WindowStream
-from perp.recover.layerwise import BlockData, BlockTrainer, _layered_ppl
+from perp.recover.layerwise import BlockData, BlockTrainer, _autocast_dtype, _layered_ppl
 from perp.recover.memory import PeakMemory
 
 FusedProgress = Callable[[str, int, int, str], None]  # (stage, done, total, status), as `run_recover`'s
@@ -48,6 +48,12 @@ class FusedReconstruction:
         self.progress = progress
         self.report: dict[str, Any] = {}
         self.adapter: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def compute_dtype(device: torch.device, model_dtype: torch.dtype) -> Optional[torch.dtype]:
+        """The engine's calibration precision in a fused run: the training's (`BlockTrainer`), so that targets,
+        training and the next layer's inputs are computed alike (None: the weights' dtype)."""
+        return _autocast_dtype(device, model_dtype)
 
     def _emit(self, stage: str, done: int = 0, total: int = 0, status: str = "") -> None:
         if self.progress is not None:
@@ -100,7 +106,7 @@ class FusedReconstruction:
                           "windows_from": "the calibration set (fused with pruning)"}
         common["schedule"]["seqlen"] = self.calib.seqlen
         common["peak_memory_above_start_bytes"] = None
-        check_outcome(common)
+        check_outcome(common, compare=False)
         self.report = {
             **report_header(config, loaded.source, loaded, self.methods, self.preserves, dense=loaded.source),
             "fused_with_pruning": True,
@@ -134,6 +140,18 @@ def check_fused_request(config: PerpConfig) -> None:
     if config.prune.sequential == "linear":
         raise ConfigError("prune.sequential: recovery fused with pruning trains each pruned layer on the inputs "
                           "that 'linear' mode overwrites while pruning; use 'layer' or 'auto'")
+    dense = [name for name in config.recover.methods if not METHODS.get(name).preserves_sparsity]
+    if dense:
+        raise ConfigError(f"recover.method: '{'+'.join(dense)}' merges into dense weights, which would undo the "
+                          "pruning of a fused run (and leave masks that no longer hold); use masklora, scalelora, "
+                          "norm, bias or full, or prune first and recover the pruned checkpoint")
+
+
+def fused_config(config: PerpConfig) -> PerpConfig:
+    """`config` as a fused run reads it: layer-wise, training windows = the calibration windows (so
+    `recover.seqlen` is the calibration window length)."""
+    recover = config.recover.model_copy(update={"mode": "layerwise", "seqlen": config.data.calibration.seqlen})
+    return config.model_copy(update={"recover": recover})
 
 def run_fused(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet] = None,
               progress: Optional[FusedProgress] = None) -> dict[str, Any]:
@@ -142,7 +160,7 @@ def run_fused(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
     from perp.prune.run import run_prune
     from perp.recover.run import validate_request
 
-    config = config.model_copy(update={"recover": config.recover.model_copy(update={"mode": "layerwise"})})
+    config = fused_config(config)
     validate_request(config, config.model.name, config.model.name)
     check_fused_request(config)
     reconstruction = FusedReconstruction(config, progress)
@@ -155,4 +173,4 @@ def run_fused(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
     return {"prune": prune_report, "recover": reconstruction.report}
 
 
-__all__ = ["FusedReconstruction", "check_fused_request", "run_fused"]
+__all__ = ["FusedReconstruction", "check_fused_request", "fused_config", "run_fused"]

@@ -161,15 +161,18 @@ class RecoveryRegressionWarning(UserWarning):
     """Recovery finished but the held-out perplexity is worse than before it."""
 
 
-def check_outcome(report: dict[str, Any]) -> None:
+def check_outcome(report: dict[str, Any], compare: bool = True) -> None:
     """A non-finite held-out perplexity after training means the run diverged: refuse to write its model. A
-    finite but worse one is kept (a short or badly tuned run), with a warning and a flag in the report."""
+    finite but worse one is kept (a short or badly tuned run), with a warning and a flag in the report. `compare`
+    False: 'before' is not the same model untrained (fused mode: the dense model), so only divergence counts."""
     before, after = report.get("ppl_before"), report.get("ppl_after")
     if after is None:
         return
     if not math.isfinite(after):
         raise RecoverError(f"training diverged: held-out perplexity after recovery is {after} (before: {before}); "
                            "nothing was written; lower recover.lr")
+    if not compare:
+        return
     report["worse_than_before"] = bool(before is not None and math.isfinite(before) and after > before)
     if report["worse_than_before"]:
         warnings.warn(RecoveryRegressionWarning(

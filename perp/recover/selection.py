@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from perp.models.families import is_norm
 from perp.recover.base import METHODS, RecoverError, RecoverMethod, Scope, Settings
 
 
@@ -23,6 +24,7 @@ class Attachment:
     methods: list[RecoverMethod]
     params: dict[str, nn.Parameter]  # name (relative to the scope root) → trainable parameter
     model_dtypes: dict[int, torch.dtype] = field(default_factory=dict)  # id → dtype, for existing parameters
+    companions: list[tuple[nn.Parameter, torch.dtype]] = field(default_factory=list)  # frozen, upcast alongside
 
     @property
     def trainable_params(self) -> int:
@@ -49,6 +51,9 @@ class Attachment:
             dtype = self.model_dtypes.get(id(param))
             if dtype is not None and param.dtype != dtype:
                 param.data = param.data.to(dtype)
+        for param, dtype in self.companions:
+            param.data = param.data.to(dtype)
+        self.companions = []
         for method in reversed(self.methods):
             method.merge(self.scope)
         for param in self.scope.root.parameters():
@@ -85,7 +90,26 @@ def attach(scope: Scope, method_names: list[str], settings: Settings) -> Attachm
             model_dtypes[id(param)] = param.dtype
         if param.dtype != torch.float32:
             param.data = param.data.float()  # fp32 master copy; the forward runs in the autocast dtype
-    return Attachment(scope=scope, methods=methods, params=params, model_dtypes=model_dtypes)
+    companions = _upcast_norm_companions(scope.root, {id(p) for p in params.values()})
+    return Attachment(scope=scope, methods=methods, params=params, model_dtypes=model_dtypes, companions=companions)
+
+
+def _upcast_norm_companions(root: nn.Module, trainable: set[int]) -> list[tuple[nn.Parameter, torch.dtype]]:
+    """A norm whose bias trains (fp32 master) but whose weight does not (bf16) has mixed parameter dtypes, which
+    CPU LayerNorm refuses: its frozen parameters are upcast for the training too (a norm is tiny), and cast back
+    at the merge. Linears need nothing: autocast casts their operands."""
+    companions = []
+    for module in root.modules():
+        if not is_norm(module):
+            continue
+        own = [p for p in module.parameters(recurse=False)]
+        if not any(id(p) in trainable for p in own):
+            continue
+        for param in own:
+            if id(param) not in trainable and param.dtype.is_floating_point and param.dtype != torch.float32:
+                companions.append((param, param.dtype))
+                param.data = param.data.float()
+    return companions
 
 
 def require_trainable(attachment: Attachment, method: str, where: str) -> None:
