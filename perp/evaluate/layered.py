@@ -8,7 +8,6 @@ them. Peak device memory is one layer, the tail, and the hidden states of every 
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Callable, Optional
 

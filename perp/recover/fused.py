@@ -14,7 +14,6 @@ The output directory holds both stages' results: the merged checkpoint (sparse),
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -82,10 +81,12 @@ class FusedReconstruction:
         model.requires_grad_(False)
         torch.manual_seed(rc.seed)
         self._emit("train", 0, self.trainer.total_steps)
-        self.started = time.perf_counter()
 
     def __call__(self, index: int, layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tensor]) -> None:
-        data = BlockData(self.call, hidden=torch.cat(inputs.hidden))
+        hidden = torch.cat(inputs.hidden)
+        # The engine's micro-batches become views of the one tensor the block trains on: one copy, not two.
+        inputs.hidden[:] = list(hidden.split([h.shape[0] for h in inputs.hidden]))
+        data = BlockData(self.call, hidden=hidden)
         dense_outputs = torch.cat(targets)
         targets.clear()  # the engine's list: its micro-batches are no longer needed
         self.trainer.train(index, layer, data, dense_outputs)
@@ -93,8 +94,8 @@ class FusedReconstruction:
     def finish(self, peak_memory_bytes: int, sparsity: dict[str, Any]) -> dict[str, Any]:
         from perp.recover.run import _common_report, check_outcome, report_header
 
-        seconds = time.perf_counter() - self.started
         loaded, config, trainer = self.loaded, self.config, self.trainer
+        seconds = trainer.seconds  # the blocks' training; the whole job's phases are in prune_report's timings
         model, family = loaded.model, loaded.family
         ppl_after = _layered_ppl(model, family, self.eval_set, config.evaluate.batch_size, loaded.device,
                                  self.progress, "ppl_after")
