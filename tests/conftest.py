@@ -72,3 +72,40 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> sub
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture
+def model_loads(monkeypatch) -> list[str]:
+    """Every model `perp.models.load_model` is asked for, in order (the real loader still runs)."""
+    import perp.models
+
+    calls: list[str] = []
+    real = perp.models.load_model
+
+    def counting(spec, *args, **kwargs):
+        calls.append(str(spec))
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(perp.models, "load_model", counting)
+    return calls
+
+
+@pytest.fixture
+def perp_in_process(monkeypatch, capsys, tmp_path):
+    """`perp ARGS...` through the real entry point, in this process, from an empty directory (no params.yaml,
+    no out/): returns (exit code, stdout, stderr with whitespace folded: rich wraps long lines)."""
+    from perp.cli import main
+
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["perp", *args])
+        try:
+            main()
+            code = 0
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 1
+        out, err = capsys.readouterr()
+        return code, out, " ".join(err.split())
+
+    return run

@@ -39,19 +39,8 @@ def baselines(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def loads(monkeypatch) -> list[str]:
-    """Every model load_model is asked for, in order."""
-    import perp.models
-
-    calls: list[str] = []
-    real = perp.models.load_model
-
-    def counting(spec, *args, **kwargs):
-        calls.append(str(spec))
-        return real(spec, *args, **kwargs)
-
-    monkeypatch.setattr(perp.models, "load_model", counting)
-    return calls
+def loads(model_loads) -> list[str]:
+    return model_loads
 
 
 def _copy(source: Path, target: Path) -> Path:

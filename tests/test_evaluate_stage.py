@@ -64,24 +64,10 @@ def _config(tmp_path: Path, dense: Path, shared_data: Path, tasks: list[str]):
     ])
 
 
-def _count_loads(monkeypatch) -> list[str]:
-    import perp.models
-
-    calls: list[str] = []
-    real = perp.models.load_model
-
-    def counting(spec, *args, **kwargs):
-        calls.append(str(spec))
-        return real(spec, *args, **kwargs)
-
-    monkeypatch.setattr(perp.models, "load_model", counting)
-    return calls
-
-
-def test_metrics_shape_and_cached_baseline(models, baselines, shared_data, tmp_path, monkeypatch):
+def test_metrics_shape_and_cached_baseline(models, baselines, shared_data, tmp_path, monkeypatch, model_loads):
     dense, pruned = models
     config = _config(tmp_path, dense, shared_data, ["arc_easy", "rte"])
-    calls = _count_loads(monkeypatch)
+    calls = model_loads
     metrics = stage.run_evaluate(config, str(pruned), tmp_path / "out" / "metrics.json")
     assert calls == [str(pruned), str(dense)]  # the candidate, then the dense baseline (not cached yet)
 
@@ -129,10 +115,10 @@ def test_metrics_shape_and_cached_baseline(models, baselines, shared_data, tmp_p
     assert (tmp_path / "again" / "metrics.json").is_file()
 
 
-def test_dense_model_is_its_own_baseline(models, baselines, shared_data, tmp_path, monkeypatch):
+def test_dense_model_is_its_own_baseline(models, baselines, shared_data, tmp_path, monkeypatch, model_loads):
     dense, _ = models
     config = _config(tmp_path, dense, shared_data, ["rte"])
-    calls = _count_loads(monkeypatch)
+    calls = model_loads
     metrics = stage.run_evaluate(config, str(dense), tmp_path / "metrics.json")
     assert calls == [str(dense)]
     assert metrics["sparsity"] == 0.0 and metrics["target_sparsity"] is None and metrics["planned_sparsity"] is None
@@ -141,13 +127,13 @@ def test_dense_model_is_its_own_baseline(models, baselines, shared_data, tmp_pat
     assert len(list(baselines.glob("*.json"))) == 3  # written for the next compressed model
 
 
-def test_bad_zeroshot_task_fails_before_any_model_is_loaded(models, baselines, shared_data, tmp_path, monkeypatch):
+def test_bad_zeroshot_task_fails_before_any_model_is_loaded(models, baselines, shared_data, tmp_path, monkeypatch, model_loads):
     from perp.evaluate.zeroshot import TaskDataError
 
     dense, pruned = models
     config = _config(tmp_path, dense, shared_data, ["rte"])
     config.evaluate.zeroshot.tasks = ["rte", "piqa"]  # no piqa.jsonl in the task directory
-    calls = _count_loads(monkeypatch)
+    calls = model_loads
     with pytest.raises(TaskDataError, match=r"task 'piqa': .*piqa.jsonl does not exist"):
         stage.run_evaluate(config, str(pruned), tmp_path / "metrics.json")
     assert calls == [] and not (tmp_path / "metrics.json").exists()

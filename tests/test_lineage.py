@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -56,23 +55,9 @@ def write_metrics(model_dir: Path, target: Path, **extra: object) -> Path:
 
 
 @pytest.fixture
-def cli(monkeypatch, capsys, tmp_path):
+def cli(perp_in_process):
     """`perp ARGS...` in-process from an empty directory (no params.yaml, no out/): (exit code, stdout, stderr)."""
-    from perp.cli import main
-
-    monkeypatch.chdir(tmp_path)
-
-    def run(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["perp", *args])
-        try:
-            main()
-            code = 0
-        except SystemExit as exit:
-            code = exit.code if isinstance(exit.code, int) else 1
-        out, err = capsys.readouterr()
-        return code, out, " ".join(err.split())
-
-    return run
+    return perp_in_process
 
 
 def register(cli, store: Path, model_dir: Path, metrics: Path, *options: str) -> tuple[int, dict, str]:

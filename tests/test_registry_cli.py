@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import uuid
 from pathlib import Path
 
@@ -19,23 +18,9 @@ BAD = {**GOOD, "gates": {"ppl_ratio": 1.4, "zeroshot_drop_points": 0.5, "sparsit
 
 
 @pytest.fixture
-def cli(monkeypatch, capsys, tmp_path):
-    """Run `perp ARGS...` through the real entry point; returns (exit code, stdout, stderr)."""
-    from perp.cli import main
-
-    monkeypatch.chdir(tmp_path)  # no params.yaml: the register defaults apply
-
-    def run(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["perp", *args])
-        try:
-            main()
-            code = 0
-        except SystemExit as exit:
-            code = exit.code if isinstance(exit.code, int) else 1
-        out, err = capsys.readouterr()
-        return code, out, " ".join(err.split())  # rich wraps long lines
-
-    return run
+def cli(perp_in_process):
+    """`perp ARGS...` in-process from an empty directory (no params.yaml, no out/): (exit code, stdout, stderr)."""
+    return perp_in_process
 
 
 @pytest.fixture
