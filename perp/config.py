@@ -54,6 +54,15 @@ def classify_model_source(spec: str, what: str = "model.name") -> str:
     )
 
 
+def recorded_model_source(spec: str) -> str:
+    """How reports record a model: local paths absolute (the record must resolve from any working directory),
+    anything else (alias, Hub id, s3:// URI) as given."""
+    if spec in MODEL_ALIASES or spec.startswith("s3://"):
+        return spec
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
 def classify_text_source(spec: str) -> str:
     """Return the kind of a text spec: embedded, hf, s3, text, jsonl or parquet. Missing files are errors."""
     if spec.startswith("embedded:"):

@@ -325,7 +325,7 @@ def lineage(calibration: Optional[Ref], pruned: Optional[Ref], recovered: Ref) -
 
 def register_stage(register: dict[str, Any], candidate: Ref, metrics: Ref, params: dict[str, Any],
                    run_lineage: dict[str, Any]) -> dict[str, Any]:
-    """Register the candidate with its metrics and lineage; idempotent: when an active version (the newest, or
+    """Register the candidate with its metrics and lineage; idempotent: when an active version (a recent one, or
     one a stage holds) already records exactly this model, metrics, params and lineage, that version is
     returned with `"reused": true` and nothing is written. A new version has `"reused": false`."""
     from perp.registry import find_version, register_version

@@ -13,7 +13,7 @@ import torch
 
 from perp.config import load_params
 from perp.data.windows import TokenSet
-from perp.errors import ConfigError
+from perp.errors import ConfigError, PerpError
 from perp.evaluate import stage
 from perp.evaluate.perplexity import perplexity, ppl_from_nll
 from perp.evaluate.stage import EvaluateError
@@ -318,3 +318,19 @@ def test_iterative_pruning_defaults_to_the_original_dense_model(chain, tiny_opt_
     metrics = stage.run_evaluate(_config(tiny_opt_dir), str(tmp_path / "again"), tmp_path / "metrics.json")
     assert metrics["model"]["dense_source"] == str(chain["dense"])
     assert metrics["target_sparsity"] == 0.8  # the nearest pruning record
+
+
+def test_recovered_candidate_keeps_its_recorded_base_when_its_input_is_gone(chain, tiny_opt_dir, loads, tmp_path):
+    """The pruned input moved away: the base model recover_report.json copied from its prune report still names
+    the baseline (not model.name), and is still checked against its recorded sha256."""
+    moved = _copy(chain["recovered"], tmp_path / "recovered")
+    _edit_json(moved / "recover_report.json", model=str(tmp_path / "gone"))
+    metrics = stage.run_evaluate(_config(tiny_opt_dir), str(moved), tmp_path / "metrics.json")
+    assert metrics["model"]["dense_source"] == str(chain["dense"]) and metrics["model"]["dense_from"] == "recover_report"
+    changed = _copy(chain["dense"], tmp_path / "dense-changed")
+    report = json.loads((moved / "recover_report.json").read_text())
+    report["pruning"]["base_model"]["source"] = str(changed)
+    (moved / "recover_report.json").write_text(json.dumps(report))
+    (changed / "config.json").write_text((changed / "config.json").read_text() + " ")  # other content, same model
+    with pytest.raises(PerpError, match="now has sha256"):
+        stage.run_evaluate(_config(tiny_opt_dir), str(moved), tmp_path / "m2.json")

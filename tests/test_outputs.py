@@ -194,3 +194,50 @@ def test_a_symlinked_output_is_written_where_it_points(tiny_llama_dir, tmp_path)
     run_prune(_config(tiny_llama_dir), link, calib=_calib())
     assert link.is_symlink() and (elsewhere / MASKS_FILE).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big-disk", "pruned"]
+
+
+def test_a_complete_output_of_another_stage_is_not_replaced(pruned_dir, tmp_path):
+    from perp.data.calibrate import run_calibrate
+    from perp.io.atomic import output_kind
+
+    copy = tmp_path / "pruned"
+    shutil.copytree(pruned_dir, copy)
+    assert output_kind(copy) == "prune"
+    with pytest.raises(OutputError, match="holds a perp prune output; writing a calibration output"):
+        run_calibrate(_config("tiny-llama"), copy)
+    with pytest.raises(OutputError, match="holds a perp prune output; writing a recover output"):
+        run_recover(_config(pruned_dir, "recover.method=norm"), str(pruned_dir), copy)
+    assert (copy / MASKS_FILE).is_file()
+
+
+def test_reports_record_local_models_by_absolute_path(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_llama_dir.parent)
+    report = run_prune(_config(tiny_llama_dir.name), tmp_path / "p", calib=_calib())
+    assert report["base_model"]["source"] == str(tiny_llama_dir.resolve())
+    recovered = run_recover(_config(tmp_path / "p", "recover.method=norm"), str(os.path.relpath(tmp_path / "p")),
+                            tmp_path / "r")
+    assert recovered["model"] == str((tmp_path / "p").resolve())
+
+
+def test_report_and_metrics_outputs_never_destroy_inputs_or_user_files(pruned_dir, tmp_path, monkeypatch, cli):
+    from perp.report import ReportError, render_report
+
+    mine = tmp_path / "mine"
+    (mine / "runs").mkdir(parents=True)
+    (mine / "runs" / "data.txt").write_text("keep")
+    (mine / "photo.png").write_text("keep")
+    monkeypatch.chdir(mine)
+    with pytest.raises(OutputError):
+        render_report(pruned_dir, out_dir=Path("."))
+    with pytest.raises(ReportError, match="would replace the run directory"):
+        render_report(pruned_dir, out_dir=pruned_dir)
+    assert (mine / "runs" / "data.txt").is_file() and (mine / "photo.png").is_file()
+    first = render_report(pruned_dir, out_dir=tmp_path / "report")
+    again = render_report(pruned_dir, out_dir=tmp_path / "report")  # its own earlier report is replaced
+    assert first == again and again.is_file()
+
+    copy = tmp_path / "model"
+    shutil.copytree(pruned_dir, copy)
+    result = cli("evaluate", "--model", str(copy), "--out", str(copy / "prune_report.json"), "-S", "model.device=cpu")
+    assert result.returncode == 2 and "would overwrite or write into the input" in result.stderr, result.stderr
+    assert json.loads((copy / "prune_report.json").read_text())["method"]

@@ -110,7 +110,7 @@ def prune(
         from perp.data.calibrate import load_token_set
         from perp.io.atomic import check_output_directory
 
-        check_output_directory(out, inputs=[calib_set])
+        check_output_directory(out, inputs=[calib_set], kind="prune")
         token_set = load_token_set(calib_set)
     with _LayerProgress(enabled=not as_json) as progress:
         report = run_prune(config, out, calib=token_set, progress=progress)

@@ -121,7 +121,8 @@ def _run_fused(config: Any, mode: Optional[str], dense: Optional[str], calib_set
     config = fused_config(config)
     validate_request(config, config.model.name, config.model.name)
     check_fused_request(config)
-    check_output_directory(out, inputs=[config.model.name] + ([calib_set] if calib_set is not None else []))
+    check_output_directory(out, inputs=[config.model.name] + ([calib_set] if calib_set is not None else []),
+                           kind="recover")
     token_set = None
     if calib_set is not None:
         from perp.data.calibrate import load_token_set

@@ -39,13 +39,26 @@ def register(
     """
     config = build_config(params, sets)
     from perp.config import dump_params
-    from perp.io.atomic import write_json_atomic
-    from perp.pipeline import lineage, reference, register_stage
+    from perp.io.atomic import check_output_file, write_json_atomic
+    from perp.pipeline import LineageError, lineage, reference, register_stage
 
+    if out is not None:
+        check_output_file(out, inputs=[model_dir, metrics] + [p for p in (pruned, calibration) if p is not None])
     candidate = _candidate(model_dir, metrics)
     pruned_ref = _pruned_ref(pruned, model_dir)
     calibration_ref = _calibration_ref(calibration)
-    run_lineage = lineage(calibration_ref, pruned_ref, candidate)
+    try:
+        run_lineage = lineage(calibration_ref, pruned_ref, candidate)
+    except LineageError:
+        # out/pruned and out/calibration are only guesses when not named: if they are not this model's, they are
+        # not its lineage (recorded as unknown); what the user named must hold.
+        guessed_pruned = pruned is None and pruned_ref is not None and Path(pruned_ref["uri"]) == \
+            DEFAULT_PRUNED.resolve()
+        guessed_calibration = calibration is None and calibration_ref is not None
+        if not (guessed_pruned or guessed_calibration):
+            raise
+        run_lineage = lineage(None if guessed_calibration else calibration_ref,
+                              None if guessed_pruned else pruned_ref, candidate)
     manifest = register_stage(dump_params(config)["register"], candidate, reference(metrics), dump_params(config),
                               run_lineage)
     summary = {"store": config.register.store, "name": manifest.get("name"), "version": manifest.get("version"),

@@ -48,11 +48,11 @@ def run_calibrate(config: PerpConfig, out_dir: str | Path) -> dict[str, Any]:
     from perp.data import calibration_set
     from perp.models import load_tokenizer
 
-    check_output_directory(out_dir, inputs=[config.model.name, config.data.calibration.source])
+    check_output_directory(out_dir, inputs=[config.model.name, config.data.calibration.source], kind="calibration")
 
     tokenizer = load_tokenizer(config.model.name, config.model.revision)
     token_set = calibration_set(config.data.calibration, tokenizer)
-    with atomic_directory(out_dir) as staging:
+    with atomic_directory(out_dir, kind="calibration") as staging:
         description = save_token_set(token_set, staging)
         (staging / "params.json").write_text(json.dumps(
             {"model": dump_params(config)["model"], "calibration": dump_params(config)["data"]["calibration"]},

@@ -38,8 +38,8 @@ from typing import Any, Callable, ContextManager, Optional
 import torch
 
 from perp.config import PerpConfig, PerplexityTextConfig
-from perp.errors import PerpError
-from perp.io.atomic import write_json_atomic
+from perp.errors import OutputError, PerpError
+from perp.io.atomic import check_output_file, write_json_atomic
 from perp.io.cache import cache_dir
 from perp.io.hashing import sha256_bytes
 
@@ -194,6 +194,12 @@ def _take_recover_report(lineage: _Lineage, report: dict[str, Any], file: Path) 
     section = report.get("pruning")
     if isinstance(section, dict) and section and not lineage.pruning:
         lineage.pruning, lineage.pruning_from, lineage.pruning_file = section, "recover_report", str(file)
+    recorded = section.get("base_model") if isinstance(section, dict) else None
+    if lineage.base is None and isinstance(recorded, dict) and _text(recorded.get("source")):
+        # the base the input's prune_report named, copied at recovery: it holds when the input is out of reach
+        lineage.base, lineage.base_kind = recorded["source"], _text(recorded.get("kind"))
+        lineage.base_sha256, lineage.base_file = _text(recorded.get("sha256")), str(file)
+        lineage.base_from = "recover_report"
     if lineage.base is None and _text(report.get("dense")):
         lineage.base, lineage.base_sha256 = report["dense"], _text(report.get("dense_sha256"))
         lineage.base_from, lineage.base_file = "recover_report", str(file)
@@ -459,6 +465,8 @@ def run_evaluate(config: PerpConfig, model: str, out_path: Path, dense: Optional
     if not texts and plan is None:
         raise EvaluateError("nothing to evaluate: evaluate.perplexity is empty and evaluate.zeroshot.tasks is empty")
     device, dtype = resolve_device_dtype(config.model.device, config.model.dtype)
+    if Path(out_path).is_file() and Path(out_path).suffix != ".json":
+        raise OutputError(f"--out '{out_path}' is an existing file without .json: name a .json file or a directory")
     out_file = metrics_path_for(out_path)
 
     # ---- what the candidate's reports say, and the dense baseline: checked before any weight is read
@@ -467,6 +475,8 @@ def run_evaluate(config: PerpConfig, model: str, out_path: Path, dense: Optional
     lineage = _lineage(candidate_path)
     dense_spec, dense_from = _choose_dense(dense, lineage, config)
     _, dense_path = _resolve_dense(dense_spec, dense_from, lineage, config)
+    # metrics.json and plots/ never go into (or over) a model directory: registering it would upload them
+    check_output_file(out_file, inputs=[candidate_path, dense_path])
     candidate_config, dense_config = read_model_config(candidate_path), read_model_config(dense_path)
     _check_same_architecture(candidate_config, dense_config, model, dense_spec, dense_from)
     _check_windows_fit(texts, candidate_config, dense_config, model, dense_spec)

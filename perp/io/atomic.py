@@ -13,7 +13,7 @@ import shutil
 import socket
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
 from perp.errors import OutputError
 
@@ -45,7 +45,8 @@ def remove_stale_staging(target: Path) -> list[Path]:
     return removed
 
 
-def check_output_directory(target: str | Path, inputs: Iterable[str | Path] = (), what: str = "--out") -> Path:
+def check_output_directory(target: str | Path, inputs: Iterable[str | Path] = (), what: str = "--out",
+                           kind: Optional[str] = None) -> Path:
     """Refuse an output directory that replacing would destroy something perp did not write.
 
     Allowed: a path that does not exist, an empty directory, or a complete perp output (it has the marker file).
@@ -71,16 +72,47 @@ def check_output_directory(target: str | Path, inputs: Iterable[str | Path] = ()
         if any(target.iterdir()) and not is_complete(target):
             raise OutputError(f"{what} '{target}' exists and is not empty; choose another directory (perp replaces "
                               "only its own complete outputs)")
+        existing = output_kind(target)
+        if kind and existing and existing != kind:
+            raise OutputError(f"{what} '{target}' holds a perp {existing} output; writing a {kind} output would "
+                              "replace it: choose another directory (or remove it first)")
+    return target
+
+
+def output_kind(directory: str | Path) -> Optional[str]:
+    """What wrote a complete perp output (`prune`, `recover`, `calibration`...), as its marker records it; None
+    for outputs written before markers named their kind."""
+    try:
+        return (Path(directory) / COMPLETE_MARKER).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def check_output_file(target: str | Path, inputs: Iterable[str | Path] = (), what: str = "--out") -> Path:
+    """Refuse a file output that would overwrite or land inside a stage's input (a model directory, a metrics
+    file), or that names an existing directory. Returns the target as a Path."""
+    target = Path(target)
+    if target.is_dir():
+        raise OutputError(f"{what} '{target}' is a directory; name a file")
+    resolved = target.expanduser().resolve()
+    for source in inputs:
+        source_path = Path(source).expanduser()
+        if not source_path.exists():
+            continue
+        source_resolved = source_path.resolve()
+        if resolved == source_resolved or source_resolved in resolved.parents:
+            raise OutputError(f"{what} '{target}' would overwrite or write into the input '{source}'; write it "
+                              "elsewhere")
     return target
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
+def atomic_directory(target: str | Path, overwrite: bool = True, kind: Optional[str] = None) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces `target` atomically, on error it is removed.
 
     Only an empty directory or a complete perp output is ever replaced (`check_output_directory`); file modes
     follow the umask (some writers create 0600 temporary files and rename them into place)."""
-    target = check_output_directory(target)
+    target = check_output_directory(target, kind=kind)
     if target.is_symlink():  # --out pointing at a directory elsewhere (a bigger disk): write there
         target = target.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +121,7 @@ def atomic_directory(target: str | Path, overwrite: bool = True) -> Iterator[Pat
     staging.mkdir()
     try:
         yield staging
-        (staging / COMPLETE_MARKER).write_text("")
+        (staging / COMPLETE_MARKER).write_text(kind or "")
         _apply_umask(staging)
         if target.exists():
             if not overwrite:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional, Protocol
 
 import torch
 
-from perp.config import PerpConfig, PruneConfig, dump_params, validate_section
+from perp.config import PerpConfig, PruneConfig, dump_params, recorded_model_source, validate_section
 from perp.data.windows import TokenSet
 from perp.errors import ConfigError
 from perp.io.atomic import atomic_directory, check_output_directory, write_json_atomic
@@ -97,7 +97,7 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    out_dir = check_output_directory(out_dir, inputs=[config.model.name])
+    out_dir = check_output_directory(out_dir, inputs=[config.model.name], kind=output_kind_for(reconstruction))
     config = with_engine_overrides(config, compute_dtype=compute_dtype, batch_size=batch_size,
                                    error_tokens=error_tokens, sequential=sequential)
     spec = PruneSpec.from_config(config.prune)
@@ -164,7 +164,7 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
         report["reconstruction"] = {key: recovered.get(key) for key in (
             "method", "trainable_params", "ppl_before", "ppl_after", "seconds")} | {"report": "recover_report.json"}
     t0 = time.perf_counter()
-    with atomic_directory(out_dir) as staging:
+    with atomic_directory(out_dir, kind=output_kind_for(reconstruction)) as staging:
         model.save_pretrained(staging)
         loaded.tokenizer.save_pretrained(staging)
         save_masks(result.masks, staging / MASKS_FILE)
@@ -177,6 +177,11 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
         report["peak_rss_bytes"] = _peak_rss_bytes()
         write_json_atomic(staging / REPORT_FILE, report)
     return report
+
+
+def output_kind_for(reconstruction: Optional["FusedStep"]) -> str:
+    """A fused run's output is a recovered model; a plain run's a pruned one (what the completion marker says)."""
+    return "recover" if reconstruction is not None else "prune"
 
 
 class FusedStep(LayerReconstruction, Protocol):
@@ -260,7 +265,7 @@ def build_report(config: PerpConfig, loaded: Any, calib: TokenSet, spec: PruneSp
         "notes": result.notes,
         "config": dump_params(config),
         "calibration": calib.describe(),
-        "base_model": {"source": loaded.source, "kind": loaded.kind, "sha256": loaded.content_hash,
+        "base_model": {"source": recorded_model_source(loaded.source), "kind": loaded.kind, "sha256": loaded.content_hash,
                        "family": loaded.family.name},
         "perp_version": __version__,
         "masks": {"file": MASKS_FILE, "format": "bitmask, True = kept", "linears": len(result.masks)},

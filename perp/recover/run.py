@@ -23,7 +23,7 @@ import torch
 import transformers
 
 from perp import __version__
-from perp.config import PerpConfig, classify_model_source, dump_params
+from perp.config import PerpConfig, classify_model_source, dump_params, recorded_model_source
 from perp.data import evaluation_set
 from perp.evaluate.perplexity import perplexity
 from perp.io.atomic import atomic_directory, check_output_directory
@@ -116,7 +116,7 @@ def run_recover(config: PerpConfig, model: str, out_dir: Path, dense: Optional[s
     """Recover the pruned `model` per `config.recover`; write the outputs into `out_dir`; return the report."""
     started = time.perf_counter()
     rc = config.recover
-    out_dir = check_output_directory(out_dir, inputs=[model] + ([dense] if dense else []))
+    out_dir = check_output_directory(out_dir, inputs=[model] + ([dense] if dense else []), kind="recover")
     methods = validate_request(config, model, dense)
     preserves = all(METHODS.get(name).preserves_sparsity for name in methods)
     settings = settings_for(config)
@@ -137,7 +137,7 @@ def run_recover(config: PerpConfig, model: str, out_dir: Path, dense: Optional[s
 
     _emit(progress, "save")
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as staging:
+    with atomic_directory(out_dir, kind="recover") as staging:
         loaded.model.save_pretrained(staging)
         loaded.tokenizer.save_pretrained(staging)
         adapter = outcome["adapter"]
@@ -198,7 +198,7 @@ def source_pruning(model_dir: Path) -> dict[str, Any]:
         if name == REPORT_FILE:
             return {"pruning": source["pruning"]} if isinstance(source.get("pruning"), dict) else {}
         return {"pruning": {
-            "source": str(model_dir),
+            "source": str(model_dir.resolve()),
             **{key: source.get(key) for key in ("method", "pattern", "granularity", "target_sparsity",
                                                 "planned_sparsity", "planned_pruned_weights", "achieved_sparsity")},
             "calibration_sha256": (source.get("calibration") or {}).get("sha256"),
@@ -225,9 +225,9 @@ def report_header(config: PerpConfig, model: str, loaded: Any, methods: list[str
         "method": config.recover.method,
         "methods": methods,
         "mode": config.recover.mode,
-        "model": model,
+        "model": recorded_model_source(model),
         "model_sha256": loaded.content_hash,
-        "dense": dense,
+        "dense": recorded_model_source(dense) if dense else None,
         "family": loaded.family.name,
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).removeprefix("torch."),

@@ -281,7 +281,7 @@ def find_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: Opti
                  extra: Optional[dict] = None) -> Optional[dict[str, Any]]:
     """The active version of `name` that already records exactly this registration, else None.
 
-    Candidates are the newest active version and the versions a stage holds; one matches when its manifest
+    Candidates are the recent active versions and those a stage holds (`_reuse_candidates`); one matches when its manifest
     lists the same files (path, sha256, size) and the same metrics, params, lineage and extra as
     `register_version` would record for these arguments (`metrics` as given, no metrics.json default). Nothing
     is written; an absent store or model is None. Returns the version's manifest + version, like `show`.
@@ -313,12 +313,17 @@ def find_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: Opti
     return None
 
 
+#: How many of the newest active versions a re-registration compares against (besides those stages hold).
+REUSE_LOOKBACK = 100
+
+
 def _reuse_candidates(state: ModelState) -> list[int]:
-    """The newest active version, then the versions stages hold (newest first): what a re-run may return."""
+    """Active versions a re-run may return, newest first: the `REUSE_LOOKBACK` newest and every one a stage
+    holds (a registry with a long history compares against its recent past, not all of it)."""
     active = {v for v, record in state.versions.items() if not record.deregistered}
     held = {state.current(stage) for stage in state.stacks} - {None}
-    newest = {max(active)} if active else set()
-    return sorted((newest | held) & active, reverse=True)
+    recent = set(sorted(active, reverse=True)[:REUSE_LOOKBACK])
+    return sorted((recent | held) & active, reverse=True)
 
 
 def _blobs_of_latest_version(store: Store, name: str, state: ModelState) -> set[str]:
@@ -541,7 +546,7 @@ def pull(store_uri: StoreLike, ref: str, out_dir: Union[str, Path]) -> dict[str,
     files, storage = manifest.get("files"), manifest.get("storage")
     if not isinstance(files, dict) or not isinstance(storage, dict):
         raise RegistryIntegrityError(f"manifest of '{name}' v{version} is malformed")
-    with atomic_directory(out_dir) as staging:
+    with atomic_directory(out_dir, kind="pull") as staging:
         scratch = Path(tempfile.mkdtemp(dir=staging.parent, prefix=f".{out_dir.name}.pull-"))
         try:
             for rel in sorted(files):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from perp.errors import PerpError
+from perp.io.atomic import atomic_directory, is_complete
 from perp.report.collect import Collection, Run, collect, number, ppl_value
 from perp.report.document import Bullets, Document, Heading, Image, Paragraph, Table
 
@@ -418,21 +419,36 @@ def render_report(run_dir: Path, html: bool = False, out_dir: Optional[Path] = N
         raise ReportError(f"nothing to report in '{run_dir}': no prune_report.json, recover_report.json or "
                           "metrics.json under it")
     out = Path(out_dir) if out_dir is not None else run_dir / REPORT_DIR
-    if out.exists():
-        for stale in ("runs", "plots"):
-            shutil.rmtree(out / stale, ignore_errors=True)
-        for png in out.glob("*.png"):
-            png.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    plots = out / "plots"
-    if collection.is_sweep:
-        doc = _sweep_document(collection, out, plots, html)
-    else:
-        run = collection.runs[0]
-        doc = _run_document(run, out, f"Run report: {run_dir.resolve().name}", plots)
-    if collection.problems:
-        doc.add(Heading("Skipped"), Bullets(collection.problems))
-    return _write_document(doc, out, html)
+    if out.resolve() == run_dir.resolve() or out.resolve() in run_dir.resolve().parents:
+        raise ReportError(f"--out '{out}' would replace the run directory it reports on; name a new directory")
+    _forget_unmarked_report(out)
+    with atomic_directory(out, kind="report") as staging:  # whole, then renamed into place (links are relative)
+        plots = staging / "plots"
+        if collection.is_sweep:
+            doc = _sweep_document(collection, staging, plots, html)
+        else:
+            run = collection.runs[0]
+            doc = _run_document(run, staging, f"Run report: {run_dir.resolve().name}", plots)
+        if collection.problems:
+            doc.add(Heading("Skipped"), Bullets(collection.problems))
+        _write_document(doc, staging, html)
+    return out / "report.md"
+
+
+_REPORT_ENTRIES = {"report.md", "report.html", "plots"}
+
+
+def _forget_unmarked_report(out: Path) -> None:
+    """A report directory written before reports carried the completion marker (report.md and only what a report
+    holds) is perp's own: remove it so it can be replaced. Anything else is left to the output check."""
+    if not out.is_dir() or is_complete(out) or not (out / "report.md").is_file():
+        return
+    cwd = Path.cwd().resolve()
+    if out.resolve() == cwd or out.resolve() in cwd.parents:
+        return
+    entries = list(out.iterdir())
+    if all(entry.name in _REPORT_ENTRIES or entry.suffix == ".png" for entry in entries):
+        shutil.rmtree(out)
 
 
 __all__ = ["REPORT_DIR", "ReportError", "StageNumbers", "collect", "front_points", "headline", "render_report",
