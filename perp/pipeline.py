@@ -272,7 +272,13 @@ def _check_pruned_input(model_dir: Path, pruned_dir: Path) -> None:
     pruned_hash = _content_hash(pruned_dir)
     chain = recovered_from(model_dir)
     if chain and pruned_hash not in {digest for _, digest, _ in chain}:
-        source, digest, _ = chain[-1]
+        source, digest, reachable = chain[-1]
+        recorded = (read_json(model_dir / RECOVER_REPORT).get("pruning") or {}).get("source")
+        if reachable is None and recorded and Path(recorded).resolve() == pruned_dir.resolve():
+            raise LineageError(f"cannot verify that '{model_dir}' descends from '{pruned_dir}': the recovery it "
+                               f"records ran on '{source}', which is gone or changed, so the chain cannot be "
+                               "followed; restore that directory, or leave --pruned out (the recorded hashes are "
+                               "kept)")
         raise LineageError(f"'{model_dir}' was not recovered from '{pruned_dir}' (sha256 {pruned_hash[:12]}…): "
                            f"{RECOVER_REPORT} records the input '{source}' (sha256 {digest[:12]}…); pass --pruned "
                            "with the directory it was recovered from")

@@ -264,3 +264,15 @@ def test_cli_re_run_returns_the_existing_version(cli, stages, tmp_path):
     assert code == 0, err
     assert again == {**first, "reused": True}
     assert json.loads((tmp_path / "summary.json").read_text()) == again
+
+
+def test_a_gone_intermediate_recovery_is_named_not_blamed_on_the_pruned_input(cli, stages, tmp_path):
+    """recovered twice → recovered (moved away) → pruned A: the chain cannot be followed, which the error says,
+    instead of claiming the model was not recovered from A."""
+    twice = tmp_path / "twice"
+    shutil.copytree(stages["recovered_twice"], twice)
+    report = json.loads((twice / "recover_report.json").read_text())
+    (twice / "recover_report.json").write_text(json.dumps({**report, "model": str(tmp_path / "moved-away")}))
+    metrics = write_metrics(twice, tmp_path / "metrics.json")
+    code, _, err = register(cli, tmp_path / "store", twice, metrics, "--pruned", str(stages["pruned_a"]))
+    assert code == 2 and "cannot verify" in err and "moved-away" in err, err

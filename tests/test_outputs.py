@@ -241,3 +241,11 @@ def test_report_and_metrics_outputs_never_destroy_inputs_or_user_files(pruned_di
     result = cli("evaluate", "--model", str(copy), "--out", str(copy / "prune_report.json"), "-S", "model.device=cpu")
     assert result.returncode == 2 and "would overwrite or write into the input" in result.stderr, result.stderr
     assert json.loads((copy / "prune_report.json").read_text())["method"]
+
+
+def test_outputs_in_a_group_shared_directory_keep_its_setgid_bit(tiny_llama_dir, tmp_path):
+    shared = tmp_path / "team"
+    shared.mkdir()
+    shared.chmod(shared.stat().st_mode | stat.S_ISGID)
+    run_prune(_config(tiny_llama_dir), shared / "pruned", calib=_calib())
+    assert (shared / "pruned").stat().st_mode & stat.S_ISGID

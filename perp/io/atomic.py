@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import uuid
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
@@ -152,10 +153,10 @@ def _umask() -> int:
 def _apply_umask(root: Path) -> None:
     """What `open()` would have given: files 0666 and directories 0777, less the umask."""
     umask = _umask()
-    root.chmod(0o777 & ~umask)
-    for path in root.rglob("*"):
+    for path in [root, *root.rglob("*")]:
         if not path.is_symlink():
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+            mode = (0o777 if path.is_dir() else 0o666) & ~umask
+            path.chmod(mode | (path.stat().st_mode & stat.S_ISGID))  # keep a group-shared tree's setgid
 
 
 def is_complete(directory: str | Path) -> bool:
