@@ -68,12 +68,13 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
         config, model_class = _llama7b_shape(args.layers)
         with torch.device(device):
             torch.manual_seed(0)
-            model = model_class(config).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+            default = torch.bfloat16 if device.type == "cuda" else torch.float32
+            model = model_class(config).to(default if args.dtype == "auto" else getattr(torch, args.dtype))
         dtype = next(model.parameters()).dtype
     else:
         from perp.models import load_model
 
-        loaded = load_model(args.model, str(device), "auto")
+        loaded = load_model(args.model, str(device), args.dtype)
         model, dtype = loaded.model, loaded.dtype
     family = adapter_for(model)
     with torch.no_grad():
@@ -175,7 +176,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
 def _forward(args: argparse.Namespace) -> list[str]:
     out = ["--model", args.model, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
            "--seqlen", str(args.seqlen), "--rank", str(args.rank), "--device", args.device,
-           "--layers", str(args.layers), "--threads", str(args.threads or 0)]
+           "--layers", str(args.layers), "--threads", str(args.threads or 0), "--dtype", args.dtype]
     if args.llama7b_shape:
         out.append("--llama7b-shape")
     if args.gradient_checkpointing:
@@ -244,6 +245,9 @@ def main() -> None:
         p.add_argument("--device", default="auto")
         p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
         p.add_argument("--gradient-checkpointing", action="store_true")
+        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                       help="model weights' dtype (auto: bf16 on CUDA, fp32 on CPU); a half dtype trains under "
+                            "autocast with fp32 masters of the trainable parameters")
         p.add_argument("--llama7b-shape", action="store_true", help="8-layer LLaMA-2-7B-shape random model")
         p.add_argument("--layers", type=int, default=8)
         p.add_argument("--no-gpu-shape", action="store_true",

@@ -8,13 +8,13 @@ only) or `embedded:wiki-calib` / `embedded:wiki-eval`.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from perp.config import classify_text_source
 from perp.errors import DataSourceError
+from perp.io.hub import offline_when_unreachable
 
 
 def read_documents(spec: str, text_field: str = "text") -> list[str]:
@@ -136,12 +136,12 @@ def _hf_documents(spec: str, text_field: str) -> list[str]:
         import datasets
     except ImportError:
         raise DataSourceError(f"{spec}: Hugging Face datasets need the 'datasets' package (pip install 'perp[hub]')") from None
-    try:
-        dataset = datasets.load_dataset(name, config, split=split)
-    except Exception as error:
-        offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = " (the Hub is offline and the dataset is not cached)" if offline else ""
-        raise DataSourceError(f"{spec}: cannot load the dataset{hint}: {type(error).__name__}") from None
+    with offline_when_unreachable() as unreachable:
+        try:
+            dataset = datasets.load_dataset(name, config, split=split)
+        except Exception as error:
+            hint = f" (the Hugging Face Hub is {unreachable} and the dataset is not cached)" if unreachable else ""
+            raise DataSourceError(f"{spec}: cannot load the dataset{hint}: {type(error).__name__}") from None
     if text_field not in dataset.column_names:
         raise DataSourceError(f"{spec}: no column '{text_field}' (columns: {', '.join(dataset.column_names)})")
     return _text_column(list(dataset[text_field]), spec, text_field)

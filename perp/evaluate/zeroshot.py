@@ -22,11 +22,13 @@ import re
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from perp.errors import PerpError
+from perp.io.hub import offline_when_unreachable
 
 TASK_FILE_SUFFIX = ".jsonl"
 _SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
@@ -342,7 +344,8 @@ def _check_task_docs(plan: TaskPlan, task: Any, limit: Optional[int]) -> None:
                                     f"{len(choices)} choices; expected the labels of {plan.dataset}")
 
 
-def _build_tasks(plans: list[TaskPlan], configs: dict[str, dict[str, Any]], directory: Path) -> list[Any]:
+def _build_tasks(plans: list[TaskPlan], configs: dict[str, dict[str, Any]], directory: Path,
+                 hub_unreachable: Optional[str] = None) -> list[Any]:
     """Write the redirected YAMLs into `directory` and build lm-eval Task objects from them, one by one."""
     import yaml
     from lm_eval.tasks import TaskManager
@@ -358,15 +361,17 @@ def _build_tasks(plans: list[TaskPlan], configs: dict[str, dict[str, Any]], dire
         except TaskDataError:
             raise
         except Exception as error:  # noqa: BLE001  (datasets, process_docs and prompt errors surface here)
-            raise _build_error(plan, error) from None
+            raise _build_error(plan, error, hub_unreachable) from None
     return built
 
 
-def _build_error(plan: TaskPlan, error: Exception) -> TaskDataError:
+def _build_error(plan: TaskPlan, error: Exception, hub_unreachable: Optional[str] = None) -> TaskDataError:
     message = str(error).strip().splitlines()[0] if str(error).strip() else ""
     if plan.data_file is None:
+        hub = f"the Hugging Face Hub is {hub_unreachable} and it is not cached" if hub_unreachable else (
+            f"{type(error).__name__}: {message}")
         return TaskDataError(f"task '{plan.name}': cannot load its Hugging Face dataset {plan.dataset} "
-                             f"({type(error).__name__}: {message}); offline, pass --task-data DIR holding "
+                             f"({hub}); offline, pass --task-data DIR holding "
                              f"{plan.name}{TASK_FILE_SUFFIX} (the {plan.split} split in its field layout)")
     if isinstance(error, KeyError):  # process_docs or a prompt function reading a field the file lacks
         return TaskDataError(f"task '{plan.name}': {plan.data_file} lacks field {error} that lm-eval's "
@@ -405,8 +410,9 @@ def validate_zeroshot(tasks: list[str], task_data: Optional[str | Path], limit: 
             configs[name] = {"include": plan.yaml_path, "task": name}
     result = ZeroShotPlan(plans=plans, task_data=directory.resolve() if directory else None, limit=limit,
                           configs=configs)
-    with tempfile.TemporaryDirectory(prefix="perp-tasks-") as tmp, _quiet_datasets():
-        built = _build_tasks(plans, configs, Path(tmp))
+    hub = offline_when_unreachable() if directory is None else nullcontext(None)
+    with tempfile.TemporaryDirectory(prefix="perp-tasks-") as tmp, _quiet_datasets(), hub as unreachable:
+        built = _build_tasks(plans, configs, Path(tmp), unreachable)
         for plan, task in zip(plans, built):
             _check_task_docs(plan, task, limit)
     result.tasks = built

