@@ -333,7 +333,8 @@ def register_stage(register: dict[str, Any], candidate: Ref, metrics: Ref, param
                    run_lineage: dict[str, Any]) -> dict[str, Any]:
     """Register the candidate with its metrics and lineage; idempotent: when an active version (a recent one, or
     one a stage holds) already records exactly this model, metrics, params and lineage, that version is
-    returned with `"reused": true` and nothing is written. A new version has `"reused": false`."""
+    returned with `"reused": true` and nothing is written, also when an identical run registered it while this one
+    uploaded. A new version has `"reused": false`."""
     from perp.registry import find_version, register_version
 
     config = config_from_sections(register=register)
@@ -346,8 +347,7 @@ def register_stage(register: dict[str, Any], candidate: Ref, metrics: Ref, param
     existing = find_version(store, name, model_dir, metrics=measured, params=params, lineage=run_lineage)
     if existing is not None:
         return {**existing, "reused": True}
-    manifest = register_version(store, name, model_dir, metrics=measured, params=params, lineage=run_lineage)
-    return {**manifest, "reused": False}
+    return register_version(store, name, model_dir, metrics=measured, params=params, lineage=run_lineage, reuse=True)
 
 
 def assemble_run(workdir: str | Path, refs: dict[str, Any]) -> Path:

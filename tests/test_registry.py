@@ -171,6 +171,34 @@ def test_find_version_returns_only_an_active_version_with_exactly_this_content(s
     assert [e["type"] for e in events] == ["register", "deregister"]  # finding wrote nothing
 
 
+def test_identical_registration_that_races_an_upload_is_registered_once(store_uri, model_dir, monkeypatch):
+    """The other writer finishes between this one's reuse check and its append: its version is returned."""
+    import perp.registry.api as api
+
+    params = {"prune": {"sparsity": 0.5}}
+    real = api._blobs_of_latest_version
+    raced: dict = {}
+
+    def other_writer_finishes_first(store, name, state):  # called once the log is read, before the upload
+        monkeypatch.setattr(api, "_blobs_of_latest_version", real)
+        raced["first"] = register_version(store_uri, "tiny", model_dir, GOOD, params, LINEAGE, reuse=True)
+        raced["different"] = register_version(store_uri, "tiny", model_dir, BAD, params, LINEAGE, reuse=True)
+        return real(store, name, state)
+
+    monkeypatch.setattr(api, "_blobs_of_latest_version", other_writer_finishes_first)
+    second = register_version(store_uri, "tiny", model_dir, GOOD, params, LINEAGE, reuse=True)
+    assert raced["first"]["reused"] is False and raced["first"]["version"] == 1
+    assert raced["different"]["reused"] is False and raced["different"]["version"] == 2
+    assert second["reused"] is True and second["version"] == 1
+    assert second["manifest_sha256"] == raced["first"]["manifest_sha256"]
+    assert [(e["type"], e["version"]) for e in history(store_uri, "tiny")] == [("register", 1), ("register", 2)]
+
+    monkeypatch.setattr(api, "_blobs_of_latest_version", other_writer_finishes_first)
+    explicit = register_version(store_uri, "tiny", model_dir, GOOD, params, LINEAGE)  # no reuse asked: a new version
+    assert explicit["version"] == 5 and "reused" not in explicit
+    assert verify(store_uri)["ok"]
+
+
 def test_gate_refusal_then_forced_promotion(store_uri, model_dir):
     register_version(store_uri, "tiny", model_dir, BAD)
     promote(store_uri, "tiny", 1, "dev")

@@ -192,11 +192,16 @@ def _check_metrics_measured_this_model(metrics: Optional[dict[str, Any]], model_
 
 def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: Optional[dict] = None,
                      params: Optional[dict] = None, lineage: Optional[dict] = None, extra: Optional[dict] = None,
-                     *, compact: bool = True) -> dict[str, Any]:
+                     *, compact: bool = True, reuse: bool = False) -> dict[str, Any]:
     """Register the checkpoint in `model_dir` as the next version of `name`; returns its manifest + version.
 
     `metrics` defaults to `model_dir/metrics.json` when present. With `compact`, safetensors files are stored in
     the perp-sparse format whenever that is smaller; pulls rebuild them byte for byte.
+
+    With `reuse`, a version that another writer registered while this one uploaded, recording exactly the same
+    files, metrics, params, lineage and extra, is returned instead (`"reused": true`) and no second version is
+    written: two identical runs that race each other (a retried flow whose first attempt still runs) register
+    once. Checking before the upload is `find_version`'s job.
     """
     from perp.io.hashing import cached_sha256
     from perp.io.cache import cache_dir
@@ -267,13 +272,54 @@ def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: 
         raise RegistryError(f"{len(missing) or 1} blob(s) of '{name}' vanished while registering (a concurrent "
                             "`perp registry gc`?); nothing was registered; register again")
 
-    def build(state: ModelState) -> dict[str, Any]:
-        return {"type": "register", "version": state.next_version, "manifest_sha256": manifest_ref.sha256,
+    wanted = _registration_record(file_records, metrics_d, params_d, lineage_d, extra_d)
+    seen_head = state.head_seq
+
+    def build(current: ModelState) -> dict[str, Any]:
+        if reuse:
+            raced = [v for v in _reuse_candidates(current) if current.versions[v].seq > seen_head]
+            if (twin := _matching_version(store, name, current, wanted, raced)) is not None:
+                raise _AlreadyRegistered(twin)
+        return {"type": "register", "version": current.next_version, "manifest_sha256": manifest_ref.sha256,
                 "files": len(file_records), "bytes": manifest["bytes"], "stored_bytes": manifest["stored_bytes"]}
 
-    event, _ = append_event(store, name, build)
-    return {**manifest, "version": event["version"], "manifest_sha256": manifest_ref.sha256,
-            "event": _event_summary(event)}
+    try:
+        event, _ = append_event(store, name, build)
+    except _AlreadyRegistered as raced:
+        return {**raced.manifest, "reused": True}
+    result = {**manifest, "version": event["version"], "manifest_sha256": manifest_ref.sha256,
+              "event": _event_summary(event)}
+    return {**result, "reused": False} if reuse else result
+
+
+class _AlreadyRegistered(Exception):
+    """Raised from an append's build: a concurrent writer registered the same thing first."""
+
+    def __init__(self, manifest: dict[str, Any]) -> None:
+        super().__init__(f"version {manifest.get('version')} records the same registration")
+        self.manifest = manifest
+
+
+def _registration_record(files: dict[str, dict[str, Any]], metrics: Optional[dict], params: Optional[dict],
+                         lineage: Optional[dict], extra: Optional[dict]) -> dict[str, Any]:
+    """What makes two registrations the same, in the form a stored manifest holds it."""
+    return json.loads(canonical(jsonable({"files": files, "metrics": metrics, "params": params, "lineage": lineage,
+                                          "extra": extra})))
+
+
+def _matching_version(store: Store, name: str, state: ModelState, wanted: dict[str, Any],
+                      candidates: list[int]) -> Optional[dict[str, Any]]:
+    """The first of `candidates` whose manifest records `wanted`, as its manifest + version; else None."""
+    for version in candidates:
+        try:
+            manifest = _load_manifest(store, name, state, version)
+        except (RegistryError, StoreError):
+            continue  # an unreadable version is never reused: `verify` reports it
+        if {key: manifest.get(key) for key in wanted} == wanted:
+            record = state.versions[version]
+            return {**manifest, "version": version, "manifest_sha256": record.manifest_sha256,
+                    "stages": state.stages_of(version), "registered_event": record.seq}
+    return None
 
 
 def find_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: Optional[dict] = None,
@@ -298,19 +344,9 @@ def find_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: Opti
         return None
     model_dir = Path(model_dir)
     files = {rel: {"sha256": cached_sha256(path), "size": path.stat().st_size} for rel, path in _model_files(model_dir)}
-    wanted = json.loads(canonical(jsonable({
-        "files": files, "metrics": _dict_or_none(metrics, "metrics"), "params": _dict_or_none(params, "params"),
-        "lineage": _dict_or_none(lineage, "lineage"), "extra": _dict_or_none(extra, "extra")})))
-    for version in candidates:
-        try:
-            manifest = _load_manifest(store, name, state, version)
-        except (RegistryError, StoreError):
-            continue  # an unreadable version is never reused: `verify` reports it
-        if {key: manifest.get(key) for key in wanted} == wanted:
-            record = state.versions[version]
-            return {**manifest, "version": version, "manifest_sha256": record.manifest_sha256,
-                    "stages": state.stages_of(version), "registered_event": record.seq}
-    return None
+    wanted = _registration_record(files, _dict_or_none(metrics, "metrics"), _dict_or_none(params, "params"),
+                                  _dict_or_none(lineage, "lineage"), _dict_or_none(extra, "extra"))
+    return _matching_version(store, name, state, wanted, candidates)
 
 
 #: How many of the newest active versions a re-registration compares against (besides those stages hold).
