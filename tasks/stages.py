@@ -13,6 +13,7 @@ Store I/O failures are retried with exponential backoff; bad input is not retrie
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -47,14 +48,23 @@ class OutputsPresent(CachePolicy):
 CACHE_POLICY = (INPUTS - "params") + TASK_SOURCE + OutputsPresent()
 
 
+#: OS errors that a retry can outlast (network hiccups, interrupted calls). A full disk, a quota, a read-only or
+#: permission-denied path fails the same way every time: retrying would only repeat hours of compute.
+TRANSIENT_ERRNOS = frozenset({errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
+                              errno.ECONNABORTED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN,
+                              errno.ENETRESET, errno.EPIPE})
+
+
 def is_store_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry transient I/O (network, S3 throttling, disk); never a user error such as a bad config."""
+    """Retry transient I/O (network, S3 throttling); never a user error such as a bad config, nor a full disk."""
     try:
         state.result()
     except PerpError as error:
         return "S3" in type(error).__name__ or "Store" in type(error).__name__
-    except (OSError, TimeoutError, ConnectionError):
+    except (TimeoutError, ConnectionError):
         return True
+    except OSError as error:
+        return error.errno in TRANSIENT_ERRNOS
     except Exception as error:  # botocore errors arrive unwrapped from boto3 calls
         return type(error).__module__.startswith(("botocore", "boto3", "urllib3"))
     return False

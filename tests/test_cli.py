@@ -58,6 +58,12 @@ def test_info_and_ppl_json(cli, tiny_opt_dir):
     assert set(ppl) >= {"ppl", "tokens", "seconds"}
     assert ppl["windows"] == 4 and ppl["tokens"] == 4 * 63
     assert 1.0 < ppl["ppl"] < 10_000
+    layered = cli("eval", "ppl", "--model", str(tiny_opt_dir), "--data", "embedded:wiki-eval", "--seqlen", "64",
+                  "--windows", "4", "--json", "-S", "evaluate.offload=true")
+    assert layered.returncode == 0, layered.stderr
+    offloaded = json.loads(layered.stdout)  # one decoder layer at a time: the same number
+    assert offloaded["offload"] is True and ppl["offload"] is False
+    assert offloaded["ppl"] == pytest.approx(ppl["ppl"], rel=1e-5) and offloaded["tokens"] == ppl["tokens"]
 
 
 def test_recover_fused_writes_one_directory_with_both_reports(cli, tiny_opt_dir, tmp_path):

@@ -199,3 +199,29 @@ def test_killed_run_resumes_from_last_completed_stage(harness, tmp_path):
     assert states["recover"] == "Completed"
     assert not list(workdir.glob(".*partial*")), "the killed stage's staging directory must not be reused"
     assert len(list(workdir.glob("recover-*/.perp-complete"))) == 1
+
+
+@pytest.mark.parametrize("error, attempts", [
+    (ConnectionResetError(104, "Connection reset by peer"), 3),  # transient: retried
+    (OSError(28, "No space left on device"), 1),  # a full disk fails the same way again: not retried
+    (PermissionError(13, "Permission denied"), 1),
+])
+def test_stage_retries_only_transient_io_errors(harness, error, attempts):
+    from prefect import flow, task
+
+    from tasks.stages import is_store_error
+
+    calls = []
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=is_store_error)
+    def stage() -> None:
+        calls.append(1)
+        raise error
+
+    @flow
+    def chain() -> None:
+        stage()
+
+    with pytest.raises(type(error)):
+        chain()
+    assert len(calls) == attempts

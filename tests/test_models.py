@@ -72,6 +72,34 @@ def test_hub_id_offline_says_so(monkeypatch):
         load_model("some-org/some-model-that-is-not-cached")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_checkpoint_bytes_from_headers_equal_the_loaded_weights(tiny_llama_dir, dtype):
+    from perp.models.loading import checkpoint_bytes
+
+    loaded = load_model(str(tiny_llama_dir), "cpu", str(dtype).removeprefix("torch."), load_to_device=False)
+    unique = {t.data_ptr(): t.numel() * t.element_size() for t in loaded.model.state_dict().values()}
+    assert checkpoint_bytes(tiny_llama_dir, dtype) == sum(unique.values())
+
+
+def test_a_model_larger_than_the_free_device_memory_fails_before_loading(tiny_llama_dir, monkeypatch):
+    import perp.models.loading as loading
+
+    needed = loading.checkpoint_bytes(tiny_llama_dir, torch.bfloat16)
+    monkeypatch.setattr(loading, "resolve_device_dtype", lambda device, dtype: (torch.device("cuda"), torch.bfloat16))
+    monkeypatch.setattr(loading, "device_free_bytes", lambda device: needed)  # no room left for activations
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were read although they cannot fit")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", never)
+    with pytest.raises(ModelSourceError, match=r"needs 0\.0 GiB on cuda for its weights in bfloat16, but 0\.0 GiB is "
+                                               r"free: it cannot be loaded whole; .*evaluate\.offload: true"):
+        load_model(str(tiny_llama_dir), "cuda", "bfloat16")
+    monkeypatch.setattr(loading, "device_free_bytes", lambda device: 2 * needed)
+    loading.require_fits_device("m", tiny_llama_dir, torch.device("cuda"), torch.bfloat16)
+    loading.require_fits_device("m", tiny_llama_dir, torch.device("cpu"), torch.bfloat16)  # host memory: no check
+
+
 def test_tiny_aliases_are_deterministic():
     first, second = load_model("tiny-opt"), load_model("tiny-opt")
     for a, b in zip(first.model.parameters(), second.model.parameters()):

@@ -30,16 +30,24 @@ def eval_ppl(
     })
     from perp.data import evaluation_set
     from perp.evaluate import perplexity
+    from perp.evaluate.layered import layered_perplexity
     from perp.models import load_model, load_tokenizer
 
     _check_seqlen_fits(config.model.name, config.model.revision, config.data.evaluation.seqlen)
     # The text is read and tokenized first: unreadable or too short data fails before the weights load.
     token_set = evaluation_set(config.data.evaluation, load_tokenizer(config.model.name, config.model.revision))
-    loaded = load_model(config.model.name, config.model.device, config.model.dtype, config.model.revision)
-    with progress_bar("perplexity", token_set.num_windows, enabled=not as_json) as advance:
-        result = perplexity(loaded.model, token_set, config.evaluate.batch_size, progress=advance)
-    emit({"model": config.model.name, "data": config.data.evaluation.source, **result.as_dict()}, as_json,
-         title="perplexity")
+    offload = config.evaluate.offload
+    loaded = load_model(config.model.name, config.model.device, config.model.dtype, config.model.revision,
+                        load_to_device=not offload)
+    if offload:  # one decoder layer on the device at a time: the same numbers for a model larger than the device
+        with progress_bar("perplexity (layers)", loaded.family.num_layers(loaded.model), enabled=not as_json) as advance:
+            result = layered_perplexity(loaded.model, loaded.family, token_set, loaded.device,
+                                        config.evaluate.batch_size, progress=lambda done, total: advance(1))
+    else:
+        with progress_bar("perplexity", token_set.num_windows, enabled=not as_json) as advance:
+            result = perplexity(loaded.model, token_set, config.evaluate.batch_size, progress=advance)
+    emit({"model": config.model.name, "data": config.data.evaluation.source, "offload": offload,
+          **result.as_dict()}, as_json, title="perplexity")
 
 
 def _check_seqlen_fits(model: str, revision: Optional[str], seqlen: int) -> None:

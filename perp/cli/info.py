@@ -21,5 +21,7 @@ def info(
     config = build_config(params, sets, **{"model.name": model})
     from perp.models import load_model, model_info
 
-    loaded = load_model(config.model.name, config.model.device, config.model.dtype, config.model.revision)
+    # Counting needs no accelerator: the weights stay in host memory, whatever their size next to the device's.
+    loaded = load_model(config.model.name, config.model.device, config.model.dtype, config.model.revision,
+                        load_to_device=False)
     emit(model_info(loaded), as_json, title="model")

@@ -222,9 +222,18 @@ def load_tokenizer(spec: str, revision: Optional[str] = None) -> Any:
         raise ModelSourceError(f"cannot load the tokenizer from '{path}': {str(error).splitlines()[0]}") from None
 
 
+#: What to do instead when a model's weights do not fit on the device (every stage that loads whole models).
+TOO_BIG_HINT = ("prune and layer-wise recovery move one layer at a time (`perp prune`, `perp recover --mode "
+                "layerwise` or `--fused`); perplexity does with `evaluate.offload: true`")
+
+
 def load_model(spec: str, device: str = "auto", dtype: str = "auto", revision: Optional[str] = None,
                load_to_device: bool = True) -> LoadedModel:
-    """Load model and tokenizer. With `load_to_device=False` the weights stay on CPU (for layer-by-layer work)."""
+    """Load model and tokenizer. With `load_to_device=False` the weights stay on CPU (for layer-by-layer work).
+
+    Loading the whole model onto an accelerator first checks, from the checkpoint's headers, that its weights fit
+    in the device's free memory: a 140 GB model fails in a second with the sizes, not after minutes of reading.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_device, torch_dtype = resolve_device_dtype(device, dtype)
@@ -233,6 +242,8 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", revision: O
     if not any(path.glob("*.safetensors")):
         raise ModelSourceError(f"'{spec}' has no .safetensors weights; perp loads only safetensors (convert "
                                "pickled .bin checkpoints with transformers' save_pretrained first)")
+    if load_to_device and torch_device.type != "cpu":
+        require_fits_device(spec, path, torch_device, torch_dtype)
     try:
         model, loading = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True,
                                                               use_safetensors=True, output_loading_info=True)
@@ -245,6 +256,52 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", revision: O
         model.to(torch_device)
     return LoadedModel(model=model, tokenizer=tokenizer, family=family, source=spec, kind=kind, path=path,
                        device=torch_device, dtype=torch_dtype)
+
+
+def checkpoint_bytes(path: Path, dtype: torch.dtype) -> int:
+    """Bytes the checkpoint's tensors take once loaded with floating-point tensors in `dtype`, from the safetensors
+    headers alone (nothing else is read)."""
+    import json
+    import struct
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for file in sorted(path.glob("*.safetensors")):
+        with open(file, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            numel = 1
+            for dim in entry["shape"]:
+                numel *= int(dim)
+            floating = entry["dtype"] in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+            total += numel * (itemsize if floating else _SAFETENSORS_ITEMSIZE.get(entry["dtype"], 8))
+    return total
+
+
+_SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8}
+
+
+def device_free_bytes(device: torch.device) -> int:
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
+def require_fits_device(spec: str, path: Path, device: torch.device, dtype: torch.dtype,
+                        hint: str = TOO_BIG_HINT) -> None:
+    """Refuse to load a model whose weights alone exceed the device's free memory (5% kept for activations)."""
+    if device.type != "cuda":
+        return
+    needed = checkpoint_bytes(path, dtype)
+    free = device_free_bytes(device)
+    if needed > 0.95 * free:
+        gib = 1024 ** 3
+        raise ModelSourceError(
+            f"'{spec}' needs {needed / gib:.1f} GiB on {device} for its weights in "
+            f"{str(dtype).removeprefix('torch.')}, but {free / gib:.1f} GiB is free: it cannot be loaded whole; "
+            f"{hint}")
 
 
 def _require_complete(spec: str, loading: dict[str, Any]) -> None:
