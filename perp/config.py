@@ -71,13 +71,18 @@ def classify_text_source(spec: str) -> str:
             raise ConfigError(f"unknown embedded corpus '{name}' (allowed: {', '.join(EMBEDDED_SPLITS)})")
         return "embedded"
     if spec.startswith("hf:"):
+        parts = spec.removeprefix("hf:").split(":")
+        if not parts[0] or len(parts) > 4:
+            raise ConfigError(f"'{spec}' is not a Hugging Face dataset spec (allowed: "
+                              "hf:DATASET[:CONFIG[:SPLIT[:DATA_FILES]]], e.g. "
+                              "hf:allenai/c4::train:en/c4-train.00000-of-01024.json.gz)")
         return "hf"
     if spec.startswith("s3://"):
         return _kind_from_suffix(spec)
     path = Path(spec).expanduser()
     if not path.is_file():
         raise ConfigError(f"'{spec}' is not a file (allowed: a .txt/.raw, .jsonl or .parquet file, "
-                          "s3://..., hf:DATASET[:CONFIG[:SPLIT]] or embedded:NAME)")
+                          "s3://..., hf:DATASET[:CONFIG[:SPLIT[:DATA_FILES]]] or embedded:NAME)")
     return _kind_from_suffix(spec)
 
 

@@ -189,3 +189,28 @@ def test_cli_reports_non_utf8_data_in_one_line(tmp_path):
     assert "Traceback" not in result.stderr
     assert "bin.jsonl: line 1 is not UTF-8 (byte 0xff at column 1)" in " ".join(result.stderr.split())
     assert not (tmp_path / "pruned").exists()
+
+
+def test_hf_source_with_data_files_reads_only_those_files(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def load_dataset(name, config=None, split=None, data_files=None):
+        calls.append((name, config, split, data_files))
+        return datasets.Dataset.from_dict({"text": ["first document", "second document"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    shard = "en/c4-train.00000-of-01024.json.gz"
+    assert read_documents(f"hf:allenai/c4::train:{shard}") == ["first document", "second document"]
+    read_documents("hf:wikitext:wikitext-2-raw-v1:test")
+    assert calls == [("allenai/c4", None, "train", {"train": shard}),
+                     ("wikitext", "wikitext-2-raw-v1", "test", None)]
+
+
+@pytest.mark.parametrize("spec", ["hf:", "hf:a:b:c:d:e"])
+def test_malformed_hf_spec_is_a_config_error(spec):
+    from perp.config import classify_text_source
+    from perp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="is not a Hugging Face dataset spec"):
+        classify_text_source(spec)

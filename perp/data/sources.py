@@ -1,7 +1,7 @@
 """Read documents (a list of strings) from a text spec.
 
 Specs: a local `.txt`/`.raw` file (one document), a JSONL or
-Parquet file with a text column, `s3://bucket/key.{txt,jsonl,parquet}`, `hf:DATASET[:CONFIG[:SPLIT]]` (online
+Parquet file with a text column, `s3://bucket/key.{txt,jsonl,parquet}`, `hf:DATASET[:CONFIG[:SPLIT[:DATA_FILES]]]` (online
 only) or `embedded:wiki-calib` / `embedded:wiki-eval`.
 """
 
@@ -130,15 +130,18 @@ def _bad_bytes(error: UnicodeDecodeError) -> str:
 
 
 def _hf_documents(spec: str, text_field: str) -> list[str]:
-    parts = spec.removeprefix("hf:").split(":")
-    name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), (parts[2] if len(parts) > 2 else "train")
+    # hf:DATASET[:CONFIG[:SPLIT[:DATA_FILES]]]; DATA_FILES (a file or glob in the dataset's repository) reads
+    # only those files, as the Wanda/SparseGPT references read one of C4's 1024 shards instead of all 305 GB.
+    parts = spec.removeprefix("hf:").split(":") + [""] * 3
+    name, config, split, files = parts[0], parts[1] or None, parts[2] or "train", parts[3] or None
     try:
         import datasets
     except ImportError:
         raise DataSourceError(f"{spec}: Hugging Face datasets need the 'datasets' package (pip install 'perp[hub]')") from None
     with offline_when_unreachable() as unreachable:
         try:
-            dataset = datasets.load_dataset(name, config, split=split)
+            dataset = datasets.load_dataset(name, config, split=split,
+                                            data_files={split: files} if files else None)
         except Exception as error:
             hint = f" (the Hugging Face Hub is {unreachable} and the dataset is not cached)" if unreachable else ""
             raise DataSourceError(f"{spec}: cannot load the dataset{hint}: {type(error).__name__}") from None
