@@ -30,6 +30,23 @@ def _tail(model: nn.Module, family: FamilyAdapter) -> list[nn.Module]:
     return [module for module in modules if module is not None]
 
 
+#: fp32 logits scored at once by the LM head. A 128k vocabulary at 8 windows × 2048 tokens would otherwise make
+#: 2^31 logits (8.4 GB in fp32, and as much again for the log-softmax) in one kernel.
+HEAD_CHUNK_LOGITS = 1 << 26
+
+
+def _head_nll_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL of [T, H] hidden states, the LM head applied to chunks of tokens (fp64 on the host)."""
+    vocab = head.weight.shape[0] if hasattr(head, "weight") else head(hidden[:1]).shape[-1]
+    rows = max(1, HEAD_CHUNK_LOGITS // vocab)
+    total = torch.zeros((), dtype=torch.float64)
+    for start in range(0, hidden.shape[0], rows):
+        logits = head(hidden[start:start + rows]).float()
+        total += F.cross_entropy(logits, labels[start:start + rows], ignore_index=-100,
+                                 reduction="sum").double().cpu()
+    return total
+
+
 @torch.no_grad()
 def layered_perplexity(model: nn.Module, family: FamilyAdapter, windows: TokenSet, device: torch.device | str,
                        batch_size: int = 4, progress: Optional[Callable[[int, int], None]] = None) -> PerplexityResult:
@@ -54,12 +71,11 @@ def layered_perplexity(model: nn.Module, family: FamilyAdapter, windows: TokenSe
                 count = hidden.shape[0]
                 ids = windows.ids[start:start + count].to(device)
                 start += count
-                for module in tail:
+                for module in tail[:-1]:
                     hidden = module(hidden)
                 labels = torch.full_like(ids, -100)
                 labels[:, :-1] = ids[:, 1:]
-                nll_sum += F.cross_entropy(hidden.reshape(-1, hidden.shape[-1]).float(), labels.reshape(-1),
-                                           ignore_index=-100, reduction="sum").double().cpu()
+                nll_sum += _head_nll_sum(tail[-1], hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1))
     finally:
         model.train(was_training)
     tokens = windows.num_windows * (windows.seqlen - 1)
