@@ -2,6 +2,7 @@
 
 Caching is INPUTS + TASK_SOURCE with persisted results: the same inputs recompute nothing, and since each task's
 key holds only the sections it depends on, changing one parameter recomputes only the stages downstream of it.
+`register` alone is never cached: it asks the store every time (and writes nothing when the version exists).
 `OutputsPresent` adds what the inputs cannot show: the identity of the work directory (a wiped or new one
 recomputes everything instead of returning references to outputs that are gone), whether each upstream output
 still exists (a task whose input was deleted runs, and fails with a clear error, rather than hitting the cache).
@@ -20,7 +21,7 @@ from typing import Any, Optional
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CachePolicy
 from prefect.utilities.hashing import hash_objects
 from prefect.tasks import exponential_backoff
 
@@ -130,7 +131,10 @@ def evaluate(evaluate: dict[str, Any], candidate: dict[str, Any], dense_model: d
     return ref
 
 
-@task(name="register", **STAGE_OPTIONS)
+# Never served from Prefect's cache: the store, not the work directory, says whether a version still holds this
+# model (it may have been deregistered, or the store wiped or moved). `register_stage` is idempotent, so a re-run
+# with nothing new returns the existing version ("reused") without writing.
+@task(name="register", **{**STAGE_OPTIONS, "cache_policy": NO_CACHE, "persist_result": False})
 def register(register: dict[str, Any], candidate: dict[str, Any], metrics: dict[str, Any], params: dict[str, Any],
              lineage: dict[str, Any]) -> dict[str, Any]:
     manifest = pipeline.register_stage(register, candidate, metrics, params, lineage)

@@ -91,7 +91,10 @@ def test_compress_runs_end_to_end_then_hits_the_cache(harness, tmp_path):
     assert set(first.values()) == {"Completed"}
 
     again = compress(**tiny_sections(store), workdir=workdir, return_state=True)
-    assert set(_task_states(again.state_details.flow_run_id).values()) == {"Cached"}
+    states = _task_states(again.state_details.flow_run_id)
+    assert {states[s] for s in ("calibrate", "mask", "recover", "evaluate")} == {"Cached"}
+    assert states["register"] == "Completed"  # the store is asked again: the same version, nothing written
+    assert again.result()["registered"]["version"] == 1 and again.result()["registered"]["reused"] is True
 
     # One changed parameter recomputes only what is downstream of it.
     changed = compress(**tiny_sections(store, **{"prune.sparsity": 0.6}), workdir=workdir, return_state=True)
@@ -101,8 +104,8 @@ def test_compress_runs_end_to_end_then_hits_the_cache(harness, tmp_path):
 
 
 def test_re_running_identical_params_registers_no_duplicate_version(harness, tmp_path):
-    """The flow's register task is cached; `perp run` (run_pipeline) and a flow whose cache missed call
-    register_stage again: the version that already holds this model, metrics and lineage comes back."""
+    """`perp run` (run_pipeline) and the flow's register task (never cached) call register_stage again: the
+    version that already holds this model, metrics and lineage comes back."""
     from flows.compress import compress
     from perp.pipeline import config_from_sections, run_pipeline
     from perp.registry import history
@@ -118,6 +121,23 @@ def test_re_running_identical_params_registers_no_duplicate_version(harness, tmp
         assert again["manifest_sha256"] == registered["manifest_sha256"]
     assert [event["type"] for event in history(str(store), "tiny-perp")] == ["register"]
     assert _versions(store)[0]["versions"] == 1
+
+
+def test_re_run_after_deregistration_or_a_wiped_store_registers_again(harness, tmp_path):
+    import shutil
+
+    from flows.compress import compress
+    from perp.registry import deregister, history
+
+    store, workdir = tmp_path / "store", str(tmp_path / "runs")
+    assert compress(**tiny_sections(store), workdir=workdir)["registered"]["version"] == 1
+    deregister(str(store), "tiny-perp", 1, reason="bad numbers")
+    again = compress(**tiny_sections(store), workdir=workdir)["registered"]
+    assert again["version"] == 2 and again["reused"] is False
+    assert [e["type"] for e in history(str(store), "tiny-perp")] == ["register", "deregister", "register"]
+    shutil.rmtree(store)
+    fresh = compress(**tiny_sections(store), workdir=workdir)["registered"]
+    assert fresh["version"] == 1 and _versions(store)[0]["versions"] == 1
 
 
 def test_wiped_workdir_recomputes_instead_of_returning_dangling_refs(harness, tmp_path):
