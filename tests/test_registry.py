@@ -298,6 +298,37 @@ def test_register_refuses_when_a_blob_vanishes_before_the_version_is_visible(tmp
     assert register_version(uri, "tiny", model_dir, GOOD)["version"] == 1
 
 
+def test_a_pointer_write_that_fails_after_the_event_is_recorded_is_a_warning(tmp_path, model_dir, monkeypatch):
+    """The rollback is in the log: reporting failure would make the operator's retry roll back a second version."""
+    from perp.registry.events import PointerLagWarning
+    from perp.store import StoreUnreachable
+    from perp.store.local import LocalStore
+
+    uri = str(tmp_path / "store")
+    for _ in range(3):
+        register_version(uri, "tiny", model_dir, GOOD)
+    for version in (1, 2, 3):
+        to_prod(uri, version)
+    real_put = LocalStore.put_bytes
+
+    def pointers_unreachable(self, key, data, **kwargs):
+        if "/stages/" in key:
+            raise StoreUnreachable("store unreachable (simulated outage)")
+        return real_put(self, key, data, **kwargs)
+
+    monkeypatch.setattr(LocalStore, "put_bytes", pointers_unreachable)
+    with pytest.warns(PointerLagWarning, match="rollback event .* is recorded, but a stage pointer could not"):
+        assert rollback(uri, "tiny", "prod", reason="v3 broken")["version"] == 2
+    assert show(uri, "tiny")["stages"]["prod"] == 2
+    assert json.loads((Path(uri) / pointer_key("tiny", "prod")).read_text())["version"] == 3  # lagging
+    assert any(p["kind"] != "pointer_missing" and "pointer" in p["kind"] for p in verify(uri)["problems"])
+
+    monkeypatch.setattr(LocalStore, "put_bytes", real_put)
+    promote(uri, "tiny", 1, "dev", reason="next write")  # any later write brings every pointer up to date
+    assert json.loads((Path(uri) / pointer_key("tiny", "prod")).read_text())["version"] == 2
+    assert verify(uri)["ok"]
+
+
 def test_rollback_walks_back_and_deregister_guards(tmp_path, model_dir):
     uri = str(tmp_path / "store")
     for _ in range(3):

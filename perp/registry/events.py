@@ -23,6 +23,7 @@ import json
 import random
 import re
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -30,7 +31,7 @@ from typing import Any, Callable, Optional
 import perp
 from perp.registry.names import RegistryError
 from perp.registry.provenance import jsonable, utc_now, who
-from perp.store import Store, StoreConflict, StoreNotFound
+from perp.store import Store, StoreConflict, StoreError, StoreNotFound
 
 EVENT_SCHEMA = "perp.registry.event/1"
 POINTER_SCHEMA = "perp.registry.stage/1"
@@ -42,6 +43,10 @@ APPEND_ATTEMPTS = 60
 
 class RegistryIntegrityError(RegistryError):
     """The event log or a manifest does not match its hashes: something in the store was altered."""
+
+
+class PointerLagWarning(UserWarning):
+    """A recorded event whose stage pointer (a convenience copy for readers outside perp) was not updated."""
 
 
 class RegistryConflict(RegistryError):
@@ -312,7 +317,14 @@ def append_event(store: Store, name: str, build: Callable[[ModelState], dict[str
                 continue
         state.apply(event)
         events.append(event)
-        sync_all_pointers(store, name, state)  # this event's stage, and any pointer a killed writer left behind
+        try:
+            sync_all_pointers(store, name, state)  # this event's stage, and any pointer a killed writer left behind
+        except StoreError as error:
+            # The request is recorded: the log, not the pointer, is the registry. Failing here would make a
+            # retry apply it twice (a rollback going back two versions).
+            warnings.warn(PointerLagWarning(
+                f"the {body.get('type')} event {event['seq']} of '{name}' is recorded, but a stage pointer could "
+                f"not be updated ({error}); the next registry write restores it (`perp registry verify` shows it)"))
         return event, state
     raise RegistryConflict(f"could not record the {body.get('type')} event for '{name}' after {attempts} attempts: "
                            "other writers kept winning; nothing was recorded, retry")
