@@ -421,10 +421,25 @@ class RegisterConfig(_Section):
 
     @field_validator("store")
     @classmethod
-    def _known_scheme(cls, value: str) -> str:
+    def _valid_store(cls, value: str) -> str:
+        """The store's own URI rules (scheme, bucket name, key prefix), and a local root that can be a directory,
+        checked here so that a typo fails before the pipeline runs, not at its last stage."""
         if "://" in value and not value.startswith(("s3://", "file://")):
             scheme = value.split("://", 1)[0]
             raise ValueError(f"unknown store scheme '{scheme}://' (allowed: s3://, file://, or a local path)")
+        from perp.store import StoreError, open_store
+
+        try:
+            store = open_store(value)
+        except StoreError as error:
+            raise ValueError(str(error)) from None
+        root = getattr(store, "root", None)
+        if root is not None:
+            existing = Path(root).expanduser().absolute()
+            while not existing.exists() and existing != existing.parent:
+                existing = existing.parent
+            if not existing.is_dir():
+                raise ValueError(f"'{value}' cannot be a directory: '{existing}' is a file")
         return value
 
     @field_validator("name")

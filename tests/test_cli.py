@@ -27,9 +27,16 @@ def _one_line_error(result, *needles):
         (["recover", "--fused", "--model", "tiny-llama", "--mode", "end2end"], ["--fused", "drop --mode end2end"]),
         (["recover", "--fused", "--model", "tiny-llama", "-S", "prune.sequential=linear"],
          ["prune.sequential", "'layer' or 'auto'"]),
+        # A store that cannot work fails before the first stage, not after the whole pipeline.
+        (["run", "-S", "register.store=s3://Bad_Bucket"], ["register.store", "'Bad_Bucket' is not a valid S3 bucket"]),
+        (["run", "-S", "register.store=afile/store"], ["register.store", "cannot be a directory", "is a file"]),
+        # Paths that cannot be created are one line naming the path, not an OSError traceback.
+        (["calibrate", "--out", "afile/calibration"], ["File exists: 'afile'"]),
+        (["run", "--workdir", "afile"], ["File exists: 'afile'"]),
     ],
 )
 def test_bad_input_is_one_line_naming_the_problem(cli, args, needles, tmp_path):
+    (tmp_path / "afile").write_text("not a directory")
     _one_line_error(cli(*args, cwd=tmp_path), *needles)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import warnings
@@ -23,6 +24,18 @@ def main() -> None:
     except PerpError as error:
         console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except OSError as error:
+        # A path that is a file, not a directory (or the reverse), a permission, a full disk: the user's to fix,
+        # and the path says where. PERP_TRACEBACK=1 shows the traceback.
+        if error.errno not in _PATH_ERRNOS or os.environ.get("PERP_TRACEBACK"):
+            raise
+        where = f": '{error.filename}'" if error.filename else ""
+        console.print(f"[bold red]error:[/] {error.strerror}{where}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+_PATH_ERRNOS = frozenset({errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.ENOENT,
+                          errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG})
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
