@@ -225,6 +225,36 @@ def test_gate_refusal_then_forced_promotion(store_uri, model_dir):
     assert verify(store_uri)["ok"]
 
 
+def test_promotion_follows_the_policy_the_version_was_registered_under(tmp_path, model_dir):
+    """Stages and gates passed by the caller cannot quietly loosen the policy recorded at registration."""
+    from perp.config import dump_params, load_params
+
+    uri = str(tmp_path / "store")
+    params = dump_params(load_params(None))  # dev → staging → prod, gates on prod
+    register_version(uri, "tiny", model_dir, BAD, params)
+    with pytest.raises(RegistryError, match=r"differs from the one it was registered under \(stages \['dev', "
+                                            r"'staging', 'prod'\] → \['prod'\]; gates\.prod \{.*max_ppl_ratio: "
+                                            r"1\.25.*\} → none\)"):
+        promote(uri, "tiny", 1, "prod", stages=["prod"], gates={"prod": None})  # skip the ladder and the gates
+    with pytest.raises(RegistryError, match=r"gates\.prod \{.*max_ppl_ratio: 1\.25.*\} → \{.*max_ppl_ratio: 1000"):
+        promote(uri, "tiny", 1, "dev", gates={"prod": GatesConfig(max_ppl_ratio=1000)})
+    assert [e["type"] for e in history(uri, "tiny")] == ["register"]  # nothing recorded
+
+    assert promote(uri, "tiny", 1, "dev")["stage"] == "dev"  # no policy given: the recorded one applies
+    register = params["register"]
+    promote(uri, "tiny", 1, "staging", stages=register["stages"], gates=register["gates"])  # the same: no override
+    with pytest.raises(GateRefused, match="gate ppl_ratio failed"):
+        promote(uri, "tiny", 1, "prod")  # BAD fails the recorded prod gates
+    forced = promote(uri, "tiny", 1, "prod", gates={"prod": None}, force=True, reason="incident 7: hotfix")
+    assert forced["forced"] and forced["failed_gates"] == []
+    event = history(uri, "tiny")[-1]
+    assert event["forced"] and event["reason"] == "incident 7: hotfix"
+    assert event["policy"]["source"] == "caller" and "differs" in event["policy"]["override"]
+    assert event["policy"]["registered"]["gates"]["prod"]["max_ppl_ratio"] == 1.25 and event["policy"]["gates"] == {}
+    assert history(uri, "tiny")[1]["policy"]["source"] == "registration"
+    assert verify(uri)["ok"]
+
+
 def test_gates_follow_the_stage_order_and_config(tmp_path, model_dir):
     uri = str(tmp_path / "store")
     register_version(uri, "tiny", model_dir, {"gates": {"ppl_ratio": 1.1}})  # no zero-shot, no target sparsity

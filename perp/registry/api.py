@@ -383,10 +383,17 @@ def _blobs_of_latest_version(store: Store, name: str, state: ModelState) -> set[
 def promote(store_uri: StoreLike, name: str, version: Union[int, str], to_stage: str, reason: Optional[str] = "",
             force: bool = False, gates: Optional[Mapping[str, Any]] = None,
             stages: Optional[list[str]] = None) -> dict[str, Any]:
-    """Put `version` in `to_stage` if it passes the stage's gates (or `force` with a reason, recorded)."""
+    """Put `version` in `to_stage` if it passes the stage's gates (or `force` with a reason, recorded).
+
+    The promotion policy (the stage ladder and each stage's gates) is the one the version was registered under,
+    as its manifest's params record it. `stages`/`gates` that differ from it are an override: refused unless
+    forced with a reason, and recorded as forced with the policy used. A version registered without params has
+    no recorded policy; the given (or default) one applies, and the event says so.
+    """
     name, version = validate_name(name), validate_version(version)
+    caller_policy = stages is not None or gates is not None
     stage_list, gate_configs = _stage_config(stages, gates)
-    validate_stage(to_stage, stage_list)
+    validate_stage(to_stage, stage_list if caller_policy else None)
     reason = _reason(reason, "--force needs a reason (--reason TEXT): a forced promotion is recorded with it"
                      if force else None)
     store = _store(store_uri)
@@ -402,20 +409,68 @@ def promote(store_uri: StoreLike, name: str, version: Union[int, str], to_stage:
             raise RegistryError(f"version {version} of '{name}' is already in '{to_stage}'")
         if version not in manifests:
             manifests[version] = _load_manifest(store, name, state, version)
-        evaluation = evaluate_gates(to_stage, stage_list, gate_configs.get(to_stage),
+        policy = _promotion_policy(manifests[version], stage_list, gate_configs, not caller_policy)
+        if policy["override"] and not force:
+            raise RegistryError(
+                f"promotion of '{name}' v{version} to '{to_stage}' refused: {policy['override']}. Nothing was "
+                "recorded; promote with the policy it was registered under (its params.yaml), or override with "
+                "--force --reason TEXT (recorded as a forced promotion)")
+        used_stages, used_gates = _stage_config(policy["stages"], policy["gates"])
+        validate_stage(to_stage, used_stages)
+        evaluation = evaluate_gates(to_stage, used_stages, used_gates.get(to_stage),
                                     manifests[version].get("metrics"), record.stages_ever)
         if not evaluation["passed"] and not force:
             raise GateRefused(f"promotion of '{name}' v{version} to '{to_stage}' refused: "
                               f"{describe_failures(evaluation)}. Nothing was recorded; override with --force "
                               "--reason TEXT (recorded as a forced promotion)", evaluation)
+        forced = bool(force and (evaluation["failed"] or policy["override"]))
         return {"type": "promote", "version": version, "stage": to_stage, "previous_version": previous,
-                "reason": reason, "forced": bool(force and evaluation["failed"]), "force_requested": bool(force),
-                "gates": evaluation, "failed_gates": evaluation["failed"]}
+                "reason": reason, "forced": forced, "force_requested": bool(force),
+                "gates": evaluation, "failed_gates": evaluation["failed"], "policy": policy}
 
     event, _ = append_event(store, name, build)
     return {"name": name, "version": version, "stage": to_stage, "previous_version": event["previous_version"],
             "forced": event["forced"], "failed_gates": event["failed_gates"], "reason": reason,
             "gates": event["gates"], "event": _event_summary(event)}
+
+
+def _policy_dump(stages: list[str], gates: Mapping[str, GatesConfig]) -> dict[str, Any]:
+    return {"stages": list(stages),
+            "gates": {stage: config.model_dump(mode="json") for stage, config in sorted(gates.items())}}
+
+
+def _promotion_policy(manifest: dict[str, Any], stages: list[str], gates: dict[str, GatesConfig],
+                      defaults_only: bool) -> dict[str, Any]:
+    """The policy a promotion uses and where it comes from; `override` says how it departs from the recorded one.
+
+    `defaults_only`: the caller gave no policy (library defaults), so the recorded one simply applies.
+    """
+    used = _policy_dump(stages, gates)
+    register = ((manifest.get("params") or {}).get("register") or {}) if isinstance(manifest.get("params"), dict) \
+        else {}
+    if not isinstance(register, dict) or ("stages" not in register and "gates" not in register):
+        return {"source": "caller", **used, "override": None}
+    try:
+        recorded = _policy_dump(*_stage_config(register.get("stages"), register.get("gates")))
+    except RegistryError:
+        return {"source": "caller", **used, "override": "the policy recorded at registration is invalid"}
+    if defaults_only or recorded == used:
+        return {"source": "registration", **recorded, "override": None}
+    changes = [f"stages {recorded['stages']} → {used['stages']}"] if recorded["stages"] != used["stages"] else []
+    for stage in sorted(set(recorded["gates"]) | set(used["gates"])):
+        before, after = recorded["gates"].get(stage), used["gates"].get(stage)
+        if before != after:
+            changes.append(f"gates.{stage} {_gates_text(before)} → {_gates_text(after)}")
+        if len(changes) >= 4:
+            break
+    return {"source": "caller", **used, "registered": recorded,
+            "override": "its policy differs from the one it was registered under (" + "; ".join(changes) + ")"}
+
+
+def _gates_text(gates: Optional[dict[str, Any]]) -> str:
+    if gates is None:
+        return "none"
+    return "{" + ", ".join(f"{key}: {value}" for key, value in sorted(gates.items())) + "}"
 
 
 def rollback(store_uri: StoreLike, name: str, stage: str = "prod", reason: Optional[str] = None,
