@@ -27,7 +27,7 @@ from perp.models.families import count_parameters
 from perp.prune.engine import LayerInputs, capture_layer_inputs
 from perp.recover.base import METHODS, Settings
 from perp.recover.data import WindowStream
-from perp.recover.layerwise import BlockData, BlockTrainer, _autocast_dtype, _layered_ppl
+from perp.recover.layerwise import BlockData, BlockTrainer, Rows, _autocast_dtype, _layered_ppl
 from perp.recover.memory import PeakMemory
 
 FusedProgress = Callable[[str, int, int, str], None]  # (stage, done, total, status), as `run_recover`'s
@@ -83,12 +83,11 @@ class FusedReconstruction:
         self._emit("train", 0, self.trainer.total_steps)
 
     def __call__(self, index: int, layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tensor]) -> None:
-        hidden = torch.cat(inputs.hidden)
-        # The engine's micro-batches become views of the one tensor the block trains on: one copy, not two.
-        inputs.hidden[:] = list(hidden.split([h.shape[0] for h in inputs.hidden]))
-        data = BlockData(self.call, hidden=hidden)
-        dense_outputs = torch.cat(targets)
-        targets.clear()  # the engine's list: its micro-batches are no longer needed
+        # The block trains on the engine's own micro-batches, neither copied nor concatenated: windows are
+        # gathered from them by index, the MSE is measured one micro-batch at a time (`Rows`).
+        data = BlockData(self.call, hidden=inputs.hidden)
+        dense_outputs = Rows(targets)
+        targets.clear()  # the engine's list: the dense outputs are ours now, released when the block is done
         self.trainer.train(index, layer, data, dense_outputs)
 
     def finish(self, peak_memory_bytes: int, sparsity: dict[str, Any]) -> dict[str, Any]:

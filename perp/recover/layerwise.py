@@ -16,8 +16,9 @@ The data flow is the pruning engine's (`perp.prune.engine`): `capture_layer_inpu
 
 from __future__ import annotations
 
+import bisect
 import time
-from typing import Any, Optional
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -54,29 +55,124 @@ def check_same_architecture(pruned: nn.Module, dense: nn.Module, family, model: 
                                f"{tuple(linear.weight.shape)} in '{model}'; not the same architecture")
 
 
+class Rows:
+    """Windows [n, L, d] held as the micro-batches [b_i, L, d] they were computed in, never as one tensor.
+
+    A calibration set's hidden states are the largest tensors of a layer-wise run (4 GiB a layer for 128 × 2048
+    tokens of a 70B model in bf16): concatenating them, or keeping two versions alive while one replaces the other,
+    would double that. Everything here works one micro-batch at a time: `split` serves micro-batches of any size
+    (views within a part, a micro-batch-sized copy across parts), `take` gathers windows by index (window → part,
+    row), `regroup` re-cuts the parts in place, releasing each old part as soon as it is consumed.
+    """
+
+    def __init__(self, parts: Union["Rows", torch.Tensor, Sequence[torch.Tensor]]) -> None:
+        if isinstance(parts, Rows):
+            parts = parts.parts
+        elif torch.is_tensor(parts):
+            parts = [parts]
+        self.parts: list[torch.Tensor] = [p for p in parts if p.shape[0]]
+
+    def __len__(self) -> int:
+        return sum(p.shape[0] for p in self.parts)
+
+    @property
+    def starts(self) -> list[int]:
+        """Index of each part's first window."""
+        starts, offset = [], 0
+        for part in self.parts:
+            starts.append(offset)
+            offset += part.shape[0]
+        return starts
+
+    def aligned(self, size: int) -> bool:
+        """Whether the parts already are `size` windows each (the last one at most `size`)."""
+        return all(p.shape[0] == size for p in self.parts[:-1]) and (not self.parts or self.parts[-1].shape[0] <= size)
+
+    def split(self, size: int) -> Iterator[torch.Tensor]:
+        """Consecutive micro-batches of `size` windows (the last one shorter), as `torch.cat(parts).split(size)`
+        would give them, but built one at a time."""
+        return _cut(iter(self.parts), size)
+
+    def regroup(self, size: int) -> None:
+        """Re-cut the parts into micro-batches of `size` windows, in place; each old part is released once
+        consumed, so at most about one micro-batch is held twice."""
+        if self.aligned(size):
+            return
+        old, self.parts = self.parts, []
+        old.reverse()
+
+        def drain() -> Iterator[torch.Tensor]:  # hands the old parts over, keeping no reference to them
+            while old:
+                yield old.pop()
+
+        self.parts.extend(_cut(drain(), size))
+
+    def take(self, indices: Sequence[int]) -> torch.Tensor:
+        """The windows at `indices`, in that order: `torch.cat(parts)[indices]` without the concatenation."""
+        starts, n = self.starts, len(self)
+        rows = []
+        for index in indices:
+            index = int(index)
+            if not -n <= index < n:
+                raise IndexError(f"window {index} out of range for {n} windows")
+            index %= n
+            part = bisect.bisect_right(starts, index) - 1
+            rows.append(self.parts[part][index - starts[part]])
+        return torch.stack(rows)
+
+
+def _cut(parts: Iterator[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
+    """The windows of `parts` in micro-batches of `size`: a view where one lies within a part, else a copy."""
+    pending: list[torch.Tensor] = []
+    have = 0
+    for part in parts:
+        while part.shape[0]:
+            piece, part = part[:size - have], part[size - have:]
+            pending.append(piece)
+            have += piece.shape[0]
+            if have == size:
+                batch, pending, have = (pending[0] if len(pending) == 1 else torch.cat(pending)), [], 0
+                yield batch
+                batch = None
+        part = None
+    if pending:
+        yield pending[0] if len(pending) == 1 else torch.cat(pending)
+
+
 class BlockData:
-    """Hidden states entering the current block for every window, [n, L, d], and the block's call arguments.
+    """Hidden states entering the current block for every window, [n, L, d] as `Rows` of micro-batches, and the
+    block's call arguments.
 
     The inputs of block 0 are captured one window at a time, so every captured argument (causal mask, rotary
     tables, positions) has batch size one and broadcasts (or expands) to any batch of windows.
     """
 
-    def __init__(self, captured: LayerInputs, hidden: Optional[torch.Tensor] = None) -> None:
-        """`captured` with batch-one call arguments; `hidden` [n, L, d] (default: `captured`'s own)."""
-        self.hidden = torch.cat(captured.hidden) if hidden is None else hidden
+    def __init__(self, captured: LayerInputs, hidden: Union[Rows, torch.Tensor, Sequence[torch.Tensor], None] = None
+                 ) -> None:
+        """`captured` with batch-one call arguments; `hidden` [n, L, d], one tensor or its micro-batches (default:
+        `captured`'s own). The micro-batches are used as they are: never copied, never concatenated."""
+        self.hidden = Rows(captured.hidden if hidden is None else hidden)
         self.args = captured.args[0]
         self.kwargs = captured.kwargs[0]
 
     def call_kwargs(self, batch: int) -> dict[str, Any]:
         return {key: _expand(value, batch) for key, value in self.kwargs.items()}
 
-    def chunks(self, batch_size: int, hidden: Optional[torch.Tensor] = None) -> LayerInputs:
-        """`hidden` (default: the current inputs) as the engine's micro-batches of `batch_size` windows."""
-        parts = list((self.hidden if hidden is None else hidden).split(batch_size))
-        return LayerInputs(parts, [self.args] * len(parts), [self.call_kwargs(p.shape[0]) for p in parts])
+    def micro_batch(self, hidden: torch.Tensor) -> LayerInputs:
+        """One micro-batch as the engine's inputs."""
+        return LayerInputs([hidden], [self.args], [self.call_kwargs(hidden.shape[0])])
 
     def run(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return run_layer(layer, hidden, self.call_kwargs(hidden.shape[0]), self.args)
+
+    @torch.no_grad()
+    def advance(self, layer: nn.Module, batch_size: int, autocast_dtype: Optional[torch.dtype]) -> None:
+        """Replace the inputs by `layer`'s outputs on them (the next block's inputs), one micro-batch of
+        `batch_size` windows at a time: each input micro-batch is released as its output replaces it."""
+        self.hidden.regroup(batch_size)
+        parts = self.hidden.parts  # the engine's in-place propagation replaces this very list's entries
+        inputs = LayerInputs(parts, [self.args] * len(parts), [self.call_kwargs(p.shape[0]) for p in parts])
+        propagate(layer, inputs, in_place=True, autocast_dtype=autocast_dtype)
 
 
 def _expand(value: Any, batch: int) -> Any:
@@ -87,17 +183,48 @@ def _expand(value: Any, batch: int) -> Any:
     return value
 
 
-@torch.no_grad()
-def outputs(layer: nn.Module, data: BlockData, batch_size: int, autocast_dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """The block's outputs for every window (the engine's `propagate`), as one [n, L, d] tensor."""
-    return torch.cat(propagate(layer, data.chunks(batch_size), in_place=False, autocast_dtype=autocast_dtype).hidden)
+def _batch_outputs(layer: nn.Module, data: BlockData, batch_size: int,
+                   autocast_dtype: Optional[torch.dtype]) -> Iterator[torch.Tensor]:
+    """The block's outputs, one micro-batch of `batch_size` windows at a time (the engine's `propagate`)."""
+    for hidden in data.hidden.split(batch_size):
+        yield propagate(layer, data.micro_batch(hidden), in_place=False, autocast_dtype=autocast_dtype).hidden[0]
 
 
 @torch.no_grad()
-def block_mse(layer: nn.Module, data: BlockData, targets: torch.Tensor, batch_size: int,
-              autocast_dtype: Optional[torch.dtype]) -> float:
-    out = outputs(layer, data, batch_size, autocast_dtype)
-    return float(F.mse_loss(out.float(), targets.float()))
+def outputs(layer: nn.Module, data: BlockData, batch_size: int, autocast_dtype: Optional[torch.dtype]) -> Rows:
+    """The block's outputs for every window, as `Rows` of micro-batches of `batch_size` windows."""
+    return Rows(list(_batch_outputs(layer, data, batch_size, autocast_dtype)))
+
+
+@torch.no_grad()
+def block_mse(layer: nn.Module, data: BlockData, targets: Union[Rows, torch.Tensor, Sequence[torch.Tensor]],
+              batch_size: int, autocast_dtype: Optional[torch.dtype]) -> float:
+    """MSE of the block's outputs to `targets` over every window, as `F.mse_loss(outputs, targets)` in fp32.
+
+    Computed one micro-batch at a time: each micro-batch's sum of squared differences in fp32 (the size of one
+    micro-batch), accumulated in fp64 and divided by the element count at the end. Nothing the size of the
+    calibration set is created.
+    """
+    targets = Rows(targets)
+    if len(targets) != len(data.hidden):
+        raise ValueError(f"{len(targets)} target windows for {len(data.hidden)} input windows")
+    total: Optional[torch.Tensor] = None
+    count = 0
+    target_batches = targets.split(batch_size)
+    for out in _batch_outputs(layer, data, batch_size, autocast_dtype):  # not zip(): it holds the last pair
+        target = next(target_batches)
+        if out.shape != target.shape:
+            raise ValueError(f"block outputs {tuple(out.shape)} but targets {tuple(target.shape)}")
+        diff = out.to(torch.float32, copy=True)  # a copy: `out` may share memory with the block's inputs
+        out = None
+        diff.sub_(target).square_()
+        part = diff.sum(dtype=torch.float32).double()
+        total = part if total is None else total + part
+        count += diff.numel()
+        diff = target = None  # released before the next micro-batch runs
+    if total is None:
+        raise ValueError("no windows to measure the block MSE on")
+    return float(total) / count
 
 
 def _layered_ppl(net: nn.Module, family, eval_set, batch_size: int, device: torch.device, progress,
@@ -137,8 +264,12 @@ class BlockTrainer:
         self.seconds = 0.0
         self.trained = 0
 
-    def train(self, index: int, layer: nn.Module, data: BlockData, targets: torch.Tensor) -> None:
+    def train(self, index: int, layer: nn.Module, data: BlockData,
+              targets: Union[Rows, torch.Tensor, Sequence[torch.Tensor]]) -> None:
+        """`targets`: the dense block's outputs on `data`'s windows (`Rows`, micro-batches or one tensor)."""
         from perp.recover.run import _emit
+
+        targets = Rows(targets)
 
         started = time.perf_counter()
         rc, device = self.config.recover, self.device
@@ -153,7 +284,7 @@ class BlockTrainer:
 
         def micro_batch_loss() -> tuple[torch.Tensor, int]:
             pick = next(indices)
-            x, y = data.hidden[pick].to(device), targets[pick].to(device)
+            x, y = data.hidden.take(pick).to(device), targets.take(pick).to(device)
             with autocast_context(device, self.model_dtype):
                 out = data.run(layer, x)
             return F.mse_loss(out.float(), y.float()), x.shape[0] * x.shape[1]
@@ -226,6 +357,9 @@ def run_layerwise(config: PerpConfig, model: str, dense: str, methods: list[str]
     # Hidden states are kept in the model's dtype: blocks run on them directly (LayerNorm on CPU refuses fp32
     # inputs with bf16 weights), and their outputs are cast back to it anyway.
     data = BlockData(capture_layer_inputs(net, family, train_set.ids, device, batch_size=1, dtype=loaded.dtype))
+    # The windows were captured one by one; the blocks run on micro-batches of `batch_size` of them, re-cut in
+    # place (never one concatenated copy of the whole set next to the captured one).
+    data.hidden.regroup(rc.batch_size)
     with reuse_freed_memory(device.type == "cpu"):  # once for all blocks (each optimize() nests)
         for index in range(n_layers):
             layer, dense_layer = family.layers(net)[index], family.layers(dense_net)[index]
@@ -236,7 +370,7 @@ def run_layerwise(config: PerpConfig, model: str, dense: str, methods: list[str]
             layer.to(device)
             trainer.train(index, layer, data, targets)
             targets = None  # free before the block's outputs are computed
-            data.hidden = outputs(layer, data, rc.batch_size, trainer.autocast_dtype)  # feed block i+1
+            data.advance(layer, rc.batch_size, trainer.autocast_dtype)  # feed block i+1, in place
             layer.to(home)
     seconds = time.perf_counter() - started
     peak = meter.stop()
