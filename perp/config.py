@@ -413,6 +413,20 @@ class GatesConfig(_Section):
     min_sparsity: Optional[float] = None  # None: the pruning target
 
 
+def _in_dvc_temp_workspace(directory: Path) -> bool:
+    """`dvc exp run --temp` / `--queue` run in a copy of the repository under .dvc/tmp/exps/, removed afterwards."""
+    parts = directory.resolve().parts
+    return any(parts[i:i + 3] == (".dvc", "tmp", "exps") for i in range(len(parts) - 2))
+
+
+def absolute_store(uri: str) -> str:
+    """A local store as an absolute path (what a record must say: relative paths depend on the working
+    directory); s3:// as it is."""
+    if uri.startswith("s3://"):
+        return uri
+    return str(Path(uri.removeprefix("file://")).expanduser().absolute())
+
+
 class RegisterConfig(_Section):
     store: str = "./perp-store"
     name: str = "smollm2-135m-perp"
@@ -440,6 +454,11 @@ class RegisterConfig(_Section):
                 existing = existing.parent
             if not existing.is_dir():
                 raise ValueError(f"'{value}' cannot be a directory: '{existing}' is a file")
+            relative = not Path(value.removeprefix("file://")).expanduser().is_absolute()
+            if relative and _in_dvc_temp_workspace(Path.cwd()):
+                raise ValueError(f"'{value}' is relative, and this runs in a temporary DVC experiment workspace "
+                                 f"({Path.cwd()}) that DVC deletes afterwards, with the versions registered into "
+                                 "it; use an absolute path or s3://")
         return value
 
     @field_validator("name")

@@ -126,3 +126,17 @@ def test_paper_profile_is_valid():
     assert config.data.calibration.nsamples == 128 and config.data.calibration.seqlen == 2048
     assert len(config.evaluate.zeroshot.tasks) == 7
     assert config.prune.compute_dtype == "bfloat16" and config.prune.sequential == "layer"
+
+
+def test_relative_store_in_a_temporary_dvc_experiment_is_refused(tmp_path, monkeypatch):
+    from perp.config import ConfigError, load_params
+
+    workspace = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpk3j2"
+    workspace.mkdir(parents=True)
+    monkeypatch.chdir(workspace)
+    with pytest.raises(ConfigError, match=r"register\.store: '\./perp-store' is relative, and this runs in a "
+                                          r"temporary DVC experiment workspace"):
+        load_params(None, ["register.store=./perp-store"])
+    assert load_params(None, [f"register.store={tmp_path / 'store'}"]).register.store == str(tmp_path / "store")
+    monkeypatch.chdir(tmp_path / "repo")  # the workspace itself (dvc repro, dvc exp run): relative is fine
+    assert load_params(None, ["register.store=./perp-store"]).register.store == "./perp-store"

@@ -38,7 +38,7 @@ def register(
     Registering the same model with the same metrics, params and lineage again returns the existing version.
     """
     config = build_config(params, sets)
-    from perp.config import dump_params
+    from perp.config import absolute_store, dump_params
     from perp.io.atomic import check_output_file, write_json_atomic
     from perp.pipeline import LineageError, lineage, reference, register_stage
 
@@ -61,7 +61,7 @@ def register(
                               None if guessed_pruned else pruned_ref, candidate)
     manifest = register_stage(dump_params(config)["register"], candidate, reference(metrics), dump_params(config),
                               run_lineage)
-    summary = {"store": config.register.store, "name": manifest.get("name"), "version": manifest.get("version"),
+    summary = {"store": absolute_store(config.register.store), "name": manifest.get("name"), "version": manifest.get("version"),
                "manifest_sha256": manifest.get("manifest_sha256"), "reused": manifest.get("reused", False)}
     if out is not None:
         write_json_atomic(out, summary)
