@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import numpy as np
@@ -142,3 +143,150 @@ def test_index_with_a_traversal_path_is_refused(pruned, tmp_path):
     with pytest.raises(SparseFormatError, match="unsafe path"):
         unpack_checkpoint(tmp_path / "packed", tmp_path / "dense")
     assert not (tmp_path / "escaped.json").exists()
+
+
+# --------------------------------------------------------------------------------------------- one read, digests
+
+
+def _stream(n: int, seed: str) -> bytes:
+    """Deterministic incompressible bytes (sha256 in counter mode), identical on every platform."""
+    import hashlib
+
+    out = bytearray()
+    i = 0
+    while len(out) < n:
+        out += hashlib.sha256(f"{seed}:{i}".encode()).digest()
+        i += 1
+    return bytes(out[:n])
+
+
+def _golden_source(path):
+    """A sparse F32 tensor, a gap, a dense BF16 tensor, an all-zero I16 tensor and trailing bytes; its planes
+    are incompressible, so the packed bytes do not depend on the zlib build."""
+    a = np.frombuffer(_stream(4096 * 4, "a"), dtype="<u4").copy()
+    a[np.frombuffer(_stream(4096, "mask"), dtype=np.uint8) < 128] = 0
+    b = np.frombuffer(_stream(1000 * 2, "b"), dtype="<u2")
+    c = np.zeros(64, dtype="<u2")
+    data = a.tobytes() + b"\x07" * 5 + b.tobytes() + c.tobytes() + b"tail"
+    o1 = a.nbytes
+    o2 = o1 + 5
+    o3 = o2 + b.nbytes
+    o4 = o3 + c.nbytes
+    header = {"__metadata__": {"format": "pt"},
+              "a": {"dtype": "F32", "shape": [64, 64], "data_offsets": [0, o1]},
+              "b": {"dtype": "BF16", "shape": [1000], "data_offsets": [o2, o3]},
+              "c": {"dtype": "I16", "shape": [8, 8], "data_offsets": [o3, o4]}}
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+    return path
+
+
+# sha256 of the source and of its packed form as written by perp before packing learnt to hash while writing:
+# the format is frozen, so these must never change.
+GOLDEN_SOURCE_SHA = "3756edd64ffa831602b31993b1d947667a38dbf038c802ae195d44596304083a"
+GOLDEN_PACKED_SHA = "1abbbad79211bf1b23c9adaf5d63b93614746ac92457ccd5d5d413835ebee8ca"
+
+
+@pytest.fixture
+def hash_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PERP_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def counted_hashing(monkeypatch):
+    """Counts every whole-file hash (perp.io.hashing.sha256_file and sparse_format.sha256_path) by path."""
+    import perp.io.hashing
+    import perp.store.sparse_format
+
+    calls: list[str] = []
+    real_file, real_path = perp.io.hashing.sha256_file, perp.store.sparse_format.sha256_path
+
+    def counted(real):
+        def hash_file(path):
+            calls.append(str(path))
+            return real(path)
+        return hash_file
+
+    monkeypatch.setattr(perp.io.hashing, "sha256_file", counted(real_file))
+    monkeypatch.setattr(perp.store.sparse_format, "sha256_path", counted(real_path))
+    return calls
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_packed_bytes_are_unchanged_and_their_sha256_is_returned(tmp_path, hash_cache, fsync):
+    source = _golden_source(tmp_path / "g.safetensors")
+    assert sha256_path(source) == GOLDEN_SOURCE_SHA
+    info = pack_file(source, tmp_path / "g.packed", fsync=fsync)
+    assert info["sha256"] == GOLDEN_SOURCE_SHA
+    assert info["packed_sha256"] == sha256_path(tmp_path / "g.packed") == GOLDEN_PACKED_SHA
+    assert info["packed_size"] == (tmp_path / "g.packed").stat().st_size
+    unpack_file(tmp_path / "g.packed", tmp_path / "g.out")
+    assert (tmp_path / "g.out").read_bytes() == source.read_bytes()
+
+
+def test_packed_sha256_matches_for_a_real_checkpoint_and_seeds_the_hash_cache(pruned, tmp_path, hash_cache,
+                                                                             counted_hashing):
+    from perp.io.hashing import cached_sha256
+
+    info = pack_file(pruned / "model.safetensors", tmp_path / "m.packed")
+    assert counted_hashing == []
+    assert cached_sha256(tmp_path / "m.packed") == info["packed_sha256"]  # from the cache: no read
+    assert cached_sha256(pruned / "model.safetensors") == info["sha256"]
+    assert counted_hashing == []
+    assert info["packed_sha256"] == sha256_path(tmp_path / "m.packed")
+    assert info["sha256"] == sha256_path(pruned / "model.safetensors")
+
+
+def test_packing_does_not_rehash_a_source_whose_digest_is_cached(tmp_path, hash_cache, counted_hashing):
+    from perp.io.hashing import cached_sha256
+
+    source = _golden_source(tmp_path / "g.safetensors")
+    assert cached_sha256(source) == GOLDEN_SOURCE_SHA  # what register_version does first
+    assert counted_hashing == [str(source.resolve())]
+    counted_hashing.clear()
+    info = pack_file(source, tmp_path / "g.packed")
+    assert counted_hashing == []
+    assert info["sha256"] == GOLDEN_SOURCE_SHA and info["packed_sha256"] == GOLDEN_PACKED_SHA
+
+
+def test_an_uncached_source_is_hashed_from_the_bytes_read_for_packing(tmp_path, hash_cache, counted_hashing):
+    from perp.io.hashing import cached_sha256, lookup_sha256
+
+    source = _golden_source(tmp_path / "g.safetensors")
+    assert lookup_sha256(source) is None
+    info = pack_file(source, tmp_path / "g.packed")
+    assert info["sha256"] == GOLDEN_SOURCE_SHA
+    assert cached_sha256(source) == GOLDEN_SOURCE_SHA  # seeded by pack_file
+    assert counted_hashing == []
+
+
+def test_a_source_modified_after_hashing_is_hashed_again(tmp_path, hash_cache):
+    from perp.io.hashing import cached_sha256
+
+    source = _golden_source(tmp_path / "g.safetensors")
+    cached_sha256(source)
+    data = bytearray(source.read_bytes())
+    data[-1] ^= 1  # same size; a new mtime
+    source.write_bytes(bytes(data))
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10_000_000))
+    info = pack_file(source, tmp_path / "g.packed")
+    assert info["sha256"] == sha256_path(source) != GOLDEN_SOURCE_SHA
+    unpack_file(tmp_path / "g.packed", tmp_path / "g.out")
+    assert (tmp_path / "g.out").read_bytes() == source.read_bytes()
+
+
+def test_a_source_that_changes_while_packed_is_refused(tmp_path, hash_cache, monkeypatch):
+    from perp.store import sparse_format
+
+    source = _golden_source(tmp_path / "g.safetensors")
+    real = sparse_format._encode_plane
+
+    def touch_then_encode(plane):
+        stat = source.stat()
+        os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+        return real(plane)
+
+    monkeypatch.setattr(sparse_format, "_encode_plane", touch_then_encode)
+    with pytest.raises(SparseFormatError, match="changed while it was being packed"):
+        pack_file(source, tmp_path / "g.packed")
+    assert not (tmp_path / "g.packed").exists()

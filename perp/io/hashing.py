@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
+from typing import Optional
 
 _CHUNK = 8 * 1024 * 1024
 
@@ -39,23 +41,62 @@ def directory_hash(directory: str | Path, suffixes: tuple[str, ...] | None = Non
     return sha256_bytes(json.dumps({k: v["sha256"] for k, v in manifest.items()}, sort_keys=True).encode())
 
 
-def cached_sha256(path: str | Path) -> str:
-    """sha256 of a file, memoised on (path, size, mtime) so that large checkpoints are hashed once."""
+def _index_file(resolved: Path) -> Path:
     from perp.io.cache import cache_dir
 
+    return cache_dir("hashes") / (hashlib.sha256(str(resolved).encode()).hexdigest()[:32] + ".json")
+
+
+def _stat_key(stat: os.stat_result) -> dict[str, int]:
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def lookup_sha256(path: str | Path) -> Optional[str]:
+    """The digest `cached_sha256` holds for a file as it is now (same path, size and mtime), else None; never
+    reads the file."""
+    path = Path(path).resolve()
+    index_file = _index_file(path)
+    if not index_file.is_file():
+        return None
+    try:
+        record = json.loads(index_file.read_text())
+        if record.get("key") == _stat_key(path.stat()):
+            return record["sha256"]
+    except (ValueError, KeyError, TypeError, AttributeError, OSError):
+        pass
+    return None
+
+
+def seed_sha256(path: str | Path, digest: str, stat: Optional[os.stat_result] = None) -> None:
+    """Record the sha256 of a file that the caller has just computed from its content (a verified download, a
+    file written while hashing), so that `cached_sha256` does not read it again. `stat` is the file's stat at the
+    time the digest describes (default: now)."""
+    path = Path(path).resolve()
+    _write_index(_index_file(path), _stat_key(stat if stat is not None else path.stat()), digest)
+
+
+def _write_index(index_file: Path, key: dict[str, int], digest: str) -> None:
+    tmp = index_file.with_suffix(f".{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(json.dumps({"key": key, "sha256": digest}))
+        os.replace(tmp, index_file)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def cached_sha256(path: str | Path) -> str:
+    """sha256 of a file, memoised on (path, size, mtime) so that large checkpoints are hashed once."""
     path = Path(path).resolve()
     stat = path.stat()
-    index_file = cache_dir("hashes") / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json")
-    key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    index_file = _index_file(path)
+    key = _stat_key(stat)
     if index_file.is_file():
         try:
             record = json.loads(index_file.read_text())
             if record.get("key") == key:
                 return record["sha256"]
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             pass
     digest = sha256_file(path)
-    tmp = index_file.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"key": key, "sha256": digest}))
-    os.replace(tmp, index_file)
+    _write_index(index_file, key, digest)
     return digest

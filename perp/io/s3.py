@@ -2,13 +2,16 @@
 
 The standard credential chain applies, and boto3 itself honours `AWS_ENDPOINT_URL`. Downloads land in the local
 cache once and are verified: against the `sha256` object metadata that perp's store writes, or else the MD5
-ETag of a single-part upload. A mismatch is an error, never a silent load.
+ETag of a single-part upload. A mismatch is an error, never a silent load. A stamp next to each download records
+what was verified (ETag, local size, mtime, sha256), so later resolves trust an unchanged copy without reading it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -16,6 +19,8 @@ from typing import Any, Optional
 
 from perp.errors import PerpError
 from perp.io.cache import cache_dir
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class S3Error(PerpError):
@@ -72,28 +77,97 @@ def _list_keys(client: Any, bucket: str, prefix: str) -> list[str]:
 
 
 def _verify(path: Path, head: dict[str, Any], uri: str) -> str:
+    """Read `path` once and check it against the object's `sha256` metadata, else its single-part MD5 ETag;
+    returns its sha256. MD5 is computed only when it is what gets compared (no sha256 metadata, and an ETag
+    without the "-N" of a multipart upload, which is not an MD5 of the content)."""
+    expected_sha = head.get("Metadata", {}).get("sha256")
+    etag = head.get("ETag", "").strip('"')
+    check_md5 = not expected_sha and bool(etag) and "-" not in etag
     sha = hashlib.sha256()
-    md5 = hashlib.md5()
+    md5 = hashlib.md5() if check_md5 else None
     with open(path, "rb") as handle:
         while chunk := handle.read(8 << 20):
             sha.update(chunk)
-            md5.update(chunk)
-    expected_sha = head.get("Metadata", {}).get("sha256")
+            if md5 is not None:
+                md5.update(chunk)
     if expected_sha and expected_sha != sha.hexdigest():
         raise S3Error(f"checksum mismatch for {uri}: sha256 {sha.hexdigest()} != recorded {expected_sha}")
-    etag = head.get("ETag", "").strip('"')
-    if not expected_sha and etag and "-" not in etag and etag != md5.hexdigest():
+    if md5 is not None and etag != md5.hexdigest():
         raise S3Error(f"checksum mismatch for {uri}: md5 {md5.hexdigest()} != ETag {etag}")
     return sha.hexdigest()
 
 
+def _stamp_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".sha256")
+
+
+def _write_stamp(dest: Path, head: dict[str, Any], digest: str) -> os.stat_result:
+    """Record what was verified: the object's ETag and the local file's size, mtime and sha256."""
+    stat = dest.stat()
+    stamp = _stamp_path(dest)
+    record = {"etag": head.get("ETag", ""), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    tmp = stamp.with_name(f".{stamp.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(json.dumps(record, sort_keys=True))
+        os.replace(tmp, stamp)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return stat
+
+
+def _stamped_digest(dest: Path, head: dict[str, Any]) -> Optional[str]:
+    """The sha256 the stamp recorded when `dest` was verified, if the stamp still describes both the object (same
+    ETag, size and sha256 metadata) and the local file (same size and mtime): then the file needs no re-read."""
+    try:
+        record = json.loads(_stamp_path(dest).read_text())
+        stat = dest.stat()
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    digest = record.get("sha256")
+    expected_sha = head.get("Metadata", {}).get("sha256")
+    if (not isinstance(digest, str) or not _SHA256.match(digest)
+            or record.get("etag") != head.get("ETag", "")
+            or record.get("size") != stat.st_size or record.get("mtime_ns") != stat.st_mtime_ns
+            or head.get("ContentLength", stat.st_size) != stat.st_size
+            or (expected_sha and expected_sha != digest)):
+        return None
+    return digest
+
+
+def _legacy_stamp_matches(dest: Path, head: dict[str, Any]) -> bool:
+    """A stamp of an older perp ("ETAG SIZE"): it records no mtime or digest, so the file is verified once more."""
+    try:
+        return _stamp_path(dest).read_text().split() == [head.get("ETag", ""), str(dest.stat().st_size)]
+    except OSError:
+        return False
+
+
 def download_object(client: Any, bucket: str, key: str, dest: Path) -> str:
-    """Download one object to `dest` atomically and verify it; returns its sha256."""
+    """Download one object to `dest` atomically and verify it; returns its sha256.
+
+    A cached copy whose stamp still matches (object ETag and size; local size and mtime) is trusted without
+    reading it again; one changed locally since (size or mtime) is downloaded and verified again. The verified
+    sha256 also seeds `perp.io.hashing.cached_sha256`, so the model content hash does not re-read the file."""
+    from perp.io.hashing import lookup_sha256, seed_sha256
+
     uri = f"s3://{bucket}/{key}"
     head = _call(client, "head_object", Bucket=bucket, Key=key)
-    stamp = dest.with_name(dest.name + ".sha256")
-    if dest.is_file() and stamp.is_file() and stamp.read_text().split() == [head.get("ETag", ""), str(dest.stat().st_size)]:
-        return _verify(dest, head, uri)
+    if dest.is_file():
+        digest = _stamped_digest(dest, head)
+        if digest is not None:
+            if lookup_sha256(dest) != digest:
+                seed_sha256(dest, digest)
+            return digest
+        if _legacy_stamp_matches(dest, head):
+            try:
+                digest = _verify(dest, head, uri)
+            except S3Error:
+                digest = None  # the cached copy is damaged: download it again below
+            if digest is not None:
+                seed_sha256(dest, digest, _write_stamp(dest, head, digest))
+                return digest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
     try:
@@ -107,7 +181,7 @@ def download_object(client: Any, bucket: str, key: str, dest: Path) -> str:
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
-    stamp.write_text(f"{head.get('ETag', '')} {dest.stat().st_size}")
+    seed_sha256(dest, digest, _write_stamp(dest, head, digest))
     return digest
 
 
@@ -145,4 +219,9 @@ def fetch_s3(uri: str, client: Any = None) -> Path:
 
 def clear_cached(uri: str) -> None:
     bucket, key = parse_s3_uri(uri)
-    shutil.rmtree(cache_dir("s3", bucket) / key, ignore_errors=True)
+    local = cache_dir("s3", bucket) / key.rstrip("/")
+    if local.is_file():  # a single object: the file and its stamp
+        local.unlink(missing_ok=True)
+        _stamp_path(local).unlink(missing_ok=True)
+    else:
+        shutil.rmtree(local, ignore_errors=True)

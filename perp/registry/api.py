@@ -234,11 +234,11 @@ def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: 
             file_records[rel] = {"sha256": digest, "size": size}
             if compact and rel.endswith(".safetensors") and size > 0:
                 packed = Path(tmp) / f"{index}.perp-sparse.safetensors"
-                info = pack_file(path, packed)
+                info = pack_file(path, packed, fsync=False)  # a temporary file: uploaded, then removed
                 if info["sha256"] != digest:
                     raise RegistryError(f"'{path}' changed while it was being registered")
                 if info["packed_size"] < size:
-                    packed_digest = cached_sha256(packed)
+                    packed_digest = info["packed_sha256"]  # computed while writing it: no second read
                     ref = store.put_blob(packed, packed_digest, refresh=packed_digest not in recorded)
                     storage[rel] = {"encoding": ENCODING_SPARSE, "blob": ref.sha256, "size": ref.size}
                     packed.unlink()

@@ -110,20 +110,29 @@ class SafetensorsHeader:
 
 
 def _write_safetensors(path: Path, parts: list[tuple[str, int, int]], data_file: BinaryIO,
-                       metadata: dict[str, str]) -> None:
-    """Write a safetensors file of 1-D uint8 tensors whose bytes lie contiguously in `data_file`."""
+                       metadata: dict[str, str], fsync: bool = True) -> str:
+    """Write a safetensors file of 1-D uint8 tensors whose bytes lie contiguously in `data_file`; returns the
+    sha256 of what was written (computed as it is written)."""
     header: dict[str, Any] = {"__metadata__": metadata}
     for name, begin, end in parts:
         header[name] = {"dtype": "U8", "shape": [end - begin], "data_offsets": [begin, end]}
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
+    digest = hashlib.sha256()
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
     with open(path, "wb") as out:
-        out.write(struct.pack("<Q", len(encoded)))
-        out.write(encoded)
+        for piece in (struct.pack("<Q", len(encoded)), encoded):
+            digest.update(piece)
+            out.write(piece)
         data_file.seek(0)
-        shutil.copyfileobj(data_file, out, _CHUNK)
+        while count := data_file.readinto(buffer):  # type: ignore[attr-defined]
+            digest.update(view[:count])
+            out.write(view[:count])
         out.flush()
-        os.fsync(out.fileno())
+        if fsync:
+            os.fsync(out.fileno())
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- planes
@@ -194,15 +203,29 @@ def packed_name(name: str) -> str:
     return name[: -len(".safetensors")] + PACKED_SUFFIX
 
 
-def pack_file(src: str | Path, dst: str | Path, sparse_min_zero_fraction: float = 0.1) -> dict[str, Any]:
-    """Pack one safetensors file. Returns {sha256, size, packed_size, tensors, sparse_tensors}.
+def pack_file(src: str | Path, dst: str | Path, sparse_min_zero_fraction: float = 0.1, *,
+              fsync: bool = True) -> dict[str, Any]:
+    """Pack one safetensors file. Returns {sha256, size, packed_size, packed_sha256, tensors, sparse_tensors}.
 
     A tensor is stored as mask + values when at least `sparse_min_zero_fraction` of its elements are zero and
     that is smaller than storing it dense.
+
+    The source is read once: its sha256 is `perp.io.hashing.cached_sha256`'s when that cache holds it for the
+    file as it is (same path, size, mtime), else it is computed from the bytes read for packing. `packed_sha256`
+    (the sha256 of `dst`) is computed while `dst` is written. Both digests are recorded in that cache, so
+    `cached_sha256` of either file costs no read. A source that changes while it is packed is an error.
+    `fsync=False` skips flushing `dst` to disk (for a temporary file that is uploaded and removed).
     """
+    from perp.io.hashing import lookup_sha256, seed_sha256
+
     src, dst = Path(src), Path(dst)
+    before = src.stat()
     header = SafetensorsHeader(src)
-    source_sha = sha256_path(src)
+    source_sha = lookup_sha256(src)
+    source_hash, hashed = None, 0
+    if source_sha is None:  # hash the source as it is read for packing (the header bytes, then every segment)
+        source_hash = hashlib.sha256(struct.pack("<Q", len(header.header_bytes)) + header.header_bytes)
+        hashed = header.data_start
     entries: list[dict[str, Any]] = []
     parts: list[tuple[str, int, int]] = []
     sparse_count = 0
@@ -233,6 +256,9 @@ def pack_file(src: str | Path, dst: str | Path, sparse_min_zero_fraction: float 
 
         for index, (begin, end, tensor) in enumerate(segments):
             raw = data[begin:end]
+            if source_hash is not None:
+                source_hash.update(memoryview(raw))
+                hashed += end - begin
             width = DTYPE_WIDTH.get(tensor[1]) if tensor else None
             entry: dict[str, Any] = {"begin": begin, "end": end}
             if tensor is not None:
@@ -263,6 +289,10 @@ def pack_file(src: str | Path, dst: str | Path, sparse_min_zero_fraction: float 
             entry["planes"] = planes
             entries.append(entry)
         del data
+        if source_hash is not None:
+            if hashed != header.file_size:  # the segments tile the data section; this guards that invariant
+                raise SparseFormatError(f"{src}: hashed {hashed} bytes of {header.file_size}")
+            source_sha = source_hash.hexdigest()
 
         description = {
             "format": FORMAT,
@@ -271,14 +301,22 @@ def pack_file(src: str | Path, dst: str | Path, sparse_min_zero_fraction: float 
                        "header_b64": base64.b64encode(header.header_bytes).decode()},
             "entries": entries,
         }
+        after = src.stat()
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            raise SparseFormatError(f"{src} changed while it was being packed")
         tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
         try:
-            _write_safetensors(tmp, parts, scratch, {METADATA_KEY: json.dumps(description, separators=(",", ":"))})
+            packed_sha = _write_safetensors(tmp, parts, scratch,
+                                            {METADATA_KEY: json.dumps(description, separators=(",", ":"))}, fsync)
             os.replace(tmp, dst)
         finally:
             tmp.unlink(missing_ok=True)
-    return {"sha256": source_sha, "size": header.file_size, "packed_size": dst.stat().st_size,
-            "tensors": len(header.tensors), "sparse_tensors": sparse_count}
+    if source_hash is not None:
+        seed_sha256(src, source_sha, before)
+    packed_stat = dst.stat()
+    seed_sha256(dst, packed_sha, packed_stat)
+    return {"sha256": source_sha, "size": header.file_size, "packed_size": packed_stat.st_size,
+            "packed_sha256": packed_sha, "tensors": len(header.tensors), "sparse_tensors": sparse_count}
 
 
 def read_packed_description(path: str | Path) -> dict[str, Any]:
