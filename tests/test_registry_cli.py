@@ -23,10 +23,18 @@ def cli(perp_in_process):
     return perp_in_process
 
 
+def bound(metrics: dict) -> dict:
+    """Metrics as perp evaluate writes them: naming the checkpoint they were measured on."""
+    from perp.models.loading import model_content_hash
+
+    return {**metrics, "model": {"sha256": model_content_hash(cached_pruned_tiny())}}
+
+
 @pytest.fixture
 def files(tmp_path):
-    (tmp_path / "good.json").write_text(json.dumps(GOOD))
-    (tmp_path / "bad.json").write_text(json.dumps(BAD))
+    (tmp_path / "good.json").write_text(json.dumps(bound(GOOD)))
+    (tmp_path / "bad.json").write_text(json.dumps(bound(BAD)))
+    (tmp_path / "unbound.json").write_text(json.dumps(GOOD))  # hand-written gate figures
     (tmp_path / "lineage.json").write_text(json.dumps({"base_model": {"source": "tiny-llama", "sha256": "0" * 64}}))
     return tmp_path
 
@@ -43,7 +51,7 @@ def test_full_lifecycle_with_json(cli, files, tmp_path):
     assert code == 0, err
     registered = json.loads(out)
     assert registered["version"] == 1 and registered["lineage"]["base_model"]["source"] == "tiny-llama"
-    assert registered["params"]["register"]["store"] == store and registered["metrics"] == GOOD
+    assert registered["params"]["register"]["store"] == store and registered["metrics"] == bound(GOOD)
     code, out, _ = cli("registry", "register", model, "-n", "tiny", "--metrics", "bad.json", "--store", store, "--json")
     assert json.loads(out)["version"] == 2
 
@@ -120,6 +128,8 @@ def test_bad_input_messages_and_exit_codes(cli, files, tmp_path):
         (("registry", "register", "missing-dir", "-n", "tiny"), "model directory 'missing-dir' does not exist"),
         (("registry", "register", str(cached_pruned_tiny()), "-n", "tiny", "--metrics", "nope.json"),
          "metrics file 'nope.json' does not exist"),
+        (("registry", "register", str(cached_pruned_tiny()), "-n", "tiny", "--metrics", "unbound.json"),
+         "metrics file 'unbound.json' has gate figures but does not name the model they were measured on"),
         (("pull", "tiny@9", "--out", "o"), "model 'tiny' has no version 9"),
     ]
     before = sorted(p for p in Path(store).rglob("*"))
