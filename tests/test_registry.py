@@ -666,6 +666,23 @@ def test_upload_killed_halfway_leaves_no_visible_version(store_uri, model_dir, t
         pull(store_uri, "tiny@1", tmp_path / "out")
     assert verify(store_uri)["ok"]
 
+    # What the killed upload left (a hidden temporary file, an unfinished multipart upload) is gc's to remove.
+    looked = gc(store_uri, older_than_seconds=0)
+    assert looked["stale_uploads"] == (1 if mode == "mid-file" else 0)
+    assert looked["stale_uploads_removed"] == looked["stale_uploads"]
+    if mode == "mid-file" and not store_uri.startswith("s3://"):
+        assert looked["stale_upload_bytes"] == 500_000 and looked["stale_upload_names"][0].startswith("blobs/")
+    if not store_uri.startswith("s3://"):  # moto dates every multipart upload 2010-11-10; S3 gives the real time
+        assert gc(store_uri, older_than_seconds=3600)["stale_uploads_removed"] == 0  # young: may still be running
+    gc(store_uri, older_than_seconds=0, dry_run=False)
+    assert gc(store_uri, older_than_seconds=0)["stale_uploads"] == 0
+    if store_uri.startswith("s3://"):
+        uploads = boto3.client("s3", endpoint_url=store.endpoint_url).list_multipart_uploads(
+            Bucket=BUCKET, Prefix=store.prefix)
+        assert not uploads.get("Uploads")
+    else:
+        assert not [p for p in Path(store_uri).rglob(".tmp-*")]
+
     assert register_version(store_uri, "tiny", model, GOOD)["version"] == 1  # no gap in version numbers
     assert tree_sha(Path(pull(store_uri, "tiny@1", tmp_path / "out")["out"])) == tree_sha(model)
 
@@ -880,3 +897,22 @@ def test_gate_details_show_counts_in_full():
     assert check["passed"] and check["detail"] == "zeroed decoder weights 50820 >= 36864"
     check = _check("prod", "ppl_ratio", "<=", 1.25, 1.2345678, "perplexity ratio vs dense")
     assert check["detail"] == "perplexity ratio vs dense 1.235 <= 1.25"
+
+
+def test_registration_sweeps_scratch_that_killed_registrations_left(tmp_path, model_dir):
+    import shutil
+    import time
+
+    from perp.io.cache import STALE_SCRATCH_SECONDS, cache_dir
+
+    scratch = cache_dir("tmp")
+    stale, running = scratch / "register-killed1", scratch / "register-running"
+    for directory in (stale, running):
+        directory.mkdir(exist_ok=True)
+        (directory / "0.perp-sparse.safetensors").write_bytes(b"x" * 1000)
+    old = time.time() - STALE_SCRATCH_SECONDS - 60
+    for path in (stale, stale / "0.perp-sparse.safetensors"):
+        os.utime(path, (old, old))
+    register_version(str(tmp_path / "store"), "tiny", model_dir, GOOD)
+    assert not stale.exists() and running.exists()
+    shutil.rmtree(running)

@@ -326,8 +326,14 @@ def gc_cmd(
     emit({key: report[key] for key in ("store", "older_than_seconds", "models", "manifests", "scanned",
                                        "scanned_bytes", "referenced", "orphaned", "orphaned_bytes", "kept_young")}
          | {"would delete" if not delete else "deleted": report["deleted"],
-            "bytes to reclaim" if not delete else "bytes reclaimed": report["bytes_reclaimed"]},
+            "bytes to reclaim" if not delete else "bytes reclaimed": report["bytes_reclaimed"],
+            "unfinished uploads": report["stale_uploads"],
+            "unfinished uploads to remove" if not delete else "unfinished uploads removed":
+                report["stale_uploads_removed"]},
          False, "gc (dry run)" if not delete else "gc")
+    for name in report["stale_upload_names"][:20]:
+        console.print(f"  {'would remove' if not delete else 'removed'} unfinished upload {name}", highlight=False,
+                      soft_wrap=True)
     shown = report["deleted_keys"][:20]
     for key in shown:
         console.print(f"  {'would delete' if not delete else 'deleted'} {key}", highlight=False, soft_wrap=True)

@@ -204,7 +204,7 @@ def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: 
     once. Checking before the upload is `find_version`'s job.
     """
     from perp.io.hashing import cached_sha256
-    from perp.io.cache import cache_dir
+    from perp.io.cache import scratch_dir
     from perp.store.sparse_format import pack_file
 
     name = validate_name(name)
@@ -228,7 +228,7 @@ def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: 
 
     file_records: dict[str, dict[str, Any]] = {}
     storage: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(dir=cache_dir("tmp"), prefix="register-") as tmp:
+    with tempfile.TemporaryDirectory(dir=scratch_dir("register-"), prefix="register-") as tmp:
         for index, (rel, path) in enumerate(files):
             digest, size = cached_sha256(path), path.stat().st_size
             file_records[rel] = {"sha256": digest, "size": size}
@@ -904,6 +904,18 @@ def _grace_seconds(value: float) -> float:
     return float(value)
 
 
+def _stale_uploads(store: Store, now: float, grace: float, dry_run: bool) -> dict[str, Any]:
+    """Uploads killed before they completed (a hidden temporary file, an unfinished S3 multipart upload): older
+    than the grace period, they are removed unless `dry_run`; younger ones may still be running."""
+    found = list(store.stale_uploads())
+    old = [upload for upload in found if now - upload.last_modified >= grace]
+    if not dry_run:
+        for upload in old:
+            store.remove_stale_upload(upload)
+    return {"stale_uploads": len(found), "stale_upload_bytes": sum(u.size or 0 for u in found),
+            "stale_uploads_removed": len(old), "stale_upload_names": [u.name for u in old]}
+
+
 def gc(store_uri: StoreLike, *, older_than_seconds: float = GC_GRACE_SECONDS, dry_run: bool = True) -> dict[str, Any]:
     """Delete the blobs no recorded version names (left by registrations that failed or were killed before their
     event) once they are older than `older_than_seconds`. With `dry_run` (the default) nothing is deleted: the
@@ -921,11 +933,12 @@ def gc(store_uri: StoreLike, *, older_than_seconds: float = GC_GRACE_SECONDS, dr
     Each blob is checked again just before it is deleted and kept if it was refreshed since the listing; what
     remains is a re-use landing between that check and the delete. Ages are measured on this machine's clock
     against the store's timestamps (S3: the server's), so keep the grace period well above any clock skew, and
-    use 0 only when nothing is registering. Only blobs are collected: not the hidden temporary file of a killed
-    local upload, nor the parts of a killed S3 multipart upload (a bucket lifecycle rule removes those).
+    use 0 only when nothing is registering. What killed uploads left (the hidden temporary file of a local
+    upload, the parts of an unfinished S3 multipart upload) is listed too and, past the grace period, removed.
 
     Returns ``{"store", "dry_run", "older_than_seconds", "models", "manifests", "scanned", "scanned_bytes",
-    "referenced", "orphaned", "orphaned_bytes", "kept_young", "deleted", "bytes_reclaimed", "deleted_keys"}``
+    "referenced", "orphaned", "orphaned_bytes", "kept_young", "deleted", "bytes_reclaimed", "deleted_keys",
+    "stale_uploads", "stale_upload_bytes", "stale_uploads_removed", "stale_upload_names"}``
     (`scanned` = `referenced` + `orphaned`; `orphaned` = `kept_young` + `deleted`, less any gone meanwhile); with
     `dry_run`, `deleted`, `bytes_reclaimed` and `deleted_keys` are what ``dry_run=False`` would delete now.
     """
@@ -955,7 +968,8 @@ def gc(store_uri: StoreLike, *, older_than_seconds: float = GC_GRACE_SECONDS, dr
             size = current.size
         deleted.append(key)
         reclaimed += size
-    return {"store": store.describe(), "dry_run": dry_run, "older_than_seconds": grace, **counts,
+    stale = _stale_uploads(store, started, grace, dry_run)
+    return {"store": store.describe(), "dry_run": dry_run, "older_than_seconds": grace, **counts, **stale,
             "scanned": len(blobs), "scanned_bytes": sum(b.size for b in blobs.values()),
             "referenced": len(blobs) - len(orphans),
             "orphaned": len(orphans), "orphaned_bytes": sum(b.size for b in orphans), "kept_young": kept_young,

@@ -25,7 +25,7 @@ import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 from perp.errors import PerpError
 
@@ -110,6 +110,16 @@ class BlobInfo(NamedTuple):
 
 
 @dataclass(frozen=True)
+class StaleUpload:
+    """What a killed upload left behind: a hidden temporary file (local) or an unfinished multipart upload (S3)."""
+
+    name: str  # for messages: a path relative to the store, or "key (upload id)"
+    size: Optional[int]  # bytes held, when the backend says without another request
+    last_modified: float  # seconds since the epoch: when it was last written (S3: when the upload began)
+    handle: Any = None  # what `remove_stale_upload` needs
+
+
+@dataclass(frozen=True)
 class BlobRef:
     sha256: str
     size: int
@@ -147,6 +157,13 @@ class Store(ABC):
     def list_blobs(self) -> Iterator[BlobInfo]:
         """Every blob in the store as (sha256, size, last_modified), in no particular order. Keys under the blob
         prefix that are not laid out as blobs (and hidden temporary files) are not listed."""
+
+    def stale_uploads(self) -> Iterator[StaleUpload]:
+        """Uploads of blobs that never completed (their writer was killed); none by default."""
+        return iter(())
+
+    def remove_stale_upload(self, upload: StaleUpload) -> None:
+        """Remove what `stale_uploads` listed (absent already is not an error)."""
 
     @abstractmethod
     def delete(self, key: str) -> None:

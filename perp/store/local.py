@@ -21,6 +21,7 @@ from perp.store.base import (
     CHUNK,
     BlobInfo,
     ObjectInfo,
+    StaleUpload,
     Store,
     StoreConflict,
     StoreError,
@@ -132,6 +133,27 @@ class LocalStore(Store):
                 except FileNotFoundError:  # deleted meanwhile
                     continue
                 yield BlobInfo(digest, stat.st_size, stat.st_mtime)
+
+    def stale_uploads(self) -> Iterator[StaleUpload]:
+        """The hidden `.tmp-*` files of blob uploads: a complete upload renames its file, a killed one leaves it."""
+        base = self._prefix_dir(BLOB_PREFIX)
+        if not base.is_dir():
+            return
+        for shard in sorted(os.listdir(base)):
+            if not (base / shard).is_dir():
+                continue
+            for name in sorted(os.listdir(base / shard)):
+                if not name.startswith(".tmp-"):
+                    continue
+                path = base / shard / name
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:  # its upload just finished
+                    continue
+                yield StaleUpload(path.relative_to(self.root).as_posix(), stat.st_size, stat.st_mtime, path)
+
+    def remove_stale_upload(self, upload: StaleUpload) -> None:
+        Path(upload.handle).unlink(missing_ok=True)
 
     def delete(self, key: str) -> None:
         path = self._path(key)

@@ -32,6 +32,7 @@ from perp.store.base import (
     CHUNK,
     BlobInfo,
     ObjectInfo,
+    StaleUpload,
     Store,
     StoreConflict,
     StoreError,
@@ -248,6 +249,31 @@ class S3Store(Store):
                 digest = blob_digest(self._relative(item["Key"]))
                 if digest is not None:
                     yield BlobInfo(digest, int(item["Size"]), item["LastModified"].timestamp())
+
+    def stale_uploads(self) -> Iterator[StaleUpload]:
+        """Multipart uploads of blobs that were begun and never completed or aborted: their parts are stored (and
+        billed) but invisible to object listings."""
+        prefix = self._full(BLOB_PREFIX) + "/"
+        markers: dict[str, Any] = {}
+        while True:
+            page = self._call("list_multipart_uploads", BLOB_PREFIX, Prefix=prefix, **markers)
+            for upload in page.get("Uploads", []):
+                key = upload["Key"]
+                yield StaleUpload(f"{self._relative(key)} (upload {upload['UploadId'][:16]})", None,
+                                  upload["Initiated"].timestamp(), (key, upload["UploadId"]))
+            if not page.get("IsTruncated"):
+                return
+            markers = {"KeyMarker": page.get("NextKeyMarker"), "UploadIdMarker": page.get("NextUploadIdMarker")}
+
+    def remove_stale_upload(self, upload: StaleUpload) -> None:
+        from botocore.exceptions import ClientError
+
+        key, upload_id = upload.handle
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                raise self._error(error, "abort_multipart_upload", self._relative(key)) from None
 
     def delete(self, key: str) -> None:
         self._call("delete_object", key, Key=self._full(key))  # S3 answers 204 for an absent key too
