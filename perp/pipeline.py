@@ -175,7 +175,7 @@ def mask_stage(model: dict[str, Any], prune: dict[str, Any], calibration: Ref, w
     if not is_complete(out):
         calib = load_token_set(require(calibration, "calibrate"))
         run_prune(config, out, calib=calib, progress=progress)
-    return reference(out, report=str(out / "prune_report.json"))
+    return reference(out, report=str((out / "prune_report.json").resolve()))
 
 
 def recover_stage(recover: dict[str, Any], pruned: Ref, dense_model: dict[str, Any], data: dict[str, Any],
@@ -187,7 +187,7 @@ def recover_stage(recover: dict[str, Any], pruned: Ref, dense_model: dict[str, A
     out = stage_output("recover", workdir, recover=recover, pruned=pruned, dense_model=dense_model, data=data)
     if not is_complete(out):
         run_recover(config, str(require(pruned, "mask")), out, dense=dense_model["name"], progress=progress)
-    return reference(out, report=str(out / "recover_report.json"))
+    return reference(out, report=str((out / "recover_report.json").resolve()))
 
 
 def evaluate_stage(evaluate: dict[str, Any], candidate: Ref, dense_model: dict[str, Any], prune: dict[str, Any],

@@ -276,3 +276,17 @@ def test_a_gone_intermediate_recovery_is_named_not_blamed_on_the_pruned_input(cl
     metrics = write_metrics(twice, tmp_path / "metrics.json")
     code, _, err = register(cli, tmp_path / "store", twice, metrics, "--pruned", str(stages["pruned_a"]))
     assert code == 2 and "cannot verify" in err and "moved-away" in err, err
+
+
+def test_stage_references_from_a_relative_workdir_are_absolute(tmp_path, monkeypatch):
+    """Lineage records where the reports are wherever the run started (README: local paths are absolute)."""
+    monkeypatch.chdir(tmp_path)
+    params = dump_params(config_from_sections(**SECTIONS))
+    model = params["model"]
+    calibration = pipeline.calibrate_stage(model, params["data"]["calibration"], "runs")
+    pruned = pipeline.mask_stage(model, params["prune"], calibration, "runs")
+    recovered = pipeline.recover_stage(params["recover"], pruned, model, params["data"], "runs", params)
+    for ref in (calibration, pruned, recovered):
+        assert Path(ref["uri"]).is_absolute() and ref["uri"].startswith(str(tmp_path.resolve()))
+    assert Path(pruned["report"]).is_absolute() and Path(pruned["report"]).is_file()
+    assert Path(recovered["report"]).is_absolute() and Path(recovered["report"]).is_file()
