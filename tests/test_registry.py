@@ -675,7 +675,11 @@ def test_upload_killed_halfway_leaves_no_visible_version(store_uri, model_dir, t
     if not store_uri.startswith("s3://"):  # moto dates every multipart upload 2010-11-10; S3 gives the real time
         assert gc(store_uri, older_than_seconds=3600)["stale_uploads_removed"] == 0  # young: may still be running
     gc(store_uri, older_than_seconds=0, dry_run=False)
-    assert gc(store_uri, older_than_seconds=0)["stale_uploads"] == 0
+    if store_uri.startswith("s3://"):
+        with pytest.raises(RegistryError, match="does not exist"):  # nothing is left under the prefix
+            gc(store_uri, older_than_seconds=0)
+    else:
+        assert gc(store_uri, older_than_seconds=0)["stale_uploads"] == 0
     if store_uri.startswith("s3://"):
         uploads = boto3.client("s3", endpoint_url=store.endpoint_url).list_multipart_uploads(
             Bucket=BUCKET, Prefix=store.prefix)
@@ -916,3 +920,14 @@ def test_registration_sweeps_scratch_that_killed_registrations_left(tmp_path, mo
     register_version(str(tmp_path / "store"), "tiny", model_dir, GOOD)
     assert not stale.exists() and running.exists()
     shutil.rmtree(running)
+
+
+def test_a_mistyped_s3_prefix_is_refused_not_read_as_an_empty_registry(s3_endpoint, monkeypatch, model_dir):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    real = f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}"
+    register_version(real, "tiny", model_dir, GOOD)
+    typo = real + "-typo"
+    for read in (verify, list_models, gc):
+        with pytest.raises(RegistryError, match="does not exist"):
+            read(typo)
+    assert verify(real)["ok"] and [m["name"] for m in list_models(real)] == ["tiny"]

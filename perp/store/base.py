@@ -189,9 +189,8 @@ class Store(ABC):
         return self.uri
 
     def exists(self) -> bool:
-        """False when the store itself is known to be absent (a local root directory that does not exist), so a
-        reader can refuse it rather than see an empty store. True where absence cannot be told from emptiness
-        (an S3 prefix; a missing bucket fails on first use)."""
+        """False when the store itself is absent (a local root directory that does not exist, an S3 prefix with
+        nothing under it), so a reader can refuse it rather than see an empty store."""
         return True
 
     # ---------------------------------------------------------------- content-addressed blobs

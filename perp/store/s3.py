@@ -250,6 +250,16 @@ class S3Store(Store):
                 if digest is not None:
                     yield BlobInfo(digest, int(item["Size"]), item["LastModified"].timestamp())
 
+    def exists(self) -> bool:
+        """A prefix exists once anything was stored under it (a registration writes first): an empty one is
+        almost always a mistyped --store, which readers should refuse rather than report as an empty registry."""
+        full = self.prefix + "/" if self.prefix else ""
+        page = self._call("list_objects_v2", "", Prefix=full, MaxKeys=1)
+        if page.get("KeyCount") or page.get("Contents"):
+            return True
+        # A first registration killed mid-upload leaves only an unfinished multipart upload, which gc removes.
+        return bool(self._call("list_multipart_uploads", "", Prefix=full, MaxUploads=1).get("Uploads"))
+
     def stale_uploads(self) -> Iterator[StaleUpload]:
         """Multipart uploads of blobs that were begun and never completed or aborted: their parts are stored (and
         billed) but invisible to object listings."""
