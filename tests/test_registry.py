@@ -931,3 +931,25 @@ def test_a_mistyped_s3_prefix_is_refused_not_read_as_an_empty_registry(s3_endpoi
         with pytest.raises(RegistryError, match="does not exist"):
             read(typo)
     assert verify(real)["ok"] and [m["name"] for m in list_models(real)] == ["tiny"]
+
+
+@pytest.mark.parametrize("size_path", ["read back", "cheap check"])
+def test_registering_the_good_files_repairs_an_altered_blob(store_uri, model_dir, tmp_path, monkeypatch, size_path):
+    """A held blob reused by size alone let a corrupted object into every later version; now it is re-uploaded."""
+    import perp.store.base
+
+    if size_path == "cheap check":  # large blobs: the hash cache (local), the recorded sha256 metadata (S3)
+        monkeypatch.setattr(perp.store.base, "INTACT_READ_LIMIT", 0)
+    first = register_version(store_uri, "tiny", model_dir, GOOD, compact=False)
+    rel = "config.json"
+    key = blob_key(first["storage"][rel]["blob"])
+    data, _ = open_store(store_uri).get_bytes(key)
+    altered = data.replace(b"{", b"[", 1)
+    assert len(altered) == len(data) and altered != data
+    overwrite(store_uri, key, altered)
+    assert not verify(store_uri)["ok"]
+
+    second = register_version(store_uri, "tiny", model_dir, GOOD, {"again": True}, compact=False)
+    assert second["version"] == 2 and second["storage"][rel]["blob"] == first["storage"][rel]["blob"]
+    assert verify(store_uri)["ok"]  # the blob both versions name is whole again
+    assert tree_sha(Path(pull(store_uri, "tiny@1", tmp_path / "v1")["out"])) == tree_sha(model_dir)

@@ -126,6 +126,10 @@ class BlobRef:
     uploaded: bool  # False when the store already held it
 
 
+#: Held blobs up to this size are read back and hashed before a registration reuses them.
+INTACT_READ_LIMIT = 16 * 1024 * 1024
+
+
 class Store(ABC):
     """One store: a local directory or an S3 bucket/prefix."""
 
@@ -207,7 +211,7 @@ class Store(ABC):
         digest = validate_sha256(sha256) if sha256 else cached_sha256(path)
         size = path.stat().st_size
         key = blob_key(digest)
-        if self._reuse(key, size, refresh):
+        if self._reuse(key, digest, size, refresh):
             return BlobRef(digest, size, uploaded=False)
         self._upload_file(key, path, digest)
         return BlobRef(digest, size, uploaded=True)
@@ -215,21 +219,41 @@ class Store(ABC):
     def put_blob_bytes(self, data: bytes, *, refresh: bool = True) -> BlobRef:
         digest = hashlib.sha256(data).hexdigest()
         key = blob_key(digest)
-        if self._reuse(key, len(data), refresh):
+        if self._reuse(key, digest, len(data), refresh):
             return BlobRef(digest, len(data), uploaded=False)
         self.put_bytes(key, data)
         return BlobRef(digest, len(data), uploaded=True)
 
-    def _reuse(self, key: str, size: int, refresh: bool) -> bool:
-        """True when the store holds `key` with this size (refreshed if asked): no upload needed."""
+    def _reuse(self, key: str, digest: str, size: int, refresh: bool) -> bool:
+        """True when the store holds `key` intact with this size (refreshed if asked): no upload needed.
+
+        A held blob that is not intact (altered, or rotted) is uploaded again over itself, so registering the
+        good files repairs it instead of recording a new version on top of damaged content.
+        """
         existing = self.head(key)
         if existing is None or existing.size != size:
+            return False
+        if not self._blob_intact(key, digest, size):
             return False
         if refresh:
             try:
                 self._touch(key)
             except StoreNotFound:  # deleted (gc) since the head: upload it again
                 return False
+        return True
+
+    def _blob_intact(self, key: str, digest: str, size: int) -> bool:
+        """Whether a held blob still has its content. Small ones are read and hashed; backends check large ones
+        cheaply (`_large_blob_intact`)."""
+        if size <= INTACT_READ_LIMIT:
+            try:
+                data, _ = self.get_bytes(key)
+            except StoreNotFound:
+                return False
+            return hashlib.sha256(data).hexdigest() == digest
+        return self._large_blob_intact(key, digest)
+
+    def _large_blob_intact(self, key: str, digest: str) -> bool:
         return True
 
     def delete_blob(self, digest: str) -> None:

@@ -134,6 +134,16 @@ class LocalStore(Store):
                     continue
                 yield BlobInfo(digest, stat.st_size, stat.st_mtime)
 
+    def _large_blob_intact(self, key: str, digest: str) -> bool:
+        """Hashed through the hash cache: free while the file is untouched since it was last hashed (stored,
+        verified), a full read once its size or mtime changed (written over)."""
+        from perp.io.hashing import cached_sha256
+
+        try:
+            return cached_sha256(self._path(key)) == digest
+        except FileNotFoundError:
+            return False
+
     def stale_uploads(self) -> Iterator[StaleUpload]:
         """The hidden `.tmp-*` files of blob uploads: a complete upload renames its file, a killed one leaves it."""
         base = self._prefix_dir(BLOB_PREFIX)

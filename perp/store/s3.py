@@ -250,6 +250,15 @@ class S3Store(Store):
                 if digest is not None:
                     yield BlobInfo(digest, int(item["Size"]), item["LastModified"].timestamp())
 
+    def _large_blob_intact(self, key: str, digest: str) -> bool:
+        """The sha256 perp recorded in the object's metadata when it uploaded it; an object written over by
+        anything else (without that metadata, or with another digest) is uploaded again."""
+        try:
+            response = self._call("head_object", key, Key=self._full(key))
+        except StoreNotFound:
+            return False
+        return (response.get("Metadata") or {}).get("sha256") == digest
+
     def exists(self) -> bool:
         """A prefix exists once anything was stored under it (a registration writes first): an empty one is
         almost always a mistyped --store, which readers should refuse rather than report as an empty registry."""
