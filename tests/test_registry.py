@@ -384,13 +384,24 @@ def test_rollback_walks_back_and_deregister_guards(tmp_path, model_dir):
     with pytest.raises(RegistryError, match="deregistered"):
         pull(uri, "tiny@3", tmp_path / "out")
     assert rollback(uri, "tiny", "prod", reason="v2 too")["version"] == 1
-    with pytest.raises(RegistryError, match="no previous version"):
-        rollback(uri, "tiny", "prod", reason="again")
     assert pull(uri, "tiny@prod", tmp_path / "out")["version"] == 1
     pointer = json.loads((Path(uri) / pointer_key("tiny", "prod")).read_text())
     last = history(uri, "tiny", stage="prod")[-1]
     assert (pointer["version"], pointer["seq"]) == (1, last["seq"]) == (last["version"], last["seq"])
     assert show(uri, "tiny", 3)["deregistered"] and verify(uri)["ok"]
+
+    # Rolling back a stage's first version withdraws it: the stage is empty and pulling it is refused.
+    emptied = rollback(uri, "tiny", "prod", reason="v1 is bad too")
+    assert emptied["version"] is None and emptied["previous_version"] == 1
+    assert show(uri, "tiny")["stages"].get("prod") is None
+    with pytest.raises(RegistryError, match=r"'tiny' has no version in stage 'prod' \(its last version was rolled "
+                                            r"back\) \(stages in use: dev, staging\)"):
+        pull(uri, "tiny@prod", tmp_path / "out2")
+    with pytest.raises(RegistryError, match="holds no version: nothing to roll back"):
+        rollback(uri, "tiny", "prod", reason="again")
+    assert json.loads((Path(uri) / pointer_key("tiny", "prod")).read_text())["version"] is None
+    assert verify(uri)["ok"]
+    assert promote(uri, "tiny", 1, "prod", reason="fixed after all")["previous_version"] is None
 
 
 # --------------------------------------------------------------------------------------------- bad input

@@ -161,7 +161,8 @@ def rollback_cmd(
     if as_json:
         _print_json(result)
         return
-    emit({"name": name, "stage": stage, "version": result["version"], "rolled_back": result["previous_version"],
+    now = result["version"] if result["version"] is not None else "none (the stage is empty)"
+    emit({"name": name, "stage": stage, "version": now, "rolled_back": result["previous_version"],
           "event": result["event"]["seq"]}, False, "rolled back")
 
 

@@ -476,7 +476,8 @@ def _gates_text(gates: Optional[dict[str, Any]]) -> str:
 def rollback(store_uri: StoreLike, name: str, stage: str = "prod", reason: Optional[str] = None,
              stages: Optional[list[str]] = None) -> dict[str, Any]:
     """Put the stage back on the version it held before its current one (a stack: repeated rollbacks go
-    further back). Needs a reason."""
+    further back). Rolling back the first version a stage ever held leaves the stage empty (`pull NAME@STAGE`
+    then refuses), which is how a bad first prod version is withdrawn. Needs a reason."""
     name = validate_name(name)
     stage_list, _ = _stage_config(stages, {})
     validate_stage(stage, stage_list)
@@ -488,11 +489,8 @@ def rollback(store_uri: StoreLike, name: str, stage: str = "prod", reason: Optio
         stack = state.stacks.get(stage) or []
         if not stack:
             raise RegistryError(f"'{stage}' of '{name}' holds no version: nothing to roll back")
-        if len(stack) < 2:
-            raise RegistryError(f"'{stage}' of '{name}' has no previous version to roll back to "
-                                f"(it holds version {stack[-1]}, its first)")
-        return {"type": "rollback", "stage": stage, "version": stack[-2], "previous_version": stack[-1],
-                "reason": reason}
+        return {"type": "rollback", "stage": stage, "version": stack[-2] if len(stack) > 1 else None,
+                "previous_version": stack[-1], "reason": reason}
 
     event, _ = append_event(store, name, build)
     return {"name": name, "stage": stage, "version": event["version"], "previous_version": event["previous_version"],
@@ -549,8 +547,10 @@ def _resolve(state: ModelState, name: str, selector: Union[int, str]) -> int:
         return selector
     current = state.current(selector)
     if current is None:
-        raise RegistryError(f"'{name}' has no version in stage '{selector}'"
-                            + (f" (stages in use: {', '.join(sorted(state.stacks))})" if state.stacks else ""))
+        in_use = sorted(stage for stage, stack in state.stacks.items() if stack)
+        emptied = " (its last version was rolled back)" if selector in state.stacks else ""
+        raise RegistryError(f"'{name}' has no version in stage '{selector}'{emptied}"
+                            + (f" (stages in use: {', '.join(in_use)})" if in_use else ""))
     return current
 
 

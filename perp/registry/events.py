@@ -151,7 +151,8 @@ class ModelState:
             self.stage_events[stage] = (seq, event["hash"])
         elif kind == "rollback":
             stack = self.stacks.get(stage, [])
-            if len(stack) < 2 or stack[-1] != event.get("previous_version") or stack[-2] != version:
+            before = stack[-2] if len(stack) >= 2 else None  # rolling back a stage's first version empties it
+            if not stack or stack[-1] != event.get("previous_version") or before != version:
                 raise RegistryIntegrityError(f"{where} rolls '{stage}' back to version {version}, which the log "
                                              "does not allow")
             stack.pop()
