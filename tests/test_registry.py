@@ -964,3 +964,21 @@ def test_registering_the_good_files_repairs_an_altered_blob(store_uri, model_dir
     assert second["version"] == 2 and second["storage"][rel]["blob"] == first["storage"][rel]["blob"]
     assert verify(store_uri)["ok"]  # the blob both versions name is whole again
     assert tree_sha(Path(pull(store_uri, "tiny@1", tmp_path / "v1")["out"])) == tree_sha(model_dir)
+
+
+def test_a_log_that_lost_its_newest_events_does_not_serve_its_stages(store_uri, model_dir, tmp_path):
+    """Deleting the rollback would otherwise hand out the withdrawn version as prod."""
+    for _ in range(2):
+        register_version(store_uri, "tiny", model_dir, GOOD)
+    to_prod(store_uri, 1)
+    to_prod(store_uri, 2)
+    rollback(store_uri, "tiny", "prod", reason="v2 is broken")
+    head = history(store_uri, "tiny")[-1]["seq"]
+    delete(store_uri, event_key("tiny", head))  # the rollback: the log alone would put v2 back in prod
+    with pytest.raises(RegistryIntegrityError, match=rf"records event {head} of 'tiny' but its log ends at event "
+                                                     rf"{head - 1}: events were deleted"):
+        pull(store_uri, "tiny@prod", tmp_path / "out")
+    with pytest.raises(RegistryIntegrityError, match="events were deleted"):
+        show(store_uri, "tiny", "prod")
+    assert "log_truncated" in {p["kind"] for p in verify(store_uri)["problems"]}
+    assert pull(store_uri, "tiny@1", tmp_path / "v1")["version"] == 1  # a version by number is still served

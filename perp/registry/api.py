@@ -534,6 +534,20 @@ def _is_name(value: str) -> bool:
         return False
 
 
+def _truncation(name: str, key: str, pointer_seq: int, head: int) -> str:
+    return (f"stage pointer {key} records event {pointer_seq} of '{name}' but its log ends at event {head}: events "
+            "were deleted, and what the log says now (an older stage, a withdrawn version) cannot be trusted")
+
+
+def _require_untruncated(store: Store, name: str, state: ModelState, stage: str) -> None:
+    """Refuse to serve a stage from a log that lost its newest events (the stage's pointer is ahead of it):
+    it would hand out the version a deleted rollback had withdrawn."""
+    pointer, _ = read_pointer(store, name, stage)
+    seq = pointer.get("seq") if isinstance(pointer, dict) else None
+    if isinstance(seq, int) and seq > state.head_seq:
+        raise RegistryIntegrityError(_truncation(name, pointer_key(name, stage), seq, state.head_seq))
+
+
 def _resolve(state: ModelState, name: str, selector: Union[int, str]) -> int:
     if selector == LATEST:
         active = [v for v, r in state.versions.items() if not r.deregistered]
@@ -590,6 +604,8 @@ def show(store_uri: StoreLike, name: str, version: Union[int, str, None] = None)
     if isinstance(selector, int):
         number = state.require_version(selector).version  # deregistered versions can still be inspected
     else:
+        if selector != LATEST:
+            _require_untruncated(store, name, state, selector)
         number = _resolve(state, name, selector)
     manifest = _load_manifest(store, name, state, number)
     record = state.versions[number]
@@ -632,6 +648,8 @@ def pull(store_uri: StoreLike, ref: str, out_dir: Union[str, Path]) -> dict[str,
     store = _store(store_uri)
     events, state = load_state(store, name)
     _require_model(state, store, name)
+    if isinstance(selector, str) and selector != LATEST:
+        _require_untruncated(store, name, state, selector)
     version = _resolve(state, name, selector)
     manifest = _load_manifest(store, name, state, version)
     files, storage = manifest.get("files"), manifest.get("storage")
@@ -767,6 +785,9 @@ def verify(store_uri: StoreLike, name: Optional[str] = None, deep: bool = True,
                 problems.append({"kind": "pointer_missing", "name": model, "key": key, "message":
                                  f"stage pointer {key} is missing; the log puts version {expected} there "
                                  f"(event {seq}); the next registry write restores it"})
+            elif isinstance(pointer.get("seq"), int) and pointer["seq"] > state.head_seq:
+                problems.append({"kind": "log_truncated", "name": model, "key": key,
+                                 "message": _truncation(model, key, pointer["seq"], state.head_seq)})
             elif ((pointer.get("version"), pointer.get("seq")) == (expected, seq)
                   and pointer.get("event_hash") != digest):
                 problems.append({"kind": "pointer_altered", "name": model, "key": key,
