@@ -474,14 +474,15 @@ def test_unreachable_endpoint_fails_clearly_after_retries(model_dir):
 def test_secrets_never_reach_the_store(store_uri, model_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "perp-secret-8c1f")  # moto accepts any; it must not be stored
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  mask:\n    cmd: perp prune\n    outs:\n"
+                                       "    - path: out/pruned\n      hash: md5\n      md5: 0123abcd.dir\n")
     monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "1b2c3d4e-flow-run")
     secret = "AKIAABCDEFGHIJKLMNOP"
     params = {"aws_access_key_id": secret, "store": {"password": "hunter2"},
               "model": {"name": "https://user:hunter2@hub.example/model"},
               "data": {"source": "https://bucket.s3/x?X-Amz-Signature=sig123&X-Amz-Credential=cred456"}}
     manifest = register_version(store_uri, "tiny", model_dir, GOOD, params, {"note": f"key {secret}"})
-    assert manifest["dvc_lock_sha256"] == sha256_file(tmp_path / "dvc.lock")
+    assert manifest["dvc_outs"] == {"out/pruned": "0123abcd.dir"}
     assert manifest["prefect_flow_run_id"] == "1b2c3d4e-flow-run"
     assert manifest["params"]["store"]["password"] == "***"
     promote(store_uri, "tiny", 1, "dev", reason="secret check")

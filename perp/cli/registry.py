@@ -231,7 +231,7 @@ def show_cmd(
         return
     summary = {key: result.get(key) for key in ("name", "version", "stages", "deregistered", "bytes", "stored_bytes",
                                                 "manifest_sha256", "when", "who", "code", "lineage",
-                                                "dvc_lock_sha256", "prefect_flow_run_id")}
+                                                "dvc_outs", "prefect_flow_run_id")}
     summary["files"] = {rel: f"{info['size']} B sha256:{info['sha256'][:16]}" for rel, info in result["files"].items()}
     summary["gate_metrics"] = (result.get("metrics") or {}).get("gates")
     emit(summary, False, f"{name} v{result['version']}")

@@ -8,7 +8,7 @@ deletes such orphans once they are older than a grace period (see `gc` for what 
 
 Manifest fields: ``files`` (every file's sha256 and size, as pulled), ``storage`` (how each is stored),
 ``metrics`` (metrics.json), ``params``, ``lineage`` (base_model {source, sha256}, calibration_sha256,
-training_data_sha256, prune, recover), ``code`` (perp version, git commit, dirty flag), ``dvc_lock_sha256``,
+training_data_sha256, prune, recover), ``code`` (perp version, git commit, dirty flag), ``dvc_outs``,
 ``prefect_flow_run_id``, ``who`` (user, host), ``when`` (UTC), ``extra``. Secrets are scrubbed from every
 user-supplied field (`perp.registry.provenance.scrub_secrets`).
 
@@ -54,7 +54,7 @@ from perp.registry.names import (
 )
 from perp.registry.provenance import (
     code_version,
-    dvc_lock_sha256,
+    dvc_outs,
     jsonable,
     prefect_flow_run_id,
     scrub_secrets,
@@ -259,7 +259,7 @@ def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: 
         "lineage": lineage_d,
         "extra": extra_d,
         "code": code_version(),
-        "dvc_lock_sha256": dvc_lock_sha256(),
+        "dvc_outs": dvc_outs(),
         "prefect_flow_run_id": prefect_flow_run_id(),
         "who": who(),
         "when": utc_now(),

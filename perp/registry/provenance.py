@@ -64,11 +64,28 @@ def code_version() -> dict[str, Any]:
     return info
 
 
-def dvc_lock_sha256(directory: Optional[Path] = None) -> Optional[str]:
-    from perp.io.hashing import sha256_file
+def dvc_outs(directory: Optional[Path] = None) -> Optional[dict[str, str]]:
+    """The DVC-tracked outputs recorded in `dvc.lock` when registering, as {path: md5}.
+
+    A hash of the whole file would identify nothing: `dvc repro` rewrites dvc.lock stage by stage, so while the
+    register stage runs the file holds the upstream stages but not yet its own entry. The upstream outputs' md5s are
+    final, and match those of the dvc.lock that is committed afterwards (and of the DVC cache and remote).
+    """
+    import yaml
 
     path = (directory or Path.cwd()) / "dvc.lock"
-    return sha256_file(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        lock = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    outs: dict[str, str] = {}
+    for stage in ((lock or {}).get("stages") or {}).values() if isinstance(lock, dict) else ():
+        for out in (stage or {}).get("outs") or () if isinstance(stage, dict) else ():
+            if isinstance(out, dict) and isinstance(out.get("path"), str) and isinstance(out.get("md5"), str):
+                outs[out["path"]] = out["md5"]
+    return outs
 
 
 def prefect_flow_run_id() -> Optional[str]:
