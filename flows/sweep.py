@@ -82,7 +82,7 @@ def sweep(
     recover_methods: list[str],
     base: Optional[dict[str, Any]] = None,
     objective: str = "ppl_ratio",
-    gate_stage: str = "staging",
+    gate_stage: Optional[str] = None,
     register_best: bool = True,
     deployment: Optional[str] = None,
     workdir: str = "runs",
@@ -91,6 +91,7 @@ def sweep(
         raise ValueError(f"objective '{objective}' is unknown (allowed: {', '.join(OBJECTIVES)})")
     base_params = dump_params(config_from_sections(**(base or {})))
     stages = base_params["register"]["stages"]
+    gate_stage = gate_stage or stages[-1]  # the points that could go all the way (prod's gates, by default)
     if gate_stage not in stages:
         raise ValueError(f"gate_stage '{gate_stage}' is not a stage (allowed: {', '.join(stages)})")
     points = grid(base_params, methods, sparsities, recover_methods)
@@ -176,7 +177,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--sparsities", default="0.5")
     parser.add_argument("--recover", default="norm")
     parser.add_argument("--objective", default="ppl_ratio", choices=sorted(OBJECTIVES))
-    parser.add_argument("--gate-stage", default="staging")
+    parser.add_argument("--gate-stage", default=None, help="whose gates a point must pass (default: the last stage)")
     parser.add_argument("--deployment", default=None)
     parser.add_argument("--workdir", default="runs")
     args = parser.parse_args(argv)

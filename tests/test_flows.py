@@ -245,3 +245,31 @@ def test_stage_retries_only_transient_io_errors(harness, error, attempts):
     with pytest.raises(type(error)):
         chain()
     assert len(calls) == attempts
+
+
+def test_sweep_shares_calibration_and_registers_the_best_point_under_the_last_stages_gates(harness, tmp_path):
+    from flows.sweep import sweep
+    from perp.registry import show
+
+    store = tmp_path / "store"
+    base = tiny_sections(store, **{"register.gates": {"prod": {"max_ppl_ratio": 1000.0, "max_zeroshot_drop": None}}})
+    state = sweep(methods=["wanda", "magnitude"], sparsities=[0.5], recover_methods=["norm"], base=base,
+                  workdir=str(tmp_path / "runs"), return_state=True)
+    assert state.is_completed(), state
+    result = state.result()
+    assert len(result["rows"]) == 2 and all(row["passes_gates"] for row in result["rows"])
+    best = min(result["rows"], key=lambda row: row["ppl_ratio"])
+    assert result["best"]["point"] == best["point"]
+    assert result["registered"]["version"] == 1 and result["registered"]["reused"] is False
+    registered = show(str(store), "tiny-perp", 1)
+    assert registered["params"]["prune"]["method"] == best["method"]
+    assert registered["metrics"]["gates"]["ppl_ratio"] == pytest.approx(best["ppl_ratio"])
+    states = _task_states(state.state_details.flow_run_id)
+    assert sum(name == "calibrate" for name in states) == 1  # one calibration for the whole grid
+
+    strict = tiny_sections(store, **{"register.gates": {"prod": {"max_ppl_ratio": None, "max_zeroshot_drop": None,
+                                                                 "min_sparsity": 0.9}}})
+    none = sweep(methods=["wanda"], sparsities=[0.5], recover_methods=["norm"], base=strict,
+                 workdir=str(tmp_path / "runs"))
+    assert none["best"] is None and none["registered"] is None  # prod's gates (the default) pass no point
+    assert none["rows"][0]["failed_gates"] == "sparsity"
