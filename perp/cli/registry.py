@@ -51,7 +51,7 @@ def _read_json(path: Optional[Path], what: str) -> Optional[dict[str, Any]]:
 
     if path is None:
         return None
-    if not path.is_file():
+    if not path.exists() or path.is_dir():  # not is_file(): a pipe (--metrics <(...)) is not a regular file
         raise RegistryError(f"{what} file '{path}' does not exist")
     try:
         value = json.loads(path.read_text())

@@ -192,6 +192,10 @@ class Store(ABC):
     def describe(self) -> str:
         return self.uri
 
+    def describe_key(self, key: str) -> str:
+        """An object's address for messages (S3: with the endpoint after it, not inside it)."""
+        return f"{self.uri}/{key}"
+
     def exists(self) -> bool:
         """False when the store itself is absent (a local root directory that does not exist, an S3 prefix with
         nothing under it), so a reader can refuse it rather than see an empty store."""
@@ -276,7 +280,7 @@ class Store(ABC):
                         raise
             actual = _sha256_path(tmp)
             if actual != digest:
-                raise StoreIntegrityError(f"{self.describe()}/{key} is corrupt: its content has sha256 {actual}; "
+                raise StoreIntegrityError(f"{self.describe_key(key)} is corrupt: its content has sha256 {actual}; "
                                           "refusing to use it")
             os.replace(tmp, dest)
         finally:
@@ -288,7 +292,7 @@ class Store(ABC):
         data, _ = self.get_bytes(key)
         actual = hashlib.sha256(data).hexdigest()
         if actual != digest:
-            raise StoreIntegrityError(f"{self.describe()}/{key} is corrupt: its content has sha256 {actual}; "
+            raise StoreIntegrityError(f"{self.describe_key(key)} is corrupt: its content has sha256 {actual}; "
                                       "refusing to use it")
         return data
 

@@ -116,6 +116,9 @@ class S3Store(Store):
     def describe(self) -> str:
         return f"{self.uri} (endpoint {self.endpoint})" if self.endpoint_url else self.uri
 
+    def describe_key(self, key: str) -> str:
+        return f"{self.uri}/{key} (endpoint {self.endpoint})" if self.endpoint_url else f"{self.uri}/{key}"
+
     def _transfer_config(self) -> Any:
         from boto3.s3.transfer import TransferConfig
 
