@@ -2,11 +2,12 @@
 
 Each grid point is the `compress` chain without registration. Points share every stage whose inputs are equal
 (one calibration for the whole grid; one mask per method × sparsity), because the stage tasks are cached by
-their inputs. The flow publishes a results table and the sparsity × quality front, picks the best point by a
-declared objective among the points that pass the gates of `gate_stage`, and registers that one.
+their inputs. The flow publishes a results table and the sparsity × quality front and picks the best point by a
+declared objective among the points that pass the gates of `gate_stage` (default: the last stage's).
 
-Locally the points run on the flow's thread pool. With `deployment` set (e.g. "compress/nightly"), each point is
-instead a run of that deployment, so the grid fans out over the GPU work pool.
+Locally the points run on the flow's thread pool and the flow registers the best one. With `deployment` set
+(e.g. "compress/nightly"), each point is instead a run of that deployment, so the grid fans out over the GPU work
+pool; every such run registers its own version, and the flow reports which one is best.
 
     python flows/sweep.py --methods wanda,sparsegpt --sparsities 0.5,0.6 --recover norm,masklora
 """

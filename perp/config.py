@@ -6,6 +6,7 @@ Every invalid value becomes one `ConfigError` line that names the dotted key and
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from pathlib import Path
@@ -18,7 +19,6 @@ from perp.errors import ConfigError
 
 EMBEDDED_SPLITS = ("wiki-calib", "wiki-eval")  # the embedded corpus, perp/data/embedded.py
 MODEL_ALIASES = ("smollm2-135m", "tiny-llama", "tiny-opt")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 PRUNE_COMPUTE_DTYPES = ("auto", "fast", "float32", "bfloat16", "float16")
 PRUNE_SEQUENTIAL_MODES = ("layer", "linear", "auto")  # perp.prune.engine.SEQUENTIAL_MODES (torch-free here)
@@ -336,8 +336,8 @@ class RecoverConfig(_Section):
     @field_validator("lr", "alpha")
     @classmethod
     def _positive_float(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError(f"must be > 0, got {value}")
+        if not (value > 0 and math.isfinite(value)):  # nan compares false with everything
+            raise ValueError(f"must be a finite number > 0, got {value}")
         return value
 
     @field_validator("weight_decay")
@@ -464,14 +464,25 @@ class RegisterConfig(_Section):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", value) or ".." in value:
-            raise ValueError(f"'{value}' is not a valid model name (letters, digits, '.', '_', '-'; at most 128; no '..')")
-        return value
+        from perp.registry.names import RegistryError, validate_name
+
+        try:
+            return validate_name(value)  # the registry's own rule: the name becomes a store key
+        except RegistryError as error:
+            raise ValueError(str(error)) from None
+
+    @field_validator("stages")
+    @classmethod
+    def _valid_stages(cls, value: list[str]) -> list[str]:
+        from perp.registry.names import RegistryError, validate_stages
+
+        try:
+            return validate_stages(value)  # what promote will accept: no 'latest', a letter first, distinct
+        except RegistryError as error:
+            raise ValueError(str(error)) from None
 
     @model_validator(mode="after")
     def _gates_name_stages(self) -> "RegisterConfig":
-        if len(set(self.stages)) != len(self.stages) or not self.stages:
-            raise ValueError(f"stages must be a non-empty list of distinct names, got {self.stages}")
         unknown = set(self.gates) - set(self.stages)
         if unknown:
             raise ValueError(f"gates name unknown stage(s) {sorted(unknown)} (allowed: {', '.join(self.stages)})")

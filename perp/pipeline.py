@@ -330,7 +330,7 @@ def lineage(calibration: Optional[Ref], pruned: Optional[Ref], recovered: Ref) -
 
 
 def register_stage(register: dict[str, Any], candidate: Ref, metrics: Ref, params: dict[str, Any],
-                   run_lineage: dict[str, Any]) -> dict[str, Any]:
+                   run_lineage: dict[str, Any], flow_run_id: Optional[str] = None) -> dict[str, Any]:
     """Register the candidate with its metrics and lineage; idempotent: when an active version (a recent one, or
     one a stage holds) already records exactly this model, metrics, params and lineage, that version is
     returned with `"reused": true` and nothing is written, also when an identical run registered it while this one
@@ -347,7 +347,8 @@ def register_stage(register: dict[str, Any], candidate: Ref, metrics: Ref, param
     existing = find_version(store, name, model_dir, metrics=measured, params=params, lineage=run_lineage)
     if existing is not None:
         return {**existing, "reused": True}
-    return register_version(store, name, model_dir, metrics=measured, params=params, lineage=run_lineage, reuse=True)
+    return register_version(store, name, model_dir, metrics=measured, params=params, lineage=run_lineage, reuse=True,
+                            flow_run_id=flow_run_id)
 
 
 def assemble_run(workdir: str | Path, refs: dict[str, Any]) -> Path:

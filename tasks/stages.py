@@ -57,11 +57,18 @@ TRANSIENT_ERRNOS = frozenset({errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.
 
 
 def is_store_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry transient I/O (network, S3 throttling); never a user error such as a bad config, nor a full disk."""
+    """Retry transient I/O (an unreachable store or endpoint, lost races, network errors); never a user error
+    such as a bad config, a missing or corrupt object, nor a full disk."""
+    from perp.io.s3 import S3Unreachable
+    from perp.registry.events import RegistryConflict
+    from perp.store import StoreUnreachable
+
     try:
         state.result()
-    except PerpError as error:
-        return "S3" in type(error).__name__ or "Store" in type(error).__name__
+    except (StoreUnreachable, S3Unreachable, RegistryConflict):
+        return True
+    except PerpError:
+        return False
     except (TimeoutError, ConnectionError):
         return True
     except OSError as error:
@@ -137,7 +144,10 @@ def evaluate(evaluate: dict[str, Any], candidate: dict[str, Any], dense_model: d
 @task(name="register", **{**STAGE_OPTIONS, "cache_policy": NO_CACHE, "persist_result": False})
 def register(register: dict[str, Any], candidate: dict[str, Any], metrics: dict[str, Any], params: dict[str, Any],
              lineage: dict[str, Any]) -> dict[str, Any]:
-    manifest = pipeline.register_stage(register, candidate, metrics, params, lineage)
+    from prefect.runtime import flow_run
+
+    manifest = pipeline.register_stage(register, candidate, metrics, params, lineage,
+                                       flow_run_id=str(flow_run.id) if flow_run.id else None)
     name, version, reused = manifest.get("name"), manifest.get("version"), bool(manifest.get("reused"))
     note = " (already registered with this model, metrics and lineage: reused)" if reused else ""
     _publish("register", {"name": name, "version": version, "reused": reused, "store": register["store"]},

@@ -85,6 +85,7 @@ def test_compress_runs_end_to_end_then_hits_the_cache(harness, tmp_path):
     assert state.is_completed(), state
     result = state.result()
     assert result["registered"]["version"] == 1
+    assert result["registered"]["prefect_flow_run_id"] == str(state.state_details.flow_run_id)
     assert Path(result["metrics"]["uri"]).is_file()
     first = _task_states(state.state_details.flow_run_id)
     assert set(first) == {"calibrate", "mask", "recover", "evaluate", "register"}
@@ -221,10 +222,22 @@ def test_killed_run_resumes_from_last_completed_stage(harness, tmp_path):
     assert len(list(workdir.glob("recover-*/.perp-complete"))) == 1
 
 
+def _perp_error(kind: str):
+    from perp.io.s3 import S3Error, S3Unreachable
+    from perp.store import StoreIntegrityError, StoreUnreachable
+
+    return {"store unreachable": StoreUnreachable("endpoint down"), "s3 unreachable": S3Unreachable("timeout"),
+            "corrupt blob": StoreIntegrityError("blob is corrupt"), "missing object": S3Error("NoSuchKey")}[kind]
+
+
 @pytest.mark.parametrize("error, attempts", [
     (ConnectionResetError(104, "Connection reset by peer"), 3),  # transient: retried
     (OSError(28, "No space left on device"), 1),  # a full disk fails the same way again: not retried
     (PermissionError(13, "Permission denied"), 1),
+    ("store unreachable", 3),
+    ("s3 unreachable", 3),
+    ("corrupt blob", 1),  # retrying reads the same bytes
+    ("missing object", 1),
 ])
 def test_stage_retries_only_transient_io_errors(harness, error, attempts):
     from prefect import flow, task
@@ -232,6 +245,7 @@ def test_stage_retries_only_transient_io_errors(harness, error, attempts):
     from tasks.stages import is_store_error
 
     calls = []
+    error = _perp_error(error) if isinstance(error, str) else error
 
     @task(retries=2, retry_delay_seconds=0, retry_condition_fn=is_store_error)
     def stage() -> None:

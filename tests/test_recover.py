@@ -589,7 +589,7 @@ def test_bad_requests_fail_before_training(pruned_dirs, tmp_path):
         run_recover(tiny_config("recover.mode=layerwise"), model, tmp_path / "x", dense=str(pruned_dirs["dense-opt"]))
     with pytest.raises(ConfigError, match="recover.rank: LoRA rank must be > 0"):
         tiny_config("recover.rank=0")
-    with pytest.raises(ConfigError, match="recover.lr: must be > 0"):
+    with pytest.raises(ConfigError, match="recover.lr: must be a finite number > 0"):
         tiny_config("recover.lr=-1e-3")
     config = tiny_config()
     object.__setattr__(config.recover, "lr", 0.0)  # a config built around validation is still refused

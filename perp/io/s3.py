@@ -1,6 +1,7 @@
 """S3 access through boto3, for any endpoint (AWS, MinIO, a moto server).
 
-The standard credential chain applies, and boto3 itself honours `AWS_ENDPOINT_URL`. Downloads land in the local
+The standard credential chain applies. The endpoint is the given one, else ``AWS_ENDPOINT_URL_S3``, else
+``AWS_ENDPOINT_URL``, else AWS: the same order as the registry's store (`s3_endpoint`). Downloads land in the local
 cache once and are verified: against the `sha256` object metadata that perp's store writes, or else the MD5
 ETag of a single-part upload. A mismatch is an error, never a silent load. A stamp next to each download records
 what was verified (ETag, local size, mtime, sha256), so later resolves trust an unchanged copy without reading it.
@@ -27,6 +28,10 @@ class S3Error(PerpError):
     """An S3 object is missing, unreachable or fails verification."""
 
 
+class S3Unreachable(S3Error):
+    """The endpoint did not answer (connection, timeout) after botocore's own retries: worth retrying later."""
+
+
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     if not uri.startswith("s3://"):
         raise S3Error(f"'{uri}' is not an s3:// URI")
@@ -36,13 +41,19 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+def s3_endpoint(explicit: Optional[str] = None) -> Optional[str]:
+    """The S3 endpoint every perp client uses: `explicit`, else ``AWS_ENDPOINT_URL_S3``, else
+    ``AWS_ENDPOINT_URL``, else None (AWS). One rule, so model downloads and the registry never diverge."""
+    return explicit or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
 def s3_client(endpoint_url: Optional[str] = None, max_attempts: int = 5) -> Any:
     import boto3
     from botocore.config import Config
 
     config = Config(retries={"total_max_attempts": max_attempts, "mode": "adaptive"}, connect_timeout=5,
                     read_timeout=60)
-    return boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"), config=config)
+    return boto3.client("s3", endpoint_url=s3_endpoint(endpoint_url), config=config)
 
 
 def _endpoint(client: Any) -> str:
@@ -59,7 +70,7 @@ def _call(client: Any, operation: str, **kwargs: Any) -> Any:
         where = f"s3://{kwargs.get('Bucket', '')}/{kwargs.get('Key', kwargs.get('Prefix', ''))}"
         raise S3Error(f"S3 {operation} on {where} failed: {code}") from None
     except BotoCoreError as error:
-        raise S3Error(f"S3 endpoint {_endpoint(client)} unreachable: {error}") from None
+        raise S3Unreachable(f"S3 endpoint {_endpoint(client)} unreachable: {error}") from None
 
 
 def _list_keys(client: Any, bucket: str, prefix: str) -> list[str]:

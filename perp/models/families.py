@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import torch
 from torch import nn
 
 from perp.errors import UnsupportedArchitectureError
@@ -165,8 +164,3 @@ def count_parameters(model: nn.Module) -> int:
         seen.add(parameter.data_ptr())
         total += parameter.numel()
     return total
-
-
-@torch.no_grad()
-def weight_sparsity(weight: torch.Tensor) -> float:
-    return float((weight == 0).sum()) / weight.numel()

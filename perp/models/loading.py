@@ -34,14 +34,14 @@ class LoadedModel:
     family: FamilyAdapter
     source: str
     kind: str
-    path: Path  # the local directory (or .gguf file) the weights came from
+    path: Path  # the local directory the weights came from (a .gguf source: its converted copy)
     device: torch.device
     dtype: torch.dtype
     _hash: Optional[str] = field(default=None, repr=False)
 
     @property
     def content_hash(self) -> str:
-        """sha256 identifying the weights (directory manifest of weight files, or the .gguf file)."""
+        """sha256 identifying the weights (one sha256 over the directory's weight, config and tokenizer files)."""
         if self._hash is None:
             self._hash = model_content_hash(self.path)
         return self._hash

@@ -311,8 +311,9 @@ class BlockTrainer:
                             "trainable_params": attachment.trainable_params})
 
     def report(self) -> dict[str, Any]:
-        """Training figures: `tokens` are the windows' tokens each block trained on (every token passes through
-        every block once, as in end-to-end training), so tokens/s compares with end-to-end mode."""
+        """Training figures: `block_tokens_total` counts every block's training tokens (blocks × tokens per
+        block). The report's `tokens` count each token once per pass through the model, as end-to-end training
+        does, so that tokens/s compares between the modes."""
         return {"blocks": self.blocks, "block_tokens_total": self.tokens_per_block * self.trained,
                 "training_seconds": round(self.seconds, 3),
                 **{k: v for k, v in self.notes.items() if k != "tied_embeddings_action"}}

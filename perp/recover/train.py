@@ -34,10 +34,6 @@ class TrainResult:
     seconds: float = 0.0
     optimizer_state_bytes: int = 0
 
-    @property
-    def tokens_per_second(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
-
 
 def linear_schedule(steps: int, warmup_fraction: float) -> Callable[[int], float]:
     """Multiplier for step s (0-based): linear warmup over the first `warmup_fraction` of the steps (the first

@@ -192,11 +192,13 @@ def _check_metrics_measured_this_model(metrics: Optional[dict[str, Any]], model_
 
 def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: Optional[dict] = None,
                      params: Optional[dict] = None, lineage: Optional[dict] = None, extra: Optional[dict] = None,
-                     *, compact: bool = True, reuse: bool = False) -> dict[str, Any]:
+                     *, compact: bool = True, reuse: bool = False, flow_run_id: Optional[str] = None) -> dict[str, Any]:
     """Register the checkpoint in `model_dir` as the next version of `name`; returns its manifest + version.
 
     `metrics` defaults to `model_dir/metrics.json` when present. With `compact`, safetensors files are stored in
     the perp-sparse format whenever that is smaller; pulls rebuild them byte for byte.
+
+    `flow_run_id` is the orchestrator run to record (the Prefect task passes its flow run's id).
 
     With `reuse`, a version that another writer registered while this one uploaded, recording exactly the same
     files, metrics, params, lineage and extra, is returned instead (`"reused": true`) and no second version is
@@ -260,7 +262,7 @@ def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: 
         "extra": extra_d,
         "code": code_version(),
         "dvc_outs": dvc_outs(),
-        "prefect_flow_run_id": prefect_flow_run_id(),
+        "prefect_flow_run_id": prefect_flow_run_id(flow_run_id),
         "who": who(),
         "when": utc_now(),
     })
@@ -705,8 +707,9 @@ def verify(store_uri: StoreLike, name: Optional[str] = None, deep: bool = True,
     rebuild a consistent history, or drop the newest events. `anchors` closes that gap: event hashes recorded
     elsewhere (a head hash printed by an earlier verify, kept in git or CI); each must still be in the log.
 
-    Returns ``{"ok", "store", "models": {name: {events, head_hash, versions, stages}}, "checked": {...},
-    "problems": [{"kind", "name", "key", "seq"?, "version"?, "file"?, "message"}]}``. Nothing is modified.
+    Returns ``{"ok", "store", "deep", "models": {name: {events, head_hash, versions, stages}}, "checked": {...},
+    "problems": [{"kind", "name", "key", "seq", "version", "file", "message"}]}`` (seq, version and file are None
+    where they do not apply). Nothing is modified.
     """
     store = _store(store_uri)
     if name is not None:
@@ -985,7 +988,7 @@ def gc(store_uri: StoreLike, *, older_than_seconds: float = GC_GRACE_SECONDS, dr
             if current.last_modified is None or time.time() - current.last_modified < grace:
                 kept_young += 1  # re-used by a registration since the listing
                 continue
-            store.delete(key)
+            store.delete_blob(blob.sha256)
             size = current.size
         deleted.append(key)
         reclaimed += size

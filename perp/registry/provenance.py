@@ -16,7 +16,6 @@ import os
 import re
 import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -88,19 +87,10 @@ def dvc_outs(directory: Optional[Path] = None) -> Optional[dict[str, str]]:
     return outs
 
 
-def prefect_flow_run_id() -> Optional[str]:
-    """The Prefect flow-run id when running inside a flow. Prefect is never imported here unless the process
-    already did (a flow run always has); a subprocess of a flow run sees PREFECT__FLOW_RUN_ID instead."""
-    if "prefect" in sys.modules:
-        try:
-            from prefect.runtime import flow_run
-
-            run_id = flow_run.id
-            if run_id:
-                return str(run_id)
-        except Exception:
-            pass
-    return os.environ.get("PREFECT__FLOW_RUN_ID") or None
+def prefect_flow_run_id(explicit: Optional[str] = None) -> Optional[str]:
+    """The Prefect flow run a registration belongs to: the id the caller passes (the `register` task does), else
+    PREFECT__FLOW_RUN_ID (set for processes a flow run starts). perp itself never imports Prefect."""
+    return explicit or os.environ.get("PREFECT__FLOW_RUN_ID") or None
 
 
 def scrub_secrets(value: Any, key: str = "") -> Any:

@@ -53,9 +53,6 @@ class Run:
         others = [a for s, a in self.metrics.items() if s != "dense"]
         return others[-1] if others else self.metrics.get("dense")
 
-    def dense_metrics(self) -> Optional[Artifact]:
-        return self.final_metrics()
-
     def prune_method(self) -> Optional[str]:
         if self.prune is None:
             return None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -215,7 +214,3 @@ def front_figure(path: Path, points: Sequence[dict[str, Any]], dense_acc: Option
         ax.legend(fontsize=8)
         ax.set_title("Sparsity × quality front" + ("" if column == 0 else " (zero-shot)"))
     return _save(fig, path)
-
-
-def finite(values: Sequence[Optional[float]]) -> list[float]:
-    return [v for v in values if v is not None and not math.isnan(v)]

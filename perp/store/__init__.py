@@ -25,8 +25,6 @@ from perp.store.base import (
     validate_key,
 )
 
-SCHEMES = ("s3://", "file://")
-
 
 def open_store(uri: str, **options: Any) -> Store:
     """Open a store from its URI: a local path, ``file:///abs/path`` or ``s3://bucket[/prefix]``.

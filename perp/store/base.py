@@ -147,7 +147,7 @@ class Store(ABC):
 
     @abstractmethod
     def head(self, key: str) -> Optional[ObjectInfo]:
-        """Size of the object, or None if absent."""
+        """The object's size and last-modified time (`ObjectInfo`), or None if absent."""
 
     @abstractmethod
     def list_keys(self, prefix: str) -> list[str]:

@@ -15,8 +15,9 @@
 - Garbage collection (`perp.registry.gc`): a re-used blob is refreshed by a server-side copy onto itself (S3's
   only way to move Last-Modified, which gc's grace period reads); a ranged download racing that copy gets 412 and
   starts over. gc deletes with DeleteObject: in a versioned bucket that adds a delete marker and the bytes stay
-  until a lifecycle rule expires noncurrent versions. The parts of a killed multipart upload are no object, so gc
-  cannot see them: a bucket lifecycle rule (AbortIncompleteMultipartUpload) removes them.
+  until a lifecycle rule expires noncurrent versions. The parts of a killed multipart upload are no object; gc
+  lists the unfinished uploads under blobs/ and aborts those past its grace period (a bucket lifecycle rule,
+  AbortIncompleteMultipartUpload, is a good backstop).
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ class S3Store(Store):
         self.bucket = bucket
         self.prefix = prefix
         self.uri = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
-        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        from perp.io.s3 import s3_endpoint
+
+        self.endpoint_url = s3_endpoint(endpoint_url)
         if max_attempts is None:
             max_attempts = _env_int("PERP_S3_MAX_ATTEMPTS", 5)
         self.max_attempts = max(1, max_attempts)
