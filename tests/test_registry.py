@@ -16,6 +16,7 @@ import boto3
 import pytest
 
 from perp.config import GatesConfig
+from perp.models.loading import model_content_hash
 from perp.io.hashing import sha256_file
 from perp.registry import (
     GateRefused,
@@ -38,10 +39,18 @@ from perp.store import StoreUnreachable, blob_key, open_store
 from perp.store.testing import cached_pruned_tiny, free_port, moto_s3
 
 BUCKET = "perp-registry-test"
-GOOD = {"sparsity": 0.5, "target_sparsity": 0.5,
-        "perplexity": {"wiki": {"ppl": 20.0, "dense_ppl": 18.0, "ratio": 1.11}},
-        "zeroshot": {"mean_acc": 0.5, "dense_mean_acc": 0.51, "drop_points": 1.0},
-        "gates": {"ppl_ratio": 1.11, "zeroshot_drop_points": 1.0, "sparsity": 0.5}}
+
+
+def measured_on(model_dir: Path, metrics: dict) -> dict:
+    """`metrics` as perp evaluate writes them for `model_dir`: naming the checkpoint they were measured on."""
+    return {**metrics, "model": {"sha256": model_content_hash(model_dir)}}
+
+
+FIGURES = {"sparsity": 0.5, "target_sparsity": 0.5,
+           "perplexity": {"wiki": {"ppl": 20.0, "dense_ppl": 18.0, "ratio": 1.11}},
+           "zeroshot": {"mean_acc": 0.5, "dense_mean_acc": 0.51, "drop_points": 1.0},
+           "gates": {"ppl_ratio": 1.11, "zeroshot_drop_points": 1.0, "sparsity": 0.5}}
+GOOD = measured_on(cached_pruned_tiny(), FIGURES)  # the `model_dir` fixture's checkpoint
 BAD = {**GOOD, "gates": {"ppl_ratio": 1.5, "zeroshot_drop_points": 3.5, "sparsity": 0.5}}
 LINEAGE = {"base_model": {"source": "smollm2-135m", "sha256": "ab" * 32}, "calibration_sha256": "cd" * 32,
            "training_data_sha256": "ef" * 32, "prune": {"method": "wanda", "sparsity": 0.5},
@@ -257,7 +266,8 @@ def test_promotion_follows_the_policy_the_version_was_registered_under(tmp_path,
 
 def test_gates_follow_the_stage_order_and_config(tmp_path, model_dir):
     uri = str(tmp_path / "store")
-    register_version(uri, "tiny", model_dir, {"gates": {"ppl_ratio": 1.1}})  # no zero-shot, no target sparsity
+    register_version(uri, "tiny", model_dir, measured_on(model_dir, {"gates": {"ppl_ratio": 1.1}}))  # no zero-shot,
+    # no target sparsity
     with pytest.raises(GateRefused, match="was never promoted to 'dev'"):
         promote(uri, "tiny", 1, "staging")
     gates = {"qa": GatesConfig(max_ppl_ratio=1.2, max_zeroshot_drop=None, min_sparsity=None)}
@@ -699,7 +709,7 @@ def test_upload_killed_halfway_leaves_no_visible_version(store_uri, model_dir, t
     else:
         assert not [p for p in Path(store_uri).rglob(".tmp-*")]
 
-    assert register_version(store_uri, "tiny", model, GOOD)["version"] == 1  # no gap in version numbers
+    assert register_version(store_uri, "tiny", model, measured_on(model, FIGURES))["version"] == 1  # no gap
     assert tree_sha(Path(pull(store_uri, "tiny@1", tmp_path / "out")["out"])) == tree_sha(model)
 
 
@@ -787,14 +797,14 @@ def register_then_fail(uri, model, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(Store, "put_blob_bytes", then_fail)
         with pytest.raises(RuntimeError, match="killed before the event"):
-            register_version(uri, "tiny", model, GOOD)
+            register_version(uri, "tiny", model, measured_on(model, FIGURES))
     return set(open_store(uri).list_keys("blobs")) - before
 
 
 def test_gc_deletes_what_a_failed_registration_left_and_keeps_every_version(store_uri, model_dir, tmp_path,
                                                                             monkeypatch):
     withdrawn = _copy_with_extra(model_dir, tmp_path / "withdrawn", "notes.bin")
-    register_version(store_uri, "tiny", withdrawn, GOOD)
+    register_version(store_uri, "tiny", withdrawn, measured_on(withdrawn, FIGURES))
     register_version(store_uri, "tiny", model_dir, GOOD)
     promote(store_uri, "tiny", 2, "dev", reason="ship")
     deregister(store_uri, "tiny", 1, reason="withdrawn, kept for the audit")
@@ -881,7 +891,7 @@ def test_gc_keeps_old_orphans_that_a_running_registration_reuses(store_uri, mode
         return append(store, name, build)
 
     monkeypatch.setattr(api, "append_event", gc_then_append)
-    assert register_version(store_uri, "tiny", retry, GOOD)["version"] == 2
+    assert register_version(store_uri, "tiny", retry, measured_on(retry, FIGURES))["version"] == 2
     (report,) = reports
     assert report["deleted_keys"] == [stale_manifest]  # the failed attempt's manifest: nobody re-used it
     assert report["kept_young"] == 2  # the re-used blob and the new manifest

@@ -34,7 +34,7 @@ def bound(metrics: dict) -> dict:
 def files(tmp_path):
     (tmp_path / "good.json").write_text(json.dumps(bound(GOOD)))
     (tmp_path / "bad.json").write_text(json.dumps(bound(BAD)))
-    (tmp_path / "unbound.json").write_text(json.dumps(GOOD))  # hand-written gate figures
+    (tmp_path / "unbound.json").write_text(json.dumps(GOOD))  # hand-written gate figures, naming no model
     (tmp_path / "lineage.json").write_text(json.dumps({"base_model": {"source": "tiny-llama", "sha256": "0" * 64}}))
     return tmp_path
 
@@ -129,7 +129,7 @@ def test_bad_input_messages_and_exit_codes(cli, files, tmp_path):
         (("registry", "register", str(cached_pruned_tiny()), "-n", "tiny", "--metrics", "nope.json"),
          "metrics file 'nope.json' does not exist"),
         (("registry", "register", str(cached_pruned_tiny()), "-n", "tiny", "--metrics", "unbound.json"),
-         "metrics file 'unbound.json' has gate figures but does not name the model they were measured on"),
+         "metrics have gate figures but do not name the model they were measured on"),
         (("pull", "tiny@9", "--out", "o"), "model 'tiny' has no version 9"),
     ]
     before = sorted(p for p in Path(store).rglob("*"))

@@ -62,19 +62,6 @@ def _read_json(path: Optional[Path], what: str) -> Optional[dict[str, Any]]:
     return value
 
 
-def _require_bound_evidence(measured: Optional[dict[str, Any]], path: Optional[Path]) -> None:
-    """Gate figures count as evidence only when they name the checkpoint they were measured on (`perp evaluate`
-    writes model.sha256, and registration checks it against the files); a hand-written gates block does not."""
-    from perp.registry import RegistryError
-
-    if not measured or "gates" not in measured:
-        return
-    model = measured.get("model")
-    if not (isinstance(model, dict) and isinstance(model.get("sha256"), str)):
-        raise RegistryError(f"metrics file '{path}' has gate figures but does not name the model they were measured "
-                            "on (model.sha256); use the metrics.json that perp evaluate wrote for this model")
-
-
 def _stages(stages: dict[str, Any]) -> str:
     return ", ".join(f"{stage}=v{version}" for stage, version in stages.items())
 
@@ -95,12 +82,9 @@ def register_cmd(
     config = build_config(params, sets, **{"register.store": store, "register.name": name})
     from perp.registry import register_version
 
-    if metrics is None and (model_dir / "metrics.json").is_file():
-        metrics = model_dir / "metrics.json"
-    measured = _read_json(metrics, "metrics")
-    _require_bound_evidence(measured, metrics)
-    manifest = register_version(config.register.store, config.register.name, model_dir, measured,
-                                dump_params(config), _read_json(lineage, "lineage"), compact=not dense)
+    manifest = register_version(config.register.store, config.register.name, model_dir,
+                                _read_json(metrics, "metrics"), dump_params(config), _read_json(lineage, "lineage"),
+                                compact=not dense)
     if as_json:
         _print_json(manifest)
         return

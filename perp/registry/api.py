@@ -178,11 +178,16 @@ def _event_summary(event: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_metrics_measured_this_model(metrics: Optional[dict[str, Any]], model_dir: Path) -> None:
-    """Gate evidence must belong to the files registered: metrics.json names the checkpoint hash it measured."""
+    """Gate evidence must belong to the files registered: metrics with gate figures name the checkpoint hash they
+    were measured on (`perp evaluate` writes it), and it is these files'. Metrics without gate figures (notes, a
+    dense baseline) need not."""
     from perp.models.loading import model_content_hash
 
     measured = (metrics or {}).get("model", {}).get("sha256") if isinstance((metrics or {}).get("model"), dict) else None
     if measured is None:
+        if (metrics or {}).get("gates"):
+            raise RegistryError("metrics have gate figures but do not name the model they were measured on "
+                                "(model.sha256); register the metrics.json that perp evaluate wrote for this model")
         return
     actual = model_content_hash(model_dir)
     if measured != actual:
