@@ -25,6 +25,7 @@ from perp.config import PerpConfig, dump_params, validate_section
 from perp.errors import PerpError
 from perp.io.atomic import is_complete
 from perp.io.hashing import cached_sha256, directory_hash, sha256_file
+from perp.layout import METRICS_FILE, PRUNE_REPORT, RECOVER_REPORT
 
 Ref = dict[str, Any]  # {"uri": str, "sha256": str, ...}
 STAGES = ("calibrate", "mask", "recover", "evaluate", "register")
@@ -84,7 +85,7 @@ def stage_output(stage: str, workdir: str | Path, **args: Any) -> Path:
     """Where `stage` (calibrate, mask, recover, evaluate) writes for these arguments of its stage function: a
     directory, or for evaluate the metrics file."""
     out = _stage_dir(workdir, stage, _stage_inputs(stage, args))
-    return out / "metrics.json" if stage == "evaluate" else out
+    return out / METRICS_FILE if stage == "evaluate" else out
 
 
 def output_present(path: Path) -> bool:
@@ -175,7 +176,7 @@ def mask_stage(model: dict[str, Any], prune: dict[str, Any], calibration: Ref, w
     if not is_complete(out):
         calib = load_token_set(require(calibration, "calibrate"))
         run_prune(config, out, calib=calib, progress=progress)
-    return reference(out, report=str((out / "prune_report.json").resolve()))
+    return reference(out, report=str((out / PRUNE_REPORT).resolve()))
 
 
 def recover_stage(recover: dict[str, Any], pruned: Ref, dense_model: dict[str, Any], data: dict[str, Any],
@@ -187,7 +188,7 @@ def recover_stage(recover: dict[str, Any], pruned: Ref, dense_model: dict[str, A
     out = stage_output("recover", workdir, recover=recover, pruned=pruned, dense_model=dense_model, data=data)
     if not is_complete(out):
         run_recover(config, str(require(pruned, "mask")), out, dense=dense_model["name"], progress=progress)
-    return reference(out, report=str((out / "recover_report.json").resolve()))
+    return reference(out, report=str((out / RECOVER_REPORT).resolve()))
 
 
 def evaluate_stage(evaluate: dict[str, Any], candidate: Ref, dense_model: dict[str, Any], prune: dict[str, Any],
@@ -206,8 +207,6 @@ class LineageError(PerpError):
     """The stage outputs named for a registration are not one chain (calibration → pruned → model)."""
 
 
-PRUNE_REPORT = "prune_report.json"
-RECOVER_REPORT = "recover_report.json"
 MAX_RECOVERY_CHAIN = 8
 
 
@@ -362,9 +361,9 @@ def assemble_run(workdir: str | Path, refs: dict[str, Any]) -> Path:
     run_dir = Path(workdir) / f"run-{stage_key('run', {k: v.get('sha256') for k, v in refs.items() if isinstance(v, dict)})[:16]}"
     (run_dir / "pruned").mkdir(parents=True, exist_ok=True)
     (run_dir / "recovered").mkdir(parents=True, exist_ok=True)
-    shutil.copy(refs["pruned"]["report"], run_dir / "pruned" / "prune_report.json")
-    shutil.copy(refs["recovered"]["report"], run_dir / "recovered" / "recover_report.json")
-    shutil.copy(refs["metrics"]["uri"], run_dir / "metrics.json")
+    shutil.copy(refs["pruned"]["report"], run_dir / "pruned" / PRUNE_REPORT)
+    shutil.copy(refs["recovered"]["report"], run_dir / "recovered" / RECOVER_REPORT)
+    shutil.copy(refs["metrics"]["uri"], run_dir / METRICS_FILE)
     (run_dir / "run.json").write_text(json.dumps(refs, indent=2, sort_keys=True, default=str) + "\n")
     return run_dir
 

@@ -17,9 +17,9 @@ from perp.config import PerpConfig, dump_params
 from perp.data.windows import TokenSet, token_hash
 from perp.errors import DataSourceError
 from perp.io.atomic import atomic_directory, check_output_directory
+from perp.layout import CALIBRATION_META, CALIBRATION_TOKENS
 
-TOKENS_FILE = "calibration.safetensors"
-META_FILE = "calibration.json"
+TOKENS_FILE, META_FILE = CALIBRATION_TOKENS, CALIBRATION_META
 
 
 def save_token_set(token_set: TokenSet, directory: Path) -> dict[str, Any]:

@@ -42,8 +42,8 @@ from perp.errors import OutputError, PerpError
 from perp.io.atomic import check_output_file, write_json_atomic
 from perp.io.cache import cache_dir
 from perp.io.hashing import sha256_bytes
+from perp.layout import METRICS_FILE, PRUNE_REPORT, RECOVER_REPORT
 
-METRICS_FILE = "metrics.json"
 PLOTS_DIR = "plots"
 _BASELINE_FORMAT = 1
 
@@ -139,8 +139,6 @@ def _release() -> None:
         torch.cuda.empty_cache()
 
 
-PRUNE_REPORT = "prune_report.json"
-RECOVER_REPORT = "recover_report.json"
 _MAX_HOPS = 8  # recovered from recovered from ... pruned: how far back the reports are followed
 
 

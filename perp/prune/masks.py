@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from perp.errors import DataSourceError
+from perp.layout import MASKS_FILE
 
-MASKS_FILE = "masks.safetensors"
 FORMAT = "perp-bitmask-v1"
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 

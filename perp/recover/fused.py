@@ -23,6 +23,7 @@ from torch import nn
 from perp.config import PerpConfig
 from perp.data import TokenSet, evaluation_set
 from perp.errors import ConfigError
+from perp.layout import ADAPTER_FILE
 from perp.models.families import count_parameters
 from perp.prune.engine import LayerInputs, capture_layer_inputs
 from perp.recover.base import METHODS, Settings
@@ -117,7 +118,7 @@ class FusedReconstruction:
             "masks_held": bool(self.preserves),
             "tied_embeddings_action": ("tied, unchanged" if family.ties_embeddings(model) else "not tied")
                                       + " (layer-wise mode does not retrain the LM head)",
-            "adapter_file": "adapter.safetensors" if "full" not in self.methods else None,
+            "adapter_file": ADAPTER_FILE if "full" not in self.methods else None,
         }
         self.adapter = trainer.adapter
         return self.report

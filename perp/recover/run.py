@@ -27,6 +27,7 @@ from perp.config import PerpConfig, classify_model_source, dump_params, recorded
 from perp.data import evaluation_set
 from perp.evaluate.perplexity import perplexity
 from perp.io.atomic import atomic_directory, check_output_directory
+from perp.layout import ADAPTER_FILE, MASKS_FILE, PRUNE_REPORT, RECOVER_REPORT
 from perp.models import load_model
 from perp.models.families import count_parameters
 from perp.recover.base import METHODS, DataRepeatWarning, RecoverError, Settings, model_scope
@@ -39,8 +40,7 @@ from perp.recover.train import MAX_GRAD_NORM, linear_schedule, train_end2end
 #: progress(stage, done, total, status): stages are "load", "ppl_before", "train", "merge", "ppl_after", "save".
 Progress = Callable[[str, int, int, str], None]
 
-ADAPTER_FILE = "adapter.safetensors"
-REPORT_FILE = "recover_report.json"
+REPORT_FILE = RECOVER_REPORT
 
 
 def settings_for(config: PerpConfig) -> Settings:
@@ -149,9 +149,9 @@ def run_recover(config: PerpConfig, model: str, out_dir: Path, dense: Optional[s
             report["adapter_file"] = ADAPTER_FILE
         else:
             report["adapter_file"] = None  # `full`: the trained weights are the checkpoint itself
-        source_masks = Path(loaded.path) / "masks.safetensors"
+        source_masks = Path(loaded.path) / MASKS_FILE
         if preserves and Path(loaded.path).is_dir() and source_masks.is_file():
-            shutil.copy2(source_masks, staging / "masks.safetensors")
+            shutil.copy2(source_masks, staging / MASKS_FILE)
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
     _emit(progress, "done")
     return report
@@ -187,7 +187,7 @@ def source_pruning(model_dir: Path) -> dict[str, Any]:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         return {}
-    for name in ("prune_report.json", REPORT_FILE):
+    for name in (PRUNE_REPORT, REPORT_FILE):
         path = model_dir / name
         if not path.is_file():
             continue

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 from perp.config import GatesConfig, RegisterConfig
+from perp.layout import METRICS_FILE
 from perp.registry.events import (
     ModelState,
     RegistryIntegrityError,
@@ -221,9 +222,9 @@ def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: 
     files = _model_files(model_dir)
     if not files:
         raise RegistryError(f"model directory '{model_dir}' holds no files")
-    if metrics is None and (model_dir / "metrics.json").is_file():
+    if metrics is None and (model_dir / METRICS_FILE).is_file():
         try:
-            metrics = json.loads((model_dir / "metrics.json").read_text())
+            metrics = json.loads((model_dir / METRICS_FILE).read_text())
         except ValueError:
             raise RegistryError(f"'{model_dir / 'metrics.json'}' is not valid JSON") from None
     metrics_d, params_d = _dict_or_none(metrics, "metrics"), _dict_or_none(params, "params")

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-PRUNE_REPORT = "prune_report.json"
-RECOVER_REPORT = "recover_report.json"
-METRICS = "metrics.json"
+from perp.layout import METRICS_FILE, PRUNE_REPORT, RECOVER_REPORT
+
+METRICS = METRICS_FILE
 _SKIP_PARTS = ("report",)
 
 
