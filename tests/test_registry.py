@@ -239,8 +239,8 @@ def test_promotion_follows_the_policy_the_version_was_registered_under(tmp_path,
     from perp.config import dump_params, load_params
 
     uri = str(tmp_path / "store")
-    params = dump_params(load_params(None))  # dev → staging → prod, gates on prod
-    register_version(uri, "tiny", model_dir, BAD, params)
+    params = dump_params(load_params(None, ["register.gates.prod.max_zeroshot_drop=null"]))  # dev → staging →
+    register_version(uri, "tiny", model_dir, BAD, params)  # prod, a perplexity gate on prod (not the defaults)
     with pytest.raises(RegistryError, match=r"differs from the one it was registered under \(stages \['dev', "
                                             r"'staging', 'prod'\] → \['prod'\]; gates\.prod \{.*max_ppl_ratio: "
                                             r"1\.25.*\} → none\)"):
@@ -251,6 +251,8 @@ def test_promotion_follows_the_policy_the_version_was_registered_under(tmp_path,
 
     assert promote(uri, "tiny", 1, "dev")["stage"] == "dev"  # no policy given: the recorded one applies
     register = params["register"]
+    rollback(uri, "tiny", "dev", reason="again, with the stages alone")
+    promote(uri, "tiny", 1, "dev", stages=register["stages"])  # what is left out is the recorded policy's
     promote(uri, "tiny", 1, "staging", stages=register["stages"], gates=register["gates"])  # the same: no override
     with pytest.raises(GateRefused, match="gate ppl_ratio failed"):
         promote(uri, "tiny", 1, "prod")  # BAD fails the recorded prod gates
@@ -993,3 +995,47 @@ def test_a_log_that_lost_its_newest_events_does_not_serve_its_stages(store_uri, 
         show(store_uri, "tiny", "prod")
     assert "log_truncated" in {p["kind"] for p in verify(store_uri)["problems"]}
     assert pull(store_uri, "tiny@1", tmp_path / "v1")["version"] == 1  # a version by number is still served
+
+
+def test_a_promotion_landing_between_reading_the_log_and_the_pointer_is_not_a_truncation(store_uri, model_dir,
+                                                                                         tmp_path, monkeypatch):
+    import perp.registry.api as api
+
+    register_version(store_uri, "tiny", model_dir, GOOD)
+    register_version(store_uri, "tiny", model_dir, BAD)
+    to_prod(store_uri, 1)
+    promote(store_uri, "tiny", 2, "dev", reason="next")
+    real_read_pointer = api.read_pointer
+
+    writes = iter([lambda: promote(store_uri, "tiny", 2, "staging", reason="concurrent writer"),
+                   lambda: rollback(store_uri, "tiny", "staging", reason="concurrent writer")])
+
+    def write_lands_first(store, name, stage):  # the log was read; a concurrent writer moves staging now
+        monkeypatch.setattr(api, "read_pointer", real_read_pointer)
+        next(writes)()
+        return real_read_pointer(store, name, stage)
+
+    monkeypatch.setattr(api, "read_pointer", write_lands_first)
+    assert pull(store_uri, "tiny@staging", tmp_path / "out")["version"] == 1  # what the log said when read
+    monkeypatch.setattr(api, "read_pointer", write_lands_first)
+    assert show(store_uri, "tiny", "staging")["version"] == 2
+    assert verify(store_uri)["ok"] and show(store_uri, "tiny", "staging")["version"] == 1
+
+
+def test_reusing_held_blobs_of_a_local_store_reads_none_of_them(tmp_path, model_dir, monkeypatch):
+    """The intact check of large blobs goes through the hash cache, which uploads and refreshes keep current."""
+    import perp.io.hashing
+    import perp.store.base
+
+    monkeypatch.setattr(perp.store.base, "INTACT_READ_LIMIT", 0)
+    store = tmp_path / "store"
+    register_version(str(store), "tiny", model_dir, GOOD, compact=False)
+    deregister(str(store), "tiny", 1, reason="only its blobs stay")  # re-used blobs of it are refreshed
+    reads = []
+    real = perp.io.hashing.sha256_file
+    monkeypatch.setattr(perp.io.hashing, "sha256_file",
+                        lambda path: reads.append(Path(path)) or real(path))
+    register_version(str(store), "tiny", model_dir, BAD, compact=False)
+    register_version(str(store), "tiny", model_dir, GOOD, {"third": True}, compact=False)
+    assert not [path for path in reads if store in path.resolve().parents]
+    assert verify(str(store))["ok"]

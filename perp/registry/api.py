@@ -399,9 +399,9 @@ def promote(store_uri: StoreLike, name: str, version: Union[int, str], to_stage:
     no recorded policy; the given (or default) one applies, and the event says so.
     """
     name, version = validate_name(name), validate_version(version)
-    caller_policy = stages is not None or gates is not None
-    stage_list, gate_configs = _stage_config(stages, gates)
-    validate_stage(to_stage, stage_list if caller_policy else None)
+    validate_stage(to_stage)
+    if stages is not None:
+        validate_stages(list(stages))
     reason = _reason(reason, "--force needs a reason (--reason TEXT): a forced promotion is recorded with it"
                      if force else None)
     store = _store(store_uri)
@@ -417,7 +417,7 @@ def promote(store_uri: StoreLike, name: str, version: Union[int, str], to_stage:
             raise RegistryError(f"version {version} of '{name}' is already in '{to_stage}'")
         if version not in manifests:
             manifests[version] = _load_manifest(store, name, state, version)
-        policy = _promotion_policy(manifests[version], stage_list, gate_configs, not caller_policy)
+        policy = _promotion_policy(manifests[version], stages, gates)
         if policy["override"] and not force:
             raise RegistryError(
                 f"promotion of '{name}' v{version} to '{to_stage}' refused: {policy['override']}. Nothing was "
@@ -447,22 +447,24 @@ def _policy_dump(stages: list[str], gates: Mapping[str, GatesConfig]) -> dict[st
             "gates": {stage: config.model_dump(mode="json") for stage, config in sorted(gates.items())}}
 
 
-def _promotion_policy(manifest: dict[str, Any], stages: list[str], gates: dict[str, GatesConfig],
-                      defaults_only: bool) -> dict[str, Any]:
+def _promotion_policy(manifest: dict[str, Any], stages: Optional[list[str]],
+                      gates: Optional[Mapping[str, Any]]) -> dict[str, Any]:
     """The policy a promotion uses and where it comes from; `override` says how it departs from the recorded one.
 
-    `defaults_only`: the caller gave no policy (library defaults), so the recorded one simply applies.
+    What the caller leaves out (None) is the recorded policy's; without a recorded policy, the library defaults.
     """
-    used = _policy_dump(stages, gates)
     register = ((manifest.get("params") or {}).get("register") or {}) if isinstance(manifest.get("params"), dict) \
         else {}
     if not isinstance(register, dict) or ("stages" not in register and "gates" not in register):
-        return {"source": "caller", **used, "override": None}
+        return {"source": "caller", **_policy_dump(*_stage_config(stages, gates)), "override": None}
     try:
         recorded = _policy_dump(*_stage_config(register.get("stages"), register.get("gates")))
     except RegistryError:
-        return {"source": "caller", **used, "override": "the policy recorded at registration is invalid"}
-    if defaults_only or recorded == used:
+        return {"source": "caller", **_policy_dump(*_stage_config(stages, gates)),
+                "override": "the policy recorded at registration is invalid"}
+    used = _policy_dump(*_stage_config(stages if stages is not None else recorded["stages"],
+                                       gates if gates is not None else recorded["gates"]))
+    if recorded == used:
         return {"source": "registration", **recorded, "override": None}
     changes = [f"stages {recorded['stages']} → {used['stages']}"] if recorded["stages"] != used["stages"] else []
     for stage in sorted(set(recorded["gates"]) | set(used["gates"])):
@@ -552,8 +554,14 @@ def _require_untruncated(store: Store, name: str, state: ModelState, stage: str)
     it would hand out the version a deleted rollback had withdrawn."""
     pointer, _ = read_pointer(store, name, stage)
     seq = pointer.get("seq") if isinstance(pointer, dict) else None
-    if isinstance(seq, int) and seq > state.head_seq:
+    if isinstance(seq, int) and _log_lost(store, name, state.head_seq, seq):
         raise RegistryIntegrityError(_truncation(name, pointer_key(name, stage), seq, state.head_seq))
+
+
+def _log_lost(store: Store, name: str, head: int, pointer_seq: int) -> bool:
+    """Whether a pointer recording event `pointer_seq` shows events deleted from a log read up to `head`. The
+    pointer is read after the log, so a write landing in between puts it legitimately ahead: that event exists."""
+    return pointer_seq > head and store.head(event_key(name, pointer_seq)) is None
 
 
 def _resolve(state: ModelState, name: str, selector: Union[int, str]) -> int:
@@ -794,9 +802,11 @@ def verify(store_uri: StoreLike, name: Optional[str] = None, deep: bool = True,
                 problems.append({"kind": "pointer_missing", "name": model, "key": key, "message":
                                  f"stage pointer {key} is missing; the log puts version {expected} there "
                                  f"(event {seq}); the next registry write restores it"})
-            elif isinstance(pointer.get("seq"), int) and pointer["seq"] > state.head_seq:
+            elif isinstance(pointer.get("seq"), int) and _log_lost(store, model, state.head_seq, pointer["seq"]):
                 problems.append({"kind": "log_truncated", "name": model, "key": key,
                                  "message": _truncation(model, key, pointer["seq"], state.head_seq)})
+            elif isinstance(pointer.get("seq"), int) and pointer["seq"] > state.head_seq:
+                pass  # a write landed after the log was read: the pointer is ahead of this read, not wrong
             elif ((pointer.get("version"), pointer.get("seq")) == (expected, seq)
                   and pointer.get("event_hash") != digest):
                 problems.append({"kind": "pointer_altered", "name": model, "key": key,
@@ -876,7 +886,7 @@ def _referenced(store: Store) -> tuple[set[str], dict[str, int]]:
         for child in store.list_children(stages_prefix(model)):
             pointer, _ = read_pointer(store, model, child[:-len(".json")] if child.endswith(".json") else child)
             seq = pointer.get("seq") if isinstance(pointer, dict) else None
-            if isinstance(seq, int) and seq > head:
+            if isinstance(seq, int) and _log_lost(store, model, head, seq):
                 raise _gc_refusal(f"stage pointer {stages_prefix(model)}/{child} records event {seq} of '{model}' "
                                   f"but its log ends at event {head}: events were deleted")
         for event in events:

@@ -176,8 +176,14 @@ class LocalStore(Store):
         _fsync_dir(path.parent)
 
     def _touch(self, key: str) -> None:
+        from perp.io.hashing import lookup_sha256, seed_sha256
+
+        path = self._path(key)
+        digest = lookup_sha256(path) if path.is_file() else None  # a new mtime would orphan the hash cache's entry
         try:
-            os.utime(self._path(key))
+            os.utime(path)
+            if digest is not None:
+                seed_sha256(path, digest)
         except FileNotFoundError:
             raise StoreNotFound(f"{self.uri}/{key} does not exist") from None
         except OSError as error:
@@ -206,6 +212,9 @@ class LocalStore(Store):
         finally:
             tmp.unlink(missing_ok=True)
         _fsync_dir(target.parent)
+        from perp.io.hashing import seed_sha256
+
+        seed_sha256(target, sha256)  # the bytes just copied from a file of this digest: reuse checks need no read
 
     def _download_file(self, key: str, dest: Path) -> None:
         source = self._path(key)
