@@ -334,7 +334,7 @@ def register_stage(register: dict[str, Any], candidate: Ref, metrics: Ref, param
     one a stage holds) already records exactly this model, metrics, params and lineage, that version is
     returned with `"reused": true` and nothing is written, also when an identical run registered it while this one
     uploaded. A new version has `"reused": false`."""
-    from perp.registry import find_version, register_version
+    from perp.registry import register_version
 
     config = config_from_sections(register=register)
     model_dir = require(candidate, "recover")
@@ -343,9 +343,6 @@ def register_stage(register: dict[str, Any], candidate: Ref, metrics: Ref, param
         raise PerpError(f"'{metrics['uri']}' does not name the model it measured (model.sha256); "
                         "it was not written by perp evaluate")
     store, name = config.register.store, config.register.name
-    existing = find_version(store, name, model_dir, metrics=measured, params=params, lineage=run_lineage)
-    if existing is not None:
-        return {**existing, "reused": True}
     return register_version(store, name, model_dir, metrics=measured, params=params, lineage=run_lineage, reuse=True,
                             flow_run_id=flow_run_id)
 

@@ -261,7 +261,7 @@ def test_stage_retries_only_transient_io_errors(harness, error, attempts):
     assert len(calls) == attempts
 
 
-def test_sweep_shares_calibration_and_registers_the_best_point_under_the_last_stages_gates(harness, tmp_path):
+def test_sweep_shares_calibration_and_registers_the_best_point(harness, tmp_path):
     from flows.sweep import sweep
     from perp.registry import show
 
@@ -284,6 +284,9 @@ def test_sweep_shares_calibration_and_registers_the_best_point_under_the_last_st
     strict = tiny_sections(store, **{"register.gates": {"prod": {"max_ppl_ratio": None, "max_zeroshot_drop": None,
                                                                  "min_sparsity": 0.9}}})
     none = sweep(methods=["wanda"], sparsities=[0.5], recover_methods=["norm"], base=strict,
-                 workdir=str(tmp_path / "runs"))
-    assert none["best"] is None and none["registered"] is None  # prod's gates (the default) pass no point
+                 workdir=str(tmp_path / "runs"), gate_stage="prod")
+    assert none["best"] is None and none["registered"] is None  # prod's gates pass no point
     assert none["rows"][0]["failed_gates"] == "sparsity"
+    unfiltered = sweep(methods=["wanda"], sparsities=[0.5], recover_methods=["norm"], base=strict,
+                       workdir=str(tmp_path / "runs"))
+    assert unfiltered["best"]["point"] == 0 and not unfiltered["rows"][0]["passes_gates"]  # shown, not filtered

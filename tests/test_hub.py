@@ -84,3 +84,27 @@ def test_hub_model_id_on_an_unreachable_hub_says_so(online_setting):
     online_setting.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
     with pytest.raises(ModelSourceError, match=r"Hub id, but the Hub is 127\.0\.0\.1:\d+ unreachable"):
         load_model("some-org/some-model-that-is-not-cached")
+
+
+def test_overlapping_offline_blocks_share_one_switch(online_setting):
+    """Concurrent stages: the first block out must not turn the Hub back on under the other."""
+    import threading
+
+    from huggingface_hub import constants
+
+    online_setting.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    inside, first_left, seen = threading.Event(), threading.Event(), []
+
+    def second_stage() -> None:
+        with offline_when_unreachable():
+            inside.set()
+            first_left.wait(10)
+            seen.append(constants.HF_HUB_OFFLINE)
+
+    other = threading.Thread(target=second_stage)
+    with offline_when_unreachable():
+        other.start()
+        inside.wait(10)
+    first_left.set()
+    other.join(10)
+    assert seen == [True] and constants.HF_HUB_OFFLINE is False

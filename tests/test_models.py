@@ -81,6 +81,20 @@ def test_checkpoint_bytes_from_headers_equal_the_loaded_weights(tiny_llama_dir, 
     assert checkpoint_bytes(tiny_llama_dir, dtype) == sum(unique.values())
 
 
+def test_checkpoint_bytes_count_only_the_weights_transformers_loads(tiny_llama_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from perp.models.loading import checkpoint_bytes
+
+    recovered = tmp_path / "recovered"
+    shutil.copytree(tiny_llama_dir, recovered)
+    for name in ("masks.safetensors", "adapter.safetensors"):  # what a recovery writes beside the weights
+        save_file({"x": torch.zeros(1000, 1000)}, str(recovered / name))
+    assert checkpoint_bytes(recovered, torch.float32) == checkpoint_bytes(tiny_llama_dir, torch.float32)
+
+
 def test_a_model_larger_than_the_free_device_memory_fails_before_loading(tiny_llama_dir, monkeypatch):
     import perp.models.loading as loading
 

@@ -204,7 +204,8 @@ def test_identical_registration_that_races_an_upload_is_registered_once(store_ur
 
     monkeypatch.setattr(api, "_blobs_of_latest_version", other_writer_finishes_first)
     explicit = register_version(store_uri, "tiny", model_dir, GOOD, params, LINEAGE)  # no reuse asked: a new version
-    assert explicit["version"] == 5 and "reused" not in explicit
+    assert explicit["version"] == 3 and "reused" not in explicit
+    assert raced["first"]["reused"] and raced["different"]["reused"]  # found when they read the log
     assert verify(store_uri)["ok"]
 
 
@@ -1039,3 +1040,27 @@ def test_reusing_held_blobs_of_a_local_store_reads_none_of_them(tmp_path, model_
     register_version(str(store), "tiny", model_dir, GOOD, {"third": True}, compact=False)
     assert not [path for path in reads if store in path.resolve().parents]
     assert verify(str(store))["ok"]
+
+
+def test_gc_also_removes_what_killed_event_and_pointer_writes_left(tmp_path, model_dir):
+    uri = str(tmp_path / "store")
+    register_version(uri, "tiny", model_dir, GOOD)
+    left = [Path(uri) / "models" / "tiny" / "events" / ".tmp-killed", Path(uri) / "models" / "tiny" / ".tmp-x"]
+    for path in left:
+        path.write_bytes(b"{}")
+    assert sorted(gc(uri, older_than_seconds=0)["stale_upload_names"]) == sorted(
+        p.relative_to(uri).as_posix() for p in left)
+    gc(uri, older_than_seconds=0, dry_run=False)
+    assert not any(p.exists() for p in left) and verify(uri)["ok"]
+
+
+def test_reuse_finds_an_identical_version_registered_before_it_read_the_log(store_uri, model_dir, monkeypatch):
+    """No gap between a caller's own lookup and the registration: register_version(reuse=True) looks itself."""
+    import perp.registry.api as api
+
+    first = register_version(store_uri, "tiny", model_dir, GOOD, reuse=True)
+    uploads = []
+    monkeypatch.setattr(api.Store, "put_blob", lambda *args, **kwargs: uploads.append(args) or None)
+    again = register_version(store_uri, "tiny", model_dir, GOOD, reuse=True)
+    assert again["reused"] is True and again["version"] == first["version"] == 1 and not uploads
+    assert [e["type"] for e in history(store_uri, "tiny")] == ["register"]

@@ -218,3 +218,20 @@ def test_seeded_digests_use_the_cached_sha256_key(tmp_path, cache, monkeypatch):
     assert lookup_sha256(path) is None
     assert cached_sha256(path) == sha256_file(path) == hashlib.sha256(b"abc").hexdigest()
     assert lookup_sha256(path) == hashlib.sha256(b"abc").hexdigest()
+
+
+@pytest.mark.parametrize("code, status, transient", [("SlowDown", 503, True), ("InternalError", 500, True),
+                                                     ("RequestTimeout", 400, True), ("NoSuchKey", 404, False),
+                                                     ("AccessDenied", 403, False)])
+def test_throttling_and_server_errors_are_retryable_and_missing_objects_are_not(code, status, transient):
+    from botocore.exceptions import ClientError
+
+    from perp.io.s3 import S3Error, S3Unreachable, _call
+
+    class Client:
+        def head_object(self, **kwargs):
+            raise ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "HeadObject")
+
+    with pytest.raises(S3Error, match=code) as raised:
+        _call(Client(), "head_object", Bucket="bucket", Key="key")
+    assert isinstance(raised.value, S3Unreachable) is transient

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Optional
@@ -27,7 +29,22 @@ def hub_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
+#: How long a probe's answer stands: stages of one run share it, a long-lived worker sees the network return.
+PROBE_TTL_S = 60.0
+_probes: dict[str, tuple[float, Optional[str]]] = {}
+
+
 def _unreachable(endpoint: str, timeout: float) -> Optional[str]:
+    now = time.monotonic()
+    cached = _probes.get(endpoint)
+    if cached is not None and now - cached[0] < PROBE_TTL_S:
+        return cached[1]
+    answer = _probe(endpoint, timeout)
+    _probes[endpoint] = (now, answer)
+    return answer
+
+
+def _probe(endpoint: str, timeout: float) -> Optional[str]:
     url = urlparse(endpoint)
     host = url.hostname or ""
     port = url.port or (80 if url.scheme == "http" else 443)
@@ -50,22 +67,39 @@ def hub_unreachable(timeout: float = PROBE_TIMEOUT_S) -> Optional[str]:
     return _unreachable(hub_endpoint(), timeout)
 
 
+_switch_lock = threading.Lock()
+_switch_holders = 0
+_switch_saved: list[tuple[object, str, object]] = []
+
+
 @contextmanager
 def offline_when_unreachable() -> Iterator[Optional[str]]:
-    """Within the block, huggingface_hub and datasets run offline if the Hub cannot be reached; yields why."""
+    """Within the block, huggingface_hub and datasets run offline if the Hub cannot be reached; yields why.
+
+    The libraries' offline flags are process-wide: threads inside such blocks at once (concurrent stages) share
+    one switch, set by the first to enter and restored by the last to leave.
+    """
+    global _switch_holders, _switch_saved
     reason = hub_unreachable()
     if reason is None or hub_offline_by_setting():
         yield reason
         return
-    switches = _offline_switches()
-    saved = [(module, name, getattr(module, name)) for module, name in switches]
-    for module, name in switches:
-        setattr(module, name, True)
+    with _switch_lock:
+        if _switch_holders == 0:
+            switches = _offline_switches()
+            _switch_saved = [(module, name, getattr(module, name)) for module, name in switches]
+            for module, name in switches:
+                setattr(module, name, True)
+        _switch_holders += 1
     try:
         yield reason
     finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
+        with _switch_lock:
+            _switch_holders -= 1
+            if _switch_holders == 0:
+                for module, name, value in _switch_saved:
+                    setattr(module, name, value)
+                _switch_saved = []
 
 
 def _offline_switches() -> list[tuple[object, str]]:

@@ -68,9 +68,21 @@ def _call(client: Any, operation: str, **kwargs: Any) -> Any:
     except ClientError as error:
         code = error.response.get("Error", {}).get("Code", "?")
         where = f"s3://{kwargs.get('Bucket', '')}/{kwargs.get('Key', kwargs.get('Prefix', ''))}"
-        raise S3Error(f"S3 {operation} on {where} failed: {code}") from None
+        kind = S3Unreachable if _transient(error) else S3Error
+        raise kind(f"S3 {operation} on {where} failed: {code}") from None
     except BotoCoreError as error:
         raise S3Unreachable(f"S3 endpoint {_endpoint(client)} unreachable: {error}") from None
+
+
+_TRANSIENT_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+                              "InternalError", "ServiceUnavailable", "503", "500", "502", "504"})
+
+
+def _transient(error: Exception) -> bool:
+    """A ClientError a later attempt can outlast: throttling, timeouts, the server's own 5xx."""
+    response = getattr(error, "response", {}) or {}
+    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    return response.get("Error", {}).get("Code") in _TRANSIENT_CODES or (isinstance(status, int) and status >= 500)
 
 
 def _list_keys(client: Any, bucket: str, prefix: str) -> list[str]:
@@ -187,7 +199,8 @@ def download_object(client: Any, bucket: str, key: str, dest: Path) -> str:
         try:
             client.download_file(bucket, key, str(tmp))
         except (ClientError, BotoCoreError) as error:
-            raise S3Error(f"download of {uri} from {_endpoint(client)} failed: {error}") from None
+            kind = S3Unreachable if isinstance(error, BotoCoreError) or _transient(error) else S3Error
+            raise kind(f"download of {uri} from {_endpoint(client)} failed: {error}") from None
         digest = _verify(tmp, head, uri)
         os.replace(tmp, dest)
     finally:

@@ -21,7 +21,7 @@ from perp.errors import ModelSourceError
 from perp.io.cache import cache_dir
 from perp.io.hashing import cached_sha256
 from perp.io.hub import hub_unreachable
-from perp.layout import METRICS_FILE
+from perp.layout import ADAPTER_FILE, MASKS_FILE, METRICS_FILE
 from perp.models.construction import one_model_at_a_time
 from perp.models.families import FamilyAdapter, adapter_for, adapter_for_model_type
 
@@ -270,7 +270,7 @@ def checkpoint_bytes(path: Path, dtype: torch.dtype) -> int:
 
     itemsize = torch.empty((), dtype=dtype).element_size()
     total = 0
-    for file in sorted(path.glob("*.safetensors")):
+    for file in _weight_files(path):
         with open(file, "rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
             header = json.loads(handle.read(length))
@@ -283,6 +283,20 @@ def checkpoint_bytes(path: Path, dtype: torch.dtype) -> int:
             floating = entry["dtype"] in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
             total += numel * (itemsize if floating else _SAFETENSORS_ITEMSIZE.get(entry["dtype"], 8))
     return total
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files transformers loads: those the shard index names, else `model.safetensors` (a
+    stage's masks and adapter files sit beside the weights and are not part of the model)."""
+    import json
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({path / name for name in json.loads(index.read_text()).get("weight_map", {}).values()})
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    return sorted(p for p in path.glob("*.safetensors") if p.name not in (MASKS_FILE, ADAPTER_FILE))
 
 
 _SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8}

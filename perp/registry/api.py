@@ -206,10 +206,10 @@ def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: 
 
     `flow_run_id` is the orchestrator run to record (the Prefect task passes its flow run's id).
 
-    With `reuse`, a version that another writer registered while this one uploaded, recording exactly the same
-    files, metrics, params, lineage and extra, is returned instead (`"reused": true`) and no second version is
-    written: two identical runs that race each other (a retried flow whose first attempt still runs) register
-    once. Checking before the upload is `find_version`'s job.
+    With `reuse`, an active version recording exactly the same files, metrics, params, lineage and extra is
+    returned instead (`"reused": true`) and nothing is written: one found when the log is read (before any
+    upload), or one another writer registered while this one uploaded (two identical runs racing each other, a
+    retried flow whose first attempt still runs).
     """
     from perp.io.hashing import cached_sha256
     from perp.io.cache import scratch_dir
@@ -232,14 +232,16 @@ def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: 
     lineage_d, extra_d = _dict_or_none(lineage, "lineage"), _dict_or_none(extra, "extra")
     store = _store(store_uri, create=True)
     _, state = load_state(store, name)  # an altered log refuses registrations before any upload
+    file_records = {rel: {"sha256": cached_sha256(path), "size": path.stat().st_size} for rel, path in files}
+    wanted = _registration_record(file_records, metrics_d, params_d, lineage_d, extra_d)
+    if reuse and (twin := _matching_version(store, name, state, wanted, _reuse_candidates(state))) is not None:
+        return {**twin, "reused": True}  # nothing uploaded, nothing written
     recorded = _blobs_of_latest_version(store, name, state)
 
-    file_records: dict[str, dict[str, Any]] = {}
     storage: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(dir=scratch_dir("register-"), prefix="register-") as tmp:
         for index, (rel, path) in enumerate(files):
-            digest, size = cached_sha256(path), path.stat().st_size
-            file_records[rel] = {"sha256": digest, "size": size}
+            digest, size = file_records[rel]["sha256"], file_records[rel]["size"]
             if compact and rel.endswith(".safetensors") and size > 0:
                 packed = Path(tmp) / f"{index}.perp-sparse.safetensors"
                 info = pack_file(path, packed, fsync=False)  # a temporary file: uploaded, then removed
@@ -280,7 +282,6 @@ def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: 
         raise RegistryError(f"{len(missing) or 1} blob(s) of '{name}' vanished while registering (a concurrent "
                             "`perp registry gc`?); nothing was registered; register again")
 
-    wanted = _registration_record(file_records, metrics_d, params_d, lineage_d, extra_d)
     seen_head = state.head_seq
 
     def build(current: ModelState) -> dict[str, Any]:

@@ -145,20 +145,19 @@ class LocalStore(Store):
             return False
 
     def stale_uploads(self) -> Iterator[StaleUpload]:
-        """The hidden `.tmp-*` files of blob uploads: a complete upload renames its file, a killed one leaves it."""
-        base = self._prefix_dir(BLOB_PREFIX)
-        if not base.is_dir():
+        """The hidden `.tmp-*` files of writes (blob uploads, events, pointers): a complete write renames its file,
+        a killed one leaves it."""
+        if not self.root.is_dir():
             return
-        for shard in sorted(os.listdir(base)):
-            if not (base / shard).is_dir():
-                continue
-            for name in sorted(os.listdir(base / shard)):
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames.sort()
+            for name in sorted(filenames):
                 if not name.startswith(".tmp-"):
                     continue
-                path = base / shard / name
+                path = Path(dirpath) / name
                 try:
                     stat = path.stat()
-                except FileNotFoundError:  # its upload just finished
+                except FileNotFoundError:  # its write just finished
                     continue
                 yield StaleUpload(path.relative_to(self.root).as_posix(), stat.st_size, stat.st_mtime, path)
 
