@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 
 from perp.config import PerpConfig, dump_params, validate_section
 from perp.errors import PerpError
-from perp.io.atomic import is_complete
+from perp.io.atomic import is_complete, require_directory
 from perp.io.hashing import cached_sha256, directory_hash, sha256_file
 from perp.layout import METRICS_FILE, PRUNE_REPORT, RECOVER_REPORT
 
@@ -368,6 +368,7 @@ def assemble_run(workdir: str | Path, refs: dict[str, Any]) -> Path:
 def run_pipeline(config: PerpConfig, workdir: str | Path = "runs",
                  on_stage: Optional[Callable[[str, Any], None]] = None) -> dict[str, Any]:
     """The whole chain in-process (what `perp run` does); returns every stage's reference."""
+    require_directory(Path(workdir), "--workdir")
     params = dump_params(config)
     notify = on_stage or (lambda stage, result: None)
     calibration = calibrate_stage(params["model"], params["data"]["calibration"], workdir, params)

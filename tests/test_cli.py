@@ -31,8 +31,9 @@ def _one_line_error(result, *needles):
         (["run", "-S", "register.store=s3://Bad_Bucket"], ["register.store", "'Bad_Bucket' is not a valid S3 bucket"]),
         (["run", "-S", "register.store=afile/store"], ["register.store", "cannot be a directory", "is a file"]),
         # Paths that cannot be created are one line naming the path, not an OSError traceback.
-        (["calibrate", "--out", "afile/calibration"], ["File exists: 'afile'"]),
-        (["run", "--workdir", "afile"], ["File exists: 'afile'"]),
+        (["calibrate", "--out", "afile/calibration"], ["--out 'afile/calibration' cannot be created", "is a file"]),
+        (["run", "--workdir", "afile"], ["--workdir 'afile' is a file, not a directory"]),
+        (["run", "--workdir", "afile/runs"], ["--workdir 'afile/runs' cannot be created", "is a file"]),
     ],
 )
 def test_bad_input_is_one_line_naming_the_problem(cli, args, needles, tmp_path):

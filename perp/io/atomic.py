@@ -67,6 +67,7 @@ def check_output_directory(target: str | Path, inputs: Iterable[str | Path] = ()
         source_resolved = source_path.resolve()
         if resolved == source_resolved or source_resolved in resolved.parents or resolved in source_resolved.parents:
             raise OutputError(f"{what} '{target}' would replace the input '{source}'; write to another directory")
+    require_creatable(target, what)
     if target.exists():
         if not target.is_dir():
             raise OutputError(f"{what} '{target}' exists and is not a directory")
@@ -78,6 +79,23 @@ def check_output_directory(target: str | Path, inputs: Iterable[str | Path] = ()
             raise OutputError(f"{what} '{target}' holds a perp {existing} output; writing a {kind} output would "
                               "replace it: choose another directory (or remove it first)")
     return target
+
+
+def require_creatable(target: Path, what: str) -> None:
+    """The nearest existing ancestor of `target` must be a directory (a file there would fail the write only after
+    the stage's work)."""
+    for ancestor in target.expanduser().absolute().parents:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise OutputError(f"{what} '{target}' cannot be created: '{ancestor}' is a file")
+            return
+
+
+def require_directory(path: Path, what: str) -> None:
+    """`path` is a directory or can become one (a work directory that stages fill)."""
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{what} '{path}' is a file, not a directory")
+    require_creatable(path, what)
 
 
 def output_kind(directory: str | Path) -> Optional[str]:
@@ -95,6 +113,7 @@ def check_output_file(target: str | Path, inputs: Iterable[str | Path] = (), wha
     target = Path(target)
     if target.is_dir():
         raise OutputError(f"{what} '{target}' is a directory; name a file")
+    require_creatable(target, what)
     resolved = target.expanduser().resolve()
     for source in inputs:
         source_path = Path(source).expanduser()
