@@ -23,6 +23,7 @@ def run(
     Stages whose inputs did not change are reused from WORKDIR, so an interrupted run resumes where it stopped.
     """
     config = build_config(params, sets)
+    from perp.config import absolute_store
     from perp.pipeline import run_pipeline
 
     def on_stage(stage: str, result: Any) -> None:
@@ -38,7 +39,7 @@ def run(
     summary: dict[str, Any] = {
         "metrics": refs["metrics"]["uri"],
         "model": refs["recovered"]["uri"],
-        "registered": {"store": config.register.store, "name": refs["registered"].get("name"),
+        "registered": {"store": absolute_store(config.register.store), "name": refs["registered"].get("name"),
                        "version": refs["registered"].get("version"),
                        "reused": bool(refs["registered"].get("reused"))},
     }
