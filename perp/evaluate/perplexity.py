@@ -116,14 +116,15 @@ def perplexity(model: torch.nn.Module, windows: TokenSet, batch_size: int = 4,
     started = time.perf_counter()
     nll_sum = torch.zeros((), dtype=torch.float64)
     ids = windows.ids
-    with reuse_freed_memory(device.type == "cpu"):  # logits alone are ~800 MB per batch of 4 × 1024 (fp32)
-        for start in range(0, windows.num_windows, batch_size):
-            batch = ids[start:start + batch_size].to(device)
-            nll_sum += window_nll_sum(model, batch).double().cpu()
-            if progress is not None:
-                progress(int(batch.shape[0]))
-    if was_training:
-        model.train()
+    try:
+        with reuse_freed_memory(device.type == "cpu"):  # logits alone are ~800 MB per batch of 4 × 1024 (fp32)
+            for start in range(0, windows.num_windows, batch_size):
+                batch = ids[start:start + batch_size].to(device)
+                nll_sum += window_nll_sum(model, batch).double().cpu()
+                if progress is not None:
+                    progress(int(batch.shape[0]))
+    finally:
+        model.train(was_training)  # also when a batch fails: a training caller gets its model back as it was
     if device.type == "cuda":
         torch.cuda.synchronize()
     tokens = windows.num_windows * (windows.seqlen - 1)

@@ -48,6 +48,15 @@ class FusedReconstruction:
         self.progress = progress
         self.report: dict[str, Any] = {}
         self.adapter: dict[str, torch.Tensor] = {}
+        # Set by `prepare`, once the model is loaded (before the engine calls this hook):
+        self.loaded: Any = None
+        self.calib: Optional[TokenSet] = None
+        self.total_params = 0
+        self.eval_set: Optional[TokenSet] = None
+        self.ppl_before: Optional[dict[str, Any]] = None
+        self.call: Optional[LayerInputs] = None
+        self.plan: Any = None
+        self.trainer: Optional[BlockTrainer] = None
 
     @staticmethod
     def compute_dtype(device: torch.device, model_dtype: torch.dtype) -> Optional[torch.dtype]:
