@@ -124,7 +124,8 @@ def test_register_promote_pull_round_trip(store_uri, model_dir, tmp_path):
     assert manifest["storage"]["model.safetensors"]["encoding"] == "perp-sparse/1"
     assert manifest["stored_bytes"] < manifest["bytes"]
     assert manifest["lineage"] == LINEAGE and manifest["metrics"] == GOOD
-    assert manifest["code"]["perp_version"] and set(manifest["who"]) == {"user", "host"}
+    principal = {"principal"} if store_uri.startswith("s3://") else set()  # the ARN STS authenticated
+    assert manifest["code"]["perp_version"] and set(manifest["who"]) == {"user", "host"} | principal
     assert manifest["when"].endswith("Z")
     assert register_version(store_uri, "tiny", model_dir, GOOD)["version"] == 2
 
@@ -1064,3 +1065,13 @@ def test_reuse_finds_an_identical_version_registered_before_it_read_the_log(stor
     again = register_version(store_uri, "tiny", model_dir, GOOD, reuse=True)
     assert again["reused"] is True and again["version"] == first["version"] == 1 and not uploads
     assert [e["type"] for e in history(store_uri, "tiny")] == ["register"]
+
+
+def test_events_on_s3_record_the_authenticated_principal(store_uri, model_dir):
+    """`who` user/host are what the process says; on S3 the credentials' ARN (STS) is what AWS authenticated."""
+    manifest = register_version(store_uri, "tiny", model_dir, GOOD)
+    promote(store_uri, "tiny", 1, "dev", reason="audit")
+    authors = [event["who"] for event in history(store_uri, "tiny")] + [manifest["who"]]
+    expected = "arn:aws:sts::123456789012:user/moto" if store_uri.startswith("s3://") else None
+    assert all(author.get("principal") == expected and author["user"] for author in authors)
+    assert verify(store_uri)["ok"]

@@ -271,7 +271,7 @@ def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: 
         "code": code_version(),
         "dvc_outs": dvc_outs(),
         "prefect_flow_run_id": prefect_flow_run_id(flow_run_id),
-        "who": who(),
+        "who": who(store.principal()),
         "when": utc_now(),
     })
     manifest_ref = store.put_blob_bytes(canonical(manifest))

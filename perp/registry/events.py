@@ -289,7 +289,7 @@ def append_event(store: Store, name: str, build: Callable[[ModelState], dict[str
     Returns the event as stored and the state after it.
     """
     events, state = load_state(store, name)
-    author = who()
+    author = who(store.principal())
     for attempt in range(attempts):
         body = build(state)
         if body.get("type") not in EVENT_TYPES:

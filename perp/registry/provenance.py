@@ -36,12 +36,17 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def who() -> dict[str, str]:
+def who(principal: Optional[str] = None) -> dict[str, str]:
+    """Who acts: the OS user and host as this process sees them (self-reported), and, where the store
+    authenticates requests, the identity it authenticated (`principal`, e.g. the AWS ARN of the credentials)."""
     try:
         user = getpass.getuser()
     except Exception:  # no USER and no passwd entry (some containers)
         user = f"uid:{os.getuid()}" if hasattr(os, "getuid") else "unknown"
-    return {"user": user, "host": socket.gethostname()}
+    author = {"user": user, "host": socket.gethostname()}
+    if principal:
+        author["principal"] = principal
+    return author
 
 
 @functools.lru_cache(maxsize=1)

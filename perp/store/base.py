@@ -162,6 +162,11 @@ class Store(ABC):
         """Every blob in the store as (sha256, size, last_modified), in no particular order. Keys under the blob
         prefix that are not laid out as blobs (and hidden temporary files) are not listed."""
 
+    def principal(self) -> Optional[str]:
+        """The identity the store authenticates this process as, where it has one (S3: the credentials' ARN);
+        None for a local store."""
+        return None
+
     def stale_uploads(self) -> Iterator[StaleUpload]:
         """Uploads of blobs that never completed (their writer was killed); none by default."""
         return iter(())

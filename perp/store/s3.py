@@ -265,6 +265,23 @@ class S3Store(Store):
             return False
         return (response.get("Metadata") or {}).get("sha256") == digest
 
+    def principal(self) -> Optional[str]:
+        """The ARN STS says these credentials are (GetCallerIdentity: no permission needed), asked once per store;
+        None where the endpoint has no STS (some S3-compatible servers) or it does not answer within seconds."""
+        if not hasattr(self, "_principal"):
+            self._principal: Optional[str] = None
+            try:
+                import boto3
+                from botocore.config import Config
+
+                config = Config(connect_timeout=3, read_timeout=5, retries={"total_max_attempts": 1})
+                endpoint = os.environ.get("AWS_ENDPOINT_URL_STS") or self.endpoint_url
+                sts = boto3.client("sts", endpoint_url=endpoint, config=config)
+                self._principal = str(sts.get_caller_identity()["Arn"])
+            except Exception:  # noqa: BLE001  (no STS, no network, no credentials: the event records no principal)
+                pass
+        return self._principal
+
     def exists(self) -> bool:
         """A prefix exists once anything was stored under it (a registration writes first): an empty one is
         almost always a mistyped --store, which readers should refuse rather than report as an empty registry."""
