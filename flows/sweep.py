@@ -17,8 +17,6 @@ pool; every such run registers its own version, and the flow reports which one i
 from __future__ import annotations
 
 import argparse
-import itertools
-import json
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -29,53 +27,41 @@ from prefect import flow  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 
 import tasks  # noqa: E402
+from perp import sweep as plan  # noqa: E402
 from perp.config import dump_params, load_params  # noqa: E402
 from perp.pipeline import config_from_sections, lineage, read_json  # noqa: E402
-from perp.registry.gates import evaluate_gates  # noqa: E402
-
-# objective name → (column of the results table, direction)
-OBJECTIVES = {
-    "ppl_ratio": ("ppl_ratio", "min"),
-    "zeroshot_drop": ("zeroshot_drop_points", "min"),
-    "sparsity": ("sparsity", "max"),
-}
 
 
-def _metric(metrics: dict[str, Any], path: tuple[str, ...]) -> Optional[float]:
-    node: Any = metrics
-    for part in path:
-        node = node.get(part) if isinstance(node, dict) else None
-    return float(node) if isinstance(node, (int, float)) else None
+def _run_on_pool(deployment: str, points: list[dict[str, Any]], workdir: str) -> list[dict[str, Any]]:
+    """Every point as a whole `compress` run of `deployment` (each registers its own version). All are scheduled
+    first (timeout=0), then awaited, so the pool runs them concurrently. `workdir` and the result storage must be
+    shared by the pool's nodes (a shared volume, or S3 result storage)."""
+    from prefect.deployments import run_deployment
+    from prefect.flow_runs import wait_for_flow_run
+
+    scheduled = [run_deployment(deployment, parameters={**point, "workdir": workdir}, timeout=0) for point in points]
+    return [wait_for_flow_run(run.id).state.result() for run in scheduled]
 
 
-def grid(base: dict[str, Any], methods: list[str], sparsities: list[float], recover_methods: list[str]) -> list[dict[str, Any]]:
-    """Every point's full, validated params (invalid combinations fail here, before anything runs)."""
-    points = []
-    for method, sparsity, recover_method in itertools.product(methods, sparsities, recover_methods):
-        sections = {**base, "prune": {**base["prune"], "method": method, "sparsity": sparsity},
-                    "recover": {**base["recover"], "method": recover_method}}
-        points.append(dump_params(config_from_sections(**sections)))
-    return points
-
-
-def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Points not dominated in (higher sparsity, lower perplexity ratio)."""
-    front = []
-    for row in rows:
-        dominated = any(other is not row and other["sparsity"] >= row["sparsity"]
-                        and other["ppl_ratio"] <= row["ppl_ratio"]
-                        and (other["sparsity"], other["ppl_ratio"]) != (row["sparsity"], row["ppl_ratio"])
-                        for other in rows)
-        if not dominated:
-            front.append(row)
-    return sorted(front, key=lambda row: row["sparsity"])
-
-
-def _run_point_locally(params: dict[str, Any], pruned: Any, workdir: str) -> tuple[Any, Any, Any]:
-    recovered = tasks.recover.submit(params["recover"], pruned, params["model"], params["data"], workdir, params)
-    metrics = tasks.evaluate.submit(params["evaluate"], recovered, params["model"], params["prune"], workdir,
-                                    params)
-    return pruned, recovered, metrics
+def _run_locally(base: dict[str, Any], points: list[dict[str, Any]], workdir: str) -> list[dict[str, Any]]:
+    """Every point's stages on the flow's thread pool: one calibration for the grid, one mask per prune config."""
+    calibration = tasks.calibrate.submit(base["model"], base["data"]["calibration"], workdir, base)
+    # Identical tasks submitted at once would both compute (nothing locks the cache between concurrent runs), so
+    # the recovery methods of one (method, sparsity) share one submitted mask.
+    masks: dict[str, Any] = {}
+    for point in points:
+        if plan.prune_key(point) not in masks:
+            masks[plan.prune_key(point)] = tasks.mask.submit(point["model"], point["prune"], calibration, workdir,
+                                                             point)
+    futures = []
+    for point in points:
+        pruned = masks[plan.prune_key(point)]
+        recovered = tasks.recover.submit(point["recover"], pruned, point["model"], point["data"], workdir, point)
+        metrics = tasks.evaluate.submit(point["evaluate"], recovered, point["model"], point["prune"], workdir, point)
+        futures.append((pruned, recovered, metrics))
+    return [{"recovered": recovered.result(), "metrics": metrics.result(), "registered": None,
+             "lineage": lineage(calibration.result(), pruned.result(), recovered.result())}
+            for pruned, recovered, metrics in futures]
 
 
 @flow(name="sweep", log_prints=True)
@@ -90,86 +76,28 @@ def sweep(
     deployment: Optional[str] = None,
     workdir: str = "runs",
 ) -> dict[str, Any]:
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective '{objective}' is unknown (allowed: {', '.join(OBJECTIVES)})")
+    """Locally, the points run on the flow's thread pool and the flow registers the best one; with `deployment`,
+    each point is a run of that deployment, which registers its own version."""
     base_params = dump_params(config_from_sections(**(base or {})))
-    stages = base_params["register"]["stages"]
-    filter_by_gates = gate_stage is not None
-    gate_stage = gate_stage or stages[-1]  # shown for every point; it filters only when asked for
-    if gate_stage not in stages:
-        raise ValueError(f"gate_stage '{gate_stage}' is not a stage (allowed: {', '.join(stages)})")
-    points = grid(base_params, methods, sparsities, recover_methods)
+    judged_under = plan.check_request(objective, gate_stage, base_params["register"]["stages"])
+    points = plan.grid(base_params, methods, sparsities, recover_methods)
 
-    if deployment:
-        from prefect.deployments import run_deployment
-        from prefect.flow_runs import wait_for_flow_run
+    results = _run_on_pool(deployment, points, workdir) if deployment else _run_locally(base_params, points, workdir)
+    rows = [plan.result_row(index, point, read_json(Path(result["metrics"]["uri"])), result["metrics"]["uri"],
+                            judged_under)
+            for index, (point, result) in enumerate(zip(points, results))]
+    front = plan.front(rows)
+    best = plan.best(rows, objective, filter_by_gates=gate_stage is not None)
 
-        # Every point is a whole `compress` run on the pool (which registers its own version). All are
-        # scheduled first (timeout=0), then awaited, so the pool runs them concurrently. `workdir` and the result
-        # storage must be shared by the pool's nodes (a shared volume, or S3 result storage).
-        scheduled = [run_deployment(deployment, parameters={**point, "workdir": workdir}, timeout=0)
-                     for point in points]
-        results = [wait_for_flow_run(run.id).state.result() for run in scheduled]
-        metrics_refs = [result["metrics"] for result in results]
-        lineages = [None] * len(points)
-        candidates = [result["recovered"] for result in results]
-        registered_by_point = [result["registered"] for result in results]
-    else:
-        registered_by_point = []
-        calibration = tasks.calibrate.submit(base_params["model"], base_params["data"]["calibration"], workdir,
-                                             base_params)
-        # One mask per (method, sparsity), shared by the recovery methods: identical tasks submitted at once would
-        # both compute, since nothing locks the cache between concurrent runs.
-        masks: dict[str, Any] = {}
-        for point in points:
-            key = json.dumps(point["prune"], sort_keys=True)
-            if key not in masks:
-                masks[key] = tasks.mask.submit(point["model"], point["prune"], calibration, workdir, point)
-        futures = [_run_point_locally(point, masks[json.dumps(point["prune"], sort_keys=True)], workdir)
-                   for point in points]
-        calibration_ref = calibration.result()
-        candidates, metrics_refs, lineages = [], [], []
-        for pruned, recovered, metrics in futures:
-            candidates.append(recovered.result())
-            metrics_refs.append(metrics.result())
-            lineages.append(lineage(calibration_ref, pruned.result(), recovered.result()))
-
-    gates = config_from_sections(register=base_params["register"]).register.gates.get(gate_stage)
-    rows = []
-    for index, (point, ref) in enumerate(zip(points, metrics_refs)):
-        metrics = read_json(Path(ref["uri"]))
-        verdict = evaluate_gates(gate_stage, stages, gates, metrics, stages_ever=set(stages))
-        rows.append({
-            "point": index, "method": point["prune"]["method"], "pattern": point["prune"]["pattern"],
-            "target_sparsity": point["prune"]["sparsity"], "recover": point["recover"]["method"],
-            "sparsity": _metric(metrics, ("gates", "sparsity")), "ppl_ratio": _metric(metrics, ("gates", "ppl_ratio")),
-            "zeroshot_drop_points": _metric(metrics, ("gates", "zeroshot_drop_points")),
-            "passes_gates": verdict["passed"], "failed_gates": ",".join(verdict["failed"]),
-            "metrics": ref["uri"],
-        })
-
-    create_table_artifact(rows, key="perp-sweep-results", description="perp sweep: every grid point")
-    measured = [row for row in rows if row["sparsity"] is not None and row["ppl_ratio"] is not None]
-    front = pareto_front(measured)
-    front_lines = "\n".join(f"| {r['sparsity']:.3f} | {r['ppl_ratio']:.3f} | {r['method']} | {r['recover']} |"
-                            for r in front)
-    column, direction = OBJECTIVES[objective]
-    eligible = [row for row in rows if (row["passes_gates"] or not filter_by_gates) and row[column] is not None]
-    best = (min if direction == "min" else max)(eligible, key=lambda row: row[column]) if eligible else None
-
-    registered = registered_by_point[best["point"]] if (deployment and best is not None) else None
+    registered = results[best["point"]]["registered"] if best is not None else None
     if best is not None and register_best and not deployment:
-        point = points[best["point"]]
-        params_ref = candidates[best["point"]]
-        registered = tasks.register(point["register"], params_ref, metrics_refs[best["point"]], point,
-                                    lineages[best["point"]] or {})
-    under = f" under the '{gate_stage}' gates" if filter_by_gates else ""
-    choice = (f"best by {objective} ({direction}){under}: point {best['point']} "
-              f"({best['method']} {best['target_sparsity']} + {best['recover']})" if best else
-              f"no point passes the '{gate_stage}' gates" if filter_by_gates else "no point was measured")
-    create_markdown_artifact(
-        f"### Sweep\n\n{choice}\n\n#### Sparsity × quality front\n\n| sparsity | ppl ratio | method | recovery |\n"
-        f"|---|---|---|---|\n{front_lines}\n", key="perp-sweep-summary", description="perp sweep summary")
+        point, result = points[best["point"]], results[best["point"]]
+        registered = tasks.register(point["register"], result["recovered"], result["metrics"], point,
+                                    result["lineage"])
+    choice = plan.choice_line(best, objective, judged_under, filter_by_gates=gate_stage is not None)
+    create_table_artifact(rows, key="perp-sweep-results", description="perp sweep: every grid point")
+    create_markdown_artifact(plan.summary_markdown(choice, front), key="perp-sweep-summary",
+                             description="perp sweep summary")
     print(choice)
     return {"rows": rows, "front": front, "best": best, "registered": registered}
 
@@ -181,7 +109,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--methods", default="wanda")
     parser.add_argument("--sparsities", default="0.5")
     parser.add_argument("--recover", default="norm")
-    parser.add_argument("--objective", default="ppl_ratio", choices=sorted(OBJECTIVES))
+    parser.add_argument("--objective", default="ppl_ratio", choices=sorted(plan.OBJECTIVES))
     parser.add_argument("--gate-stage", default=None, help="only points passing this stage's gates are eligible")
     parser.add_argument("--deployment", default=None)
     parser.add_argument("--workdir", default="runs")
