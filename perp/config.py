@@ -10,10 +10,10 @@ import math
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Callable, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from perp.errors import ConfigError
 
@@ -30,6 +30,35 @@ _LOCAL_TEXT_SUFFIXES = (".txt", ".raw", ".text", ".jsonl", ".json", ".parquet")
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- constraints
+
+
+def _rule(ok: Callable[[Any], bool], message: str) -> AfterValidator:
+    """A field constraint that fails with perp's one-line message, `message` formatted with the rejected value.
+    (pydantic's own `gt`/`lt` would say "Input should be greater than 0" and cannot state a range.)"""
+
+    def check(value: Any) -> Any:
+        if value is not None and not ok(value):
+            raise ValueError(message.format(value))
+        return value
+
+    return AfterValidator(check)
+
+
+def _one_of(allowed: tuple[str, ...], noun: str) -> AfterValidator:
+    return _rule(lambda value: value in allowed, f"unknown {noun} '{{}}' (allowed: {', '.join(allowed)})")
+
+
+# Comparisons are written so that nan fails them.
+PositiveInt = Annotated[int, _rule(lambda v: v > 0, "must be > 0, got {}")]
+PositiveIntOrNull = Optional[Annotated[int, _rule(lambda v: v > 0, "must be > 0 or null, got {}")]]
+PositiveFloat = Annotated[float, _rule(lambda v: v > 0 and math.isfinite(v), "must be a finite number > 0, got {}")]
+NonNegativeFloat = Annotated[float, _rule(lambda v: v >= 0 and math.isfinite(v), "must be a finite number >= 0, got {}")]
+FiniteFloat = Annotated[float, _rule(math.isfinite, "must be a finite number, got {}")]
+Fraction = Annotated[float, _rule(lambda v: 0.0 <= v < 1.0, "must be in [0, 1), got {}")]
+OpenFraction = Annotated[float, _rule(lambda v: 0.0 < v < 1.0, "must be in (0, 1), got {}")]
 
 
 # --------------------------------------------------------------------------------------------- sources
@@ -136,29 +165,15 @@ class TextSourceConfig(_Section):
 
     source: str
     text_field: str = "text"
-    nsamples: int = Field(default=32, description="calibration: number of random windows")
-    seqlen: int = 512
+    nsamples: PositiveInt = Field(default=32, description="calibration: number of random windows")
+    seqlen: PositiveInt = 512
     seed: int = 0
-    max_windows: Optional[int] = Field(default=None, description="evaluation: cap on non-overlapping windows")
+    max_windows: PositiveIntOrNull = Field(default=None, description="evaluation: cap on non-overlapping windows")
 
     @field_validator("source")
     @classmethod
     def _source_exists(cls, value: str) -> str:
         classify_text_source(value)
-        return value
-
-    @field_validator("nsamples", "seqlen")
-    @classmethod
-    def _positive(cls, value: int) -> int:
-        if value <= 0:
-            raise ValueError(f"must be > 0, got {value}")
-        return value
-
-    @field_validator("max_windows")
-    @classmethod
-    def _positive_or_none(cls, value: Optional[int]) -> Optional[int]:
-        if value is not None and value <= 0:
-            raise ValueError(f"must be > 0 or null, got {value}")
         return value
 
 
@@ -168,90 +183,32 @@ class DataConfig(_Section):
 
 
 class PruneConfig(_Section):
-    method: str = "wanda"
-    sparsity: float = 0.5
+    method: Annotated[str, _one_of(PRUNE_METHODS, "method")] = "wanda"
+    sparsity: Fraction = 0.5
     pattern: str = "unstructured"
     granularity: Literal["row", "matrix"] = "row"
     include: list[str] = Field(default_factory=lambda: ["*"])
     exclude: list[str] = Field(default_factory=list)
-    blocksize: int = 128
-    percdamp: float = 0.01
+    blocksize: PositiveInt = 128
+    percdamp: OpenFraction = 0.01
     # How the engine runs (perp.prune.engine.EngineOptions); `perp prune` flags override these.
-    compute_dtype: str = "auto"  # precision of the calibration forwards: auto (the weights') or a lower one
-    batch_size: Optional[int] = None  # windows per micro-batch; None: ~4096 tokens on CPU, ~16384 on CUDA
-    error_tokens: int = 512  # calibration tokens that estimate the reconstruction error (0: none)
-    sequential: str = "layer"  # layer (reference, two passes) | linear (true-sequential, one pass) | auto
-    # OWL (Yin et al., 2024): per-layer sparsity from each layer's share of outlier Wanda scores; 0 = uniform
-    owl_lambda: float = 0.0  # layer sparsities lie within sparsity ± 2λ (± λ when the outlier ratios spread evenly)
-    owl_m: float = 5.0  # an outlier score exceeds owl_m × the layer's mean score
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, value: str) -> str:
-        if value not in PRUNE_METHODS:
-            raise ValueError(f"unknown method '{value}' (allowed: {', '.join(PRUNE_METHODS)})")
-        return value
-
-    @field_validator("sparsity")
-    @classmethod
-    def _sparsity_range(cls, value: float) -> float:
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"must be in [0, 1), got {value}")
-        return value
+    # Precision of the calibration forwards: auto (the weights') or a lower one.
+    compute_dtype: Annotated[str, _one_of(PRUNE_COMPUTE_DTYPES, "dtype")] = "auto"
+    # Windows per micro-batch; None: ~4096 tokens on CPU, ~16384 on CUDA.
+    batch_size: Optional[Annotated[int, _rule(lambda v: v > 0, "must be > 0 or null (automatic), got {}")]] = None
+    # Calibration tokens that estimate the reconstruction error (0: none).
+    error_tokens: Annotated[int, _rule(lambda v: v >= 0, "must be >= 0 (0: no error estimate), got {}")] = 512
+    # layer (reference, two passes) | linear (true-sequential, one pass) | auto
+    sequential: Annotated[str, _one_of(PRUNE_SEQUENTIAL_MODES, "mode")] = "layer"
+    # OWL (Yin et al., 2024): per-layer sparsity from each layer's share of outlier Wanda scores; 0 = uniform.
+    # Layer sparsities lie within sparsity ± 2λ (± λ when the outlier ratios spread evenly).
+    owl_lambda: float = 0.0
+    owl_m: PositiveFloat = 5.0  # an outlier score exceeds owl_m × the layer's mean score
 
     @field_validator("pattern")
     @classmethod
     def _pattern_valid(cls, value: str) -> str:
         parse_pattern(value)
-        return value
-
-    @field_validator("blocksize")
-    @classmethod
-    def _blocksize_positive(cls, value: int) -> int:
-        if value <= 0:
-            raise ValueError(f"must be > 0, got {value}")
-        return value
-
-    @field_validator("percdamp")
-    @classmethod
-    def _percdamp_range(cls, value: float) -> float:
-        if not 0.0 < value < 1.0:
-            raise ValueError(f"must be in (0, 1), got {value}")
-        return value
-
-    @field_validator("compute_dtype")
-    @classmethod
-    def _known_compute_dtype(cls, value: str) -> str:
-        if value not in PRUNE_COMPUTE_DTYPES:
-            raise ValueError(f"unknown dtype '{value}' (allowed: {', '.join(PRUNE_COMPUTE_DTYPES)})")
-        return value
-
-    @field_validator("batch_size")
-    @classmethod
-    def _batch_size_positive(cls, value: Optional[int]) -> Optional[int]:
-        if value is not None and value <= 0:
-            raise ValueError(f"must be > 0 or null (automatic), got {value}")
-        return value
-
-    @field_validator("error_tokens")
-    @classmethod
-    def _error_tokens_non_negative(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError(f"must be >= 0 (0: no error estimate), got {value}")
-        return value
-
-    @field_validator("sequential")
-    @classmethod
-    def _known_sequential(cls, value: str) -> str:
-        if value not in PRUNE_SEQUENTIAL_MODES:
-            raise ValueError(f"unknown mode '{value}' (allowed: {', '.join(PRUNE_SEQUENTIAL_MODES)})")
-        return value
-
-    @field_validator("owl_m")
-    @classmethod
-    def _owl_m_positive(cls, value: float) -> float:
-        if not value > 0:
-            raise ValueError(f"must be > 0, got {value}")
         return value
 
     @model_validator(mode="after")
@@ -300,15 +257,15 @@ def parse_recover_methods(value: str) -> list[str]:
 class RecoverConfig(_Section):
     method: str = "norm"
     mode: Literal["end2end", "layerwise"] = "end2end"
-    steps: int = 20
-    lr: float = 1e-3
-    batch_size: int = 2
-    grad_accum: int = 1
-    seqlen: int = 256
-    rank: int = 16
-    alpha: float = 32.0
-    weight_decay: float = 0.0
-    warmup_fraction: float = 0.1
+    steps: PositiveInt = 20
+    lr: PositiveFloat = 1e-3
+    batch_size: PositiveInt = 2
+    grad_accum: PositiveInt = 1
+    seqlen: PositiveInt = 256
+    rank: Annotated[int, _rule(lambda v: v > 0, "LoRA rank must be > 0, got {}")] = 16
+    alpha: PositiveFloat = 32.0
+    weight_decay: NonNegativeFloat = 0.0
+    warmup_fraction: Fraction = 0.1
     gradient_checkpointing: bool = False
     seed: int = 0
     data: Optional[TextSourceConfig] = None  # None: the calibration source
@@ -319,41 +276,6 @@ class RecoverConfig(_Section):
         parse_recover_methods(value)
         return value
 
-    @field_validator("steps", "batch_size", "grad_accum", "seqlen")
-    @classmethod
-    def _positive_int(cls, value: int) -> int:
-        if value <= 0:
-            raise ValueError(f"must be > 0, got {value}")
-        return value
-
-    @field_validator("rank")
-    @classmethod
-    def _rank_positive(cls, value: int) -> int:
-        if value <= 0:
-            raise ValueError(f"LoRA rank must be > 0, got {value}")
-        return value
-
-    @field_validator("lr", "alpha")
-    @classmethod
-    def _positive_float(cls, value: float) -> float:
-        if not (value > 0 and math.isfinite(value)):  # nan compares false with everything
-            raise ValueError(f"must be a finite number > 0, got {value}")
-        return value
-
-    @field_validator("weight_decay")
-    @classmethod
-    def _non_negative(cls, value: float) -> float:
-        if not value >= 0:
-            raise ValueError(f"must be >= 0, got {value}")
-        return value
-
-    @field_validator("warmup_fraction")
-    @classmethod
-    def _fraction(cls, value: float) -> float:
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"must be in [0, 1), got {value}")
-        return value
-
     @property
     def methods(self) -> list[str]:
         return parse_recover_methods(self.method)
@@ -362,21 +284,14 @@ class RecoverConfig(_Section):
 class ZeroShotConfig(_Section):
     tasks: list[str] = Field(default_factory=list)
     task_data: Optional[str] = None
-    limit: Optional[int] = None
-    batch_size: int = 8
+    limit: Optional[Annotated[int, _rule(lambda v: v > 0, "must be > 0, got {}")]] = None
+    batch_size: PositiveInt = 8
 
     @field_validator("task_data")
     @classmethod
     def _dir_exists(cls, value: Optional[str]) -> Optional[str]:
         if value is not None and not Path(value).expanduser().is_dir():
             raise ValueError(f"'{value}' is not a directory")
-        return value
-
-    @field_validator("limit", "batch_size")
-    @classmethod
-    def _positive(cls, value: Optional[int]) -> Optional[int]:
-        if value is not None and value <= 0:
-            raise ValueError(f"must be > 0, got {value}")
         return value
 
 
@@ -391,7 +306,7 @@ class EvaluateConfig(_Section):
         ]
     )
     zeroshot: ZeroShotConfig = ZeroShotConfig()
-    batch_size: int = 4
+    batch_size: PositiveInt = 4
     # Perplexity with one decoder layer on the device at a time (the weights stay on CPU): for models larger
     # than the device. Same numbers. Zero-shot scoring needs the whole model on the device, so not with this.
     offload: bool = False
@@ -408,9 +323,9 @@ class EvaluateConfig(_Section):
 
 
 class GatesConfig(_Section):
-    max_ppl_ratio: Optional[float] = 1.25
-    max_zeroshot_drop: Optional[float] = 2.0
-    min_sparsity: Optional[float] = None  # None: the pruning target
+    max_ppl_ratio: Optional[PositiveFloat] = 1.25
+    max_zeroshot_drop: Optional[FiniteFloat] = 2.0  # points of mean accuracy; negative: must improve on dense
+    min_sparsity: Optional[Fraction] = None  # None: the pruning target
 
 
 def _in_dvc_temp_workspace(directory: Path) -> bool:

@@ -45,6 +45,17 @@ def test_repo_params_and_defaults_are_valid():
         ("prune.batch_size=lots", "prune.batch_size: "),
         ("prune.error_tokens=-1", "prune.error_tokens: must be >= 0"),
         ("prune.sequential=diagonal", "prune.sequential: unknown mode 'diagonal' (allowed: layer, linear, auto)"),
+        ("prune.percdamp=0", "prune.percdamp: must be in (0, 1), got 0"),
+        ("prune.owl_m=nan", "prune.owl_m: must be a finite number > 0, got nan"),
+        ("recover.weight_decay=nan", "recover.weight_decay: must be a finite number >= 0, got nan"),
+        ("recover.warmup_fraction=1", "recover.warmup_fraction: must be in [0, 1), got 1"),
+        ("evaluate.batch_size=0", "evaluate.batch_size: must be > 0, got 0"),
+        ("evaluate.zeroshot.limit=0", "evaluate.zeroshot.limit: must be > 0, got 0"),
+        ("evaluate.perplexity=[{name: w, source: 'embedded:wiki-eval', max_windows: 0}]",
+         "evaluate.perplexity.0.max_windows: must be > 0 or null, got 0"),
+        ("register.gates.prod.max_ppl_ratio=-1", "register.gates.prod.max_ppl_ratio: must be a finite number > 0"),
+        ("register.gates.prod.max_zeroshot_drop=.nan", "register.gates.prod.max_zeroshot_drop: must be a finite number"),
+        ("register.gates.prod.min_sparsity=1.5", "register.gates.prod.min_sparsity: must be in [0, 1), got 1.5"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(override, message):
