@@ -203,6 +203,66 @@ def packed_name(name: str) -> str:
     return name[: -len(".safetensors")] + PACKED_SUFFIX
 
 
+_Tensor = tuple[str, str, list[int], int, int]  # name, dtype, shape, begin, end (SafetensorsHeader.tensors)
+
+
+def _segments(header: SafetensorsHeader) -> list[tuple[int, int, Optional[_Tensor]]]:
+    """The data section in offset order: each tensor's bytes, and the gaps no tensor covers as raw segments."""
+    cursor = 0
+    segments: list[tuple[int, int, Optional[_Tensor]]] = []
+    for tensor in header.tensors:
+        if tensor[3] > cursor:
+            segments.append((cursor, tensor[3], None))
+        segments.append((tensor[3], tensor[4], tensor))
+        cursor = max(cursor, tensor[4])
+    if cursor < header.data_len:
+        segments.append((cursor, header.data_len, None))
+    return segments
+
+
+class _Parts:
+    """The packed file's payload, written to a scratch file part by part, with each part's label and span."""
+
+    def __init__(self, scratch: BinaryIO) -> None:
+        self.scratch = scratch
+        self.spans: list[tuple[str, int, int]] = []
+        self.offset = 0
+
+    def add(self, label: str, payload: bytes | memoryview) -> str:
+        size = len(payload) if isinstance(payload, bytes) else payload.nbytes
+        self.scratch.write(payload)
+        self.spans.append((label, self.offset, self.offset + size))
+        self.offset += size
+        return label
+
+    def add_plane(self, label: str, plane: np.ndarray) -> list[str]:
+        codec, payload = _encode_plane(plane)
+        return [self.add(label, payload), codec]
+
+
+def _pack_segment(index: int, raw: np.ndarray, tensor: Optional[_Tensor], parts: _Parts,
+                  sparse_min_zero_fraction: float) -> dict[str, Any]:
+    """One segment's description entry (raw, dense or sparse), its payload added to `parts`."""
+    width = DTYPE_WIDTH.get(tensor[1]) if tensor else None
+    entry: dict[str, Any] = {} if tensor is None else {"name": tensor[0]}
+    if width is None or raw.size == 0:
+        return entry | {"kind": "raw", "planes": [parts.add_plane(f"{index}.r", np.ascontiguousarray(raw))]}
+    words = raw.view(f"<u{width}")
+    nonzero = words != 0
+    nnz = int(np.count_nonzero(nonzero))
+    n = words.size
+    if (n - nnz) >= sparse_min_zero_fraction * n and nnz * width + (n + 7) // 8 < n * width:
+        mask = parts.add_plane(f"{index}.m", np.packbits(nonzero, bitorder="little"))
+        entry.update(kind="sparse", width=width, nnz=nnz, mask=mask)
+        values = words[nonzero]
+    else:
+        entry.update(kind="dense", width=width)
+        values = words
+    del nonzero
+    entry["planes"] = [parts.add_plane(f"{index}.p{j}", plane) for j, plane in enumerate(_byte_planes(values, width))]
+    return entry
+
+
 def pack_file(src: str | Path, dst: str | Path, sparse_min_zero_fraction: float = 0.1, *,
               fsync: bool = True) -> dict[str, Any]:
     """Pack one safetensors file. Returns {sha256, size, packed_size, packed_sha256, tensors, sparse_tensors}.
@@ -226,74 +286,24 @@ def pack_file(src: str | Path, dst: str | Path, sparse_min_zero_fraction: float 
     if source_sha is None:  # hash the source as it is read for packing (the header bytes, then every segment)
         source_hash = hashlib.sha256(struct.pack("<Q", len(header.header_bytes)) + header.header_bytes)
         hashed = header.data_start
-    entries: list[dict[str, Any]] = []
-    parts: list[tuple[str, int, int]] = []
-    sparse_count = 0
     dst.parent.mkdir(parents=True, exist_ok=True)
     data = (np.memmap(src, dtype=np.uint8, mode="r", offset=header.data_start, shape=(header.data_len,))
             if header.data_len else np.zeros(0, dtype=np.uint8))
     with tempfile.TemporaryFile(dir=dst.parent) as scratch:
-        offset = 0
-
-        def add_part(label: str, payload: bytes | memoryview) -> str:
-            nonlocal offset
-            size = len(payload) if isinstance(payload, bytes) else payload.nbytes
-            scratch.write(payload)
-            parts.append((label, offset, offset + size))
-            offset += size
-            return label
-
-        # Walk the data section in offset order; bytes no tensor covers are kept as raw gap segments.
-        cursor = 0
-        segments: list[tuple[int, int, Optional[tuple[str, str, list[int], int, int]]]] = []
-        for tensor in header.tensors:
-            if tensor[3] > cursor:
-                segments.append((cursor, tensor[3], None))
-            segments.append((tensor[3], tensor[4], tensor))
-            cursor = max(cursor, tensor[4])
-        if cursor < header.data_len:
-            segments.append((cursor, header.data_len, None))
-
-        for index, (begin, end, tensor) in enumerate(segments):
+        parts = _Parts(scratch)
+        entries = []
+        for index, (begin, end, tensor) in enumerate(_segments(header)):
             raw = data[begin:end]
             if source_hash is not None:
                 source_hash.update(memoryview(raw))
                 hashed += end - begin
-            width = DTYPE_WIDTH.get(tensor[1]) if tensor else None
-            entry: dict[str, Any] = {"begin": begin, "end": end}
-            if tensor is not None:
-                entry["name"] = tensor[0]
-            if width is None or raw.size == 0:
-                codec, payload = _encode_plane(np.ascontiguousarray(raw))
-                entry.update(kind="raw", planes=[[add_part(f"{index}.r", payload), codec]])
-                entries.append(entry)
-                continue
-            words = raw.view(f"<u{width}")
-            nonzero = words != 0
-            nnz = int(np.count_nonzero(nonzero))
-            n = words.size
-            sparse = (n - nnz) >= sparse_min_zero_fraction * n and nnz * width + (n + 7) // 8 < n * width
-            if sparse:
-                sparse_count += 1
-                mask_codec, mask = _encode_plane(np.packbits(nonzero, bitorder="little"))
-                entry.update(kind="sparse", width=width, nnz=nnz, mask=[add_part(f"{index}.m", mask), mask_codec])
-                values = words[nonzero]
-            else:
-                entry.update(kind="dense", width=width)
-                values = words
-            del nonzero
-            planes = []
-            for j, plane in enumerate(_byte_planes(values, width)):
-                codec, payload = _encode_plane(plane)
-                planes.append([add_part(f"{index}.p{j}", payload), codec])
-            entry["planes"] = planes
-            entries.append(entry)
+            entries.append({"begin": begin, "end": end} | _pack_segment(index, raw, tensor, parts,
+                                                                        sparse_min_zero_fraction))
         del data
         if source_hash is not None:
             if hashed != header.file_size:  # the segments tile the data section; this guards that invariant
                 raise SparseFormatError(f"{src}: hashed {hashed} bytes of {header.file_size}")
             source_sha = source_hash.hexdigest()
-
         description = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -306,7 +316,7 @@ def pack_file(src: str | Path, dst: str | Path, sparse_min_zero_fraction: float 
             raise SparseFormatError(f"{src} changed while it was being packed")
         tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
         try:
-            packed_sha = _write_safetensors(tmp, parts, scratch,
+            packed_sha = _write_safetensors(tmp, parts.spans, scratch,
                                             {METADATA_KEY: json.dumps(description, separators=(",", ":"))}, fsync)
             os.replace(tmp, dst)
         finally:
@@ -315,6 +325,7 @@ def pack_file(src: str | Path, dst: str | Path, sparse_min_zero_fraction: float 
         seed_sha256(src, source_sha, before)
     packed_stat = dst.stat()
     seed_sha256(dst, packed_sha, packed_stat)
+    sparse_count = sum(entry["kind"] == "sparse" for entry in entries)
     return {"sha256": source_sha, "size": header.file_size, "packed_size": packed_stat.st_size,
             "packed_sha256": packed_sha, "tensors": len(header.tensors), "sparse_tensors": sparse_count}
 
