@@ -30,7 +30,7 @@ from perp.models.construction import one_model_at_a_time
 from perp.prune.engine import (EngineOptions, EngineResult, LayerReconstruction, default_batch_size,
                                prune_model)
 from perp.prune.masks import MASKS_FILE, save_masks
-from perp.prune.methods import create_method
+from perp.prune.methods import PruneMethod, create_method
 from perp.prune.patterns import PruneSpec
 from perp.prune.selection import check_calibration, plan_pruning, planned_counts
 from perp.prune.stats import native_bf16
@@ -94,7 +94,6 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
     `reconstruction` (`perp.recover.fused`) retrains each layer right after it is pruned; its report and files
     are written into the same output directory.
     """
-    from perp.data import calibration_set
     from perp.models import load_model
 
     started = time.perf_counter()
@@ -103,31 +102,12 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
     config = with_engine_overrides(config, compute_dtype=compute_dtype, batch_size=batch_size,
                                    error_tokens=error_tokens, sequential=sequential)
     spec = PruneSpec.from_config(config.prune)
-    method = create_method(config.prune.method, spec)
-    if spec.nm is not None and abs(config.prune.sparsity - spec.target_sparsity) > 1e-9:
-        message = (f"prune.sparsity {config.prune.sparsity:g} is ignored: the {spec.pattern} pattern prunes exactly "
-                   f"{spec.target_sparsity:g}")
-        warnings.warn(message, stacklevel=2)
-        method.notes.append(message)
+    method = _create_method(config, spec)
     resolve_compute_dtype(config.prune.compute_dtype)  # an unknown name fails here, before anything loads
 
-    # Everything that can be wrong is checked on a weightless (meta) copy of the model first.
     t0 = time.perf_counter()
-    skeleton, family, tokenizer = model_skeleton(config.model.name, config.model.revision)
-    planned = planned_counts(skeleton, family,
-                             plan_pruning(skeleton, family, config.prune.include, config.prune.exclude, spec), spec)
-    if config.prune.owl_lambda > 0:  # the least sparse layer OWL may choose must still prune in every Linear
-        lowest = replace(spec, sparsity=spec.sparsity - 2 * config.prune.owl_lambda)
-        try:
-            plan_pruning(skeleton, family, config.prune.include, config.prune.exclude, lowest)
-        except ConfigError as error:
-            raise ConfigError(f"prune.owl_lambda: OWL may lower a layer's sparsity to {lowest.sparsity:.3g}, "
-                              f"where {error}; lower owl_lambda") from None
-    if calib is None:
-        calib = calibration_set(config.data.calibration, tokenizer)
-    check_calibration(calib.ids, skeleton, family)
+    family, calib, planned = _preflight(config, spec, calib)
     timings["prepare"] = time.perf_counter() - t0  # validation on a meta model, calibration windows
-    del skeleton
 
     t0 = time.perf_counter()
     loaded = load_model(config.model.name, config.model.device, config.model.dtype, config.model.revision,
@@ -135,22 +115,7 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
     timings["load"] = time.perf_counter() - t0
     model = loaded.model
     plans = plan_pruning(model, family, config.prune.include, config.prune.exclude, spec)
-
-    compute = resolve_compute_dtype(config.prune.compute_dtype, loaded.device, loaded.dtype)
-    if reconstruction is not None:
-        compute = reconstruction.compute_dtype(loaded.device, loaded.dtype)
-        method.notes.append("fused with layer-wise recovery: calibration forwards run in the training's precision "
-                            f"({str(compute or loaded.dtype).removeprefix('torch.')}), not prune.compute_dtype")
-    options = EngineOptions(
-        device=loaded.device,
-        compute_dtype=compute,
-        batch_size=config.prune.batch_size or default_batch_size(calib.seqlen, loaded.device),
-        error_tokens=config.prune.error_tokens,
-        sequential=config.prune.sequential,
-        owl_lambda=config.prune.owl_lambda,
-        owl_m=config.prune.owl_m,
-        reconstruct=reconstruction,
-    )
+    options = _engine_options(config, loaded, calib, method, reconstruction)
     if reconstruction is not None:
         reconstruction.prepare(loaded, calib, sum(1 for plan in plans if plan.groups))
     result = prune_model(model, family, method, plans, calib.ids, options, progress)
@@ -165,9 +130,70 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
                                           loaded.family.decoder_sparsity(model))
         report["reconstruction"] = {key: recovered.get(key) for key in (
             "method", "trainable_params", "ppl_before", "ppl_after", "seconds")} | {"report": RECOVER_REPORT}
+    _write_outputs(out_dir, loaded, result, report, reconstruction, timings, started)
+    return report
+
+
+def _create_method(config: PerpConfig, spec: PruneSpec) -> PruneMethod:
+    """The configured method; an N:M pattern overriding `prune.sparsity` is a warning and a note in the report."""
+    method = create_method(config.prune.method, spec)
+    if spec.nm is not None and abs(config.prune.sparsity - spec.target_sparsity) > 1e-9:
+        message = (f"prune.sparsity {config.prune.sparsity:g} is ignored: the {spec.pattern} pattern prunes exactly "
+                   f"{spec.target_sparsity:g}")
+        warnings.warn(message, stacklevel=3)
+        method.notes.append(message)
+    return method
+
+
+def _preflight(config: PerpConfig, spec: PruneSpec,
+               calib: Optional[TokenSet]) -> tuple[Any, TokenSet, tuple[int, int]]:
+    """Everything that can be wrong, checked on a weightless (meta) copy of the model before the weights load:
+    the architecture, the Linear selection, the pattern against the shapes (also at the lowest sparsity OWL may
+    choose), the calibration windows against the vocabulary. Returns (family, calibration, planned counts)."""
+    from perp.data import calibration_set
+
+    skeleton, family, tokenizer = model_skeleton(config.model.name, config.model.revision)
+    planned = planned_counts(skeleton, family,
+                             plan_pruning(skeleton, family, config.prune.include, config.prune.exclude, spec), spec)
+    if config.prune.owl_lambda > 0:  # the least sparse layer OWL may choose must still prune in every Linear
+        lowest = replace(spec, sparsity=spec.sparsity - 2 * config.prune.owl_lambda)
+        try:
+            plan_pruning(skeleton, family, config.prune.include, config.prune.exclude, lowest)
+        except ConfigError as error:
+            raise ConfigError(f"prune.owl_lambda: OWL may lower a layer's sparsity to {lowest.sparsity:.3g}, "
+                              f"where {error}; lower owl_lambda") from None
+    if calib is None:
+        calib = calibration_set(config.data.calibration, tokenizer)
+    check_calibration(calib.ids, skeleton, family)
+    return family, calib, planned
+
+
+def _engine_options(config: PerpConfig, loaded: Any, calib: TokenSet, method: PruneMethod,
+                    reconstruction: Optional["FusedStep"]) -> EngineOptions:
+    compute = resolve_compute_dtype(config.prune.compute_dtype, loaded.device, loaded.dtype)
+    if reconstruction is not None:
+        compute = reconstruction.compute_dtype(loaded.device, loaded.dtype)
+        method.notes.append("fused with layer-wise recovery: calibration forwards run in the training's precision "
+                            f"({str(compute or loaded.dtype).removeprefix('torch.')}), not prune.compute_dtype")
+    return EngineOptions(
+        device=loaded.device,
+        compute_dtype=compute,
+        batch_size=config.prune.batch_size or default_batch_size(calib.seqlen, loaded.device),
+        error_tokens=config.prune.error_tokens,
+        sequential=config.prune.sequential,
+        owl_lambda=config.prune.owl_lambda,
+        owl_m=config.prune.owl_m,
+        reconstruct=reconstruction,
+    )
+
+
+def _write_outputs(out_dir: Path, loaded: Any, result: EngineResult, report: dict[str, Any],
+                   reconstruction: Optional["FusedStep"], timings: dict[str, float], started: float) -> None:
+    """The checkpoint, tokenizer, masks, the fused recovery's files and the report, staged and renamed into place
+    together (nothing half-written on failure); the report's timings include the save."""
     t0 = time.perf_counter()
     with atomic_directory(out_dir, kind=output_kind_for(reconstruction)) as staging:
-        model.save_pretrained(staging)
+        loaded.model.save_pretrained(staging)
         loaded.tokenizer.save_pretrained(staging)
         save_masks(result.masks, staging / MASKS_FILE)
         if reconstruction is not None:
@@ -178,7 +204,6 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
         report["peak_memory_bytes"] = result.peak_device_bytes or _peak_rss_bytes()
         report["peak_rss_bytes"] = _peak_rss_bytes()
         write_json_atomic(staging / REPORT_FILE, report)
-    return report
 
 
 def output_kind_for(reconstruction: Optional["FusedStep"]) -> str:
