@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -33,6 +34,7 @@ from perp.layout import METRICS_FILE
 from perp.registry.events import (
     ModelState,
     RegistryIntegrityError,
+    VersionState,
     append_event,
     canonical,
     event_key,
@@ -171,6 +173,11 @@ def _load_manifest(store: Store, name: str, state: ModelState, version: int) -> 
     return manifest
 
 
+def _held_stages(state: ModelState) -> dict[str, int]:
+    """Each stage that holds a version, and the version it holds."""
+    return {s: state.current(s) for s in sorted(state.stacks) if state.current(s)}
+
+
 def _event_summary(event: dict[str, Any]) -> dict[str, Any]:
     return {"seq": event["seq"], "hash": event["hash"], "when": event["when"], "who": event["who"]}
 
@@ -211,94 +218,155 @@ def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: 
     upload), or one another writer registered while this one uploaded (two identical runs racing each other, a
     retried flow whose first attempt still runs).
     """
-    from perp.io.hashing import cached_sha256
-    from perp.io.cache import scratch_dir
-    from perp.store.sparse_format import pack_file
-
     name = validate_name(name)
     model_dir = Path(model_dir)
+    files = _checkpoint_files(model_dir)
+    described = _described(_metrics_or_file(metrics, model_dir), params, lineage, extra, model_dir)
+    store = _store(store_uri, create=True)
+    _, state = load_state(store, name)  # an altered log refuses registrations before any upload
+    file_records = _file_records(files)
+    wanted = _registration_record(file_records, **described)
+    if reuse and (twin := _matching_version(store, name, state, wanted, _reuse_candidates(state))) is not None:
+        return {**twin, "reused": True}  # nothing uploaded, nothing written
+    recorded = _blobs_of_latest_version(store, name, state)
+    storage = _upload_files(store, files, file_records, recorded, compact)
+    manifest = _manifest(store, name, file_records, storage, described, flow_run_id)
+    manifest_ref = store.put_blob_bytes(canonical(manifest))
+    _require_uploads_present(store, name, storage, manifest_ref.sha256)
+    return _append_registration(store, name, manifest, manifest_ref.sha256, wanted if reuse else None,
+                                seen_head=state.head_seq)
+
+
+def _checkpoint_files(model_dir: Path) -> list[tuple[str, Path]]:
+    """The files of the checkpoint to register (see `_model_files`); refused when there are none."""
     if not model_dir.is_dir():
         raise RegistryError(f"model directory '{model_dir}' does not exist")
     files = _model_files(model_dir)
     if not files:
         raise RegistryError(f"model directory '{model_dir}' holds no files")
+    return files
+
+
+def _metrics_or_file(metrics: Optional[dict], model_dir: Path) -> Any:
+    """`metrics` as given, else the contents of `model_dir/metrics.json` when present (else None)."""
     if metrics is None and (model_dir / METRICS_FILE).is_file():
         try:
-            metrics = json.loads((model_dir / METRICS_FILE).read_text())
+            return json.loads((model_dir / METRICS_FILE).read_text())
         except ValueError:
             raise RegistryError(f"'{model_dir / 'metrics.json'}' is not valid JSON") from None
-    metrics_d, params_d = _dict_or_none(metrics, "metrics"), _dict_or_none(params, "params")
-    _check_metrics_measured_this_model(metrics_d, model_dir)
-    lineage_d, extra_d = _dict_or_none(lineage, "lineage"), _dict_or_none(extra, "extra")
-    store = _store(store_uri, create=True)
-    _, state = load_state(store, name)  # an altered log refuses registrations before any upload
-    file_records = {rel: {"sha256": cached_sha256(path), "size": path.stat().st_size} for rel, path in files}
-    wanted = _registration_record(file_records, metrics_d, params_d, lineage_d, extra_d)
-    if reuse and (twin := _matching_version(store, name, state, wanted, _reuse_candidates(state))) is not None:
-        return {**twin, "reused": True}  # nothing uploaded, nothing written
-    recorded = _blobs_of_latest_version(store, name, state)
+    return metrics
+
+
+def _described(metrics: Any, params: Any, lineage: Any, extra: Any, model_dir: Path) -> dict[str, Optional[dict]]:
+    """What the caller says about the checkpoint (metrics, params, lineage, extra), scrubbed, in manifest order;
+    metrics with gate figures must have been measured on `model_dir`."""
+    described = {"metrics": _dict_or_none(metrics, "metrics"), "params": _dict_or_none(params, "params")}
+    _check_metrics_measured_this_model(described["metrics"], model_dir)
+    return {**described, "lineage": _dict_or_none(lineage, "lineage"), "extra": _dict_or_none(extra, "extra")}
+
+
+def _file_records(files: list[tuple[str, Path]]) -> dict[str, dict[str, Any]]:
+    """Every file's sha256 and size, by relative path: the manifest's `files`."""
+    from perp.io.hashing import cached_sha256
+
+    return {rel: {"sha256": cached_sha256(path), "size": path.stat().st_size} for rel, path in files}
+
+
+def _upload_files(store: Store, files: list[tuple[str, Path]], records: dict[str, dict[str, Any]],
+                  recorded: set[str], compact: bool) -> dict[str, dict[str, Any]]:
+    """Upload every file as a blob, in order (packed when `compact` makes it smaller); returns how each is
+    stored: the manifest's `storage`. `recorded`: the blobs that need no refresh (`_blobs_of_latest_version`)."""
+    from perp.io.cache import scratch_dir
 
     storage: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(dir=scratch_dir("register-"), prefix="register-") as tmp:
         for index, (rel, path) in enumerate(files):
-            digest, size = file_records[rel]["sha256"], file_records[rel]["size"]
+            digest, size = records[rel]["sha256"], records[rel]["size"]
+            entry = None
             if compact and rel.endswith(".safetensors") and size > 0:
                 packed = Path(tmp) / f"{index}.perp-sparse.safetensors"
-                info = pack_file(path, packed, fsync=False)  # a temporary file: uploaded, then removed
-                if info["sha256"] != digest:
-                    raise RegistryError(f"'{path}' changed while it was being registered")
-                if info["packed_size"] < size:
-                    packed_digest = info["packed_sha256"]  # computed while writing it: no second read
-                    ref = store.put_blob(packed, packed_digest, refresh=packed_digest not in recorded)
-                    storage[rel] = {"encoding": ENCODING_SPARSE, "blob": ref.sha256, "size": ref.size}
-                    packed.unlink()
-                    continue
-                packed.unlink()
-            ref = store.put_blob(path, digest, refresh=digest not in recorded)
-            storage[rel] = {"encoding": ENCODING_RAW, "blob": ref.sha256, "size": ref.size}
+                entry = _upload_packed(store, path, packed, digest, size, recorded)
+            storage[rel] = entry or _upload_blob(store, path, digest, ENCODING_RAW, recorded)
+    return storage
 
-    manifest = jsonable({
+
+def _upload_packed(store: Store, path: Path, packed: Path, digest: str, size: int,
+                   recorded: set[str]) -> Optional[dict[str, Any]]:
+    """Pack the safetensors file `path` into the temporary file `packed` and upload that when it is smaller than
+    `size`; returns its storage record, else None (nothing uploaded). `packed` is removed either way."""
+    from perp.store.sparse_format import pack_file
+
+    info = pack_file(path, packed, fsync=False)  # a temporary file: uploaded, then removed
+    if info["sha256"] != digest:
+        raise RegistryError(f"'{path}' changed while it was being registered")
+    entry = None
+    if info["packed_size"] < size:
+        packed_digest = info["packed_sha256"]  # computed while writing it: no second read
+        entry = _upload_blob(store, packed, packed_digest, ENCODING_SPARSE, recorded)
+    packed.unlink()
+    return entry
+
+
+def _upload_blob(store: Store, source: Path, digest: str, encoding: str, recorded: set[str]) -> dict[str, Any]:
+    """Upload `source` as the blob `digest`; returns its storage record. A re-used blob is refreshed (so gc
+    sees it young) unless it is in `recorded` (see `_blobs_of_latest_version`)."""
+    ref = store.put_blob(source, digest, refresh=digest not in recorded)
+    return {"encoding": encoding, "blob": ref.sha256, "size": ref.size}
+
+
+def _manifest(store: Store, name: str, files: dict[str, dict[str, Any]], storage: dict[str, dict[str, Any]],
+              described: dict[str, Optional[dict]], flow_run_id: Optional[str]) -> dict[str, Any]:
+    """The manifest of a registration: its files, how they are stored, what the caller said, the provenance."""
+    return jsonable({
         "schema": MANIFEST_SCHEMA,
         "name": name,
-        "files": file_records,
+        "files": files,
         "storage": storage,
-        "bytes": sum(r["size"] for r in file_records.values()),
+        "bytes": sum(r["size"] for r in files.values()),
         "stored_bytes": sum(r["size"] for r in storage.values()),
-        "metrics": metrics_d,
-        "params": params_d,
-        "lineage": lineage_d,
-        "extra": extra_d,
+        **described,
         "code": code_version(),
         "dvc_outs": dvc_outs(),
         "prefect_flow_run_id": prefect_flow_run_id(flow_run_id),
         "who": who(store.principal()),
         "when": utc_now(),
     })
-    manifest_ref = store.put_blob_bytes(canonical(manifest))
+
+
+def _require_uploads_present(store: Store, name: str, storage: dict[str, dict[str, Any]],
+                             manifest_sha256: str) -> None:
+    """Refuse the registration when a blob it uploaded or re-used is gone from the store."""
     # A concurrent `gc` may have collected a re-used blob between its upload check and now: look again just
     # before the version becomes visible, so a version never names a missing blob.
     missing = [entry["blob"] for entry in storage.values() if store.head(blob_key(entry["blob"])) is None]
-    if missing or store.head(blob_key(manifest_ref.sha256)) is None:
+    if missing or store.head(blob_key(manifest_sha256)) is None:
         raise RegistryError(f"{len(missing) or 1} blob(s) of '{name}' vanished while registering (a concurrent "
                             "`perp registry gc`?); nothing was registered; register again")
 
-    seen_head = state.head_seq
+
+def _append_registration(store: Store, name: str, manifest: dict[str, Any], manifest_sha256: str,
+                         wanted: Optional[dict[str, Any]], *, seen_head: int) -> dict[str, Any]:
+    """Append the register event that makes the version visible; returns the registration's result.
+
+    With `wanted` (a reusing registration), a matching version another writer registered after event
+    `seen_head` is returned instead and nothing is written.
+    """
 
     def build(current: ModelState) -> dict[str, Any]:
-        if reuse:
+        if wanted is not None:
             raced = [v for v in _reuse_candidates(current) if current.versions[v].seq > seen_head]
             if (twin := _matching_version(store, name, current, wanted, raced)) is not None:
                 raise _AlreadyRegistered(twin)
-        return {"type": "register", "version": current.next_version, "manifest_sha256": manifest_ref.sha256,
-                "files": len(file_records), "bytes": manifest["bytes"], "stored_bytes": manifest["stored_bytes"]}
+        return {"type": "register", "version": current.next_version, "manifest_sha256": manifest_sha256,
+                "files": len(manifest["files"]), "bytes": manifest["bytes"], "stored_bytes": manifest["stored_bytes"]}
 
     try:
         event, _ = append_event(store, name, build)
     except _AlreadyRegistered as raced:
         return {**raced.manifest, "reused": True}
-    result = {**manifest, "version": event["version"], "manifest_sha256": manifest_ref.sha256,
+    result = {**manifest, "version": event["version"], "manifest_sha256": manifest_sha256,
               "event": _event_summary(event)}
-    return {**result, "reused": False} if reuse else result
+    return {**result, "reused": False} if wanted is not None else result
 
 
 class _AlreadyRegistered(Exception):
@@ -341,8 +409,6 @@ def find_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: Opti
     `register_version` would record for these arguments (`metrics` as given, no metrics.json default). Nothing
     is written; an absent store or model is None. Returns the version's manifest + version, like `show`.
     """
-    from perp.io.hashing import cached_sha256
-
     name = validate_name(name)
     store = store_uri if isinstance(store_uri, Store) else open_store(store_uri)
     if not store.exists():
@@ -352,7 +418,7 @@ def find_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: Opti
     if not candidates:
         return None
     model_dir = Path(model_dir)
-    files = {rel: {"sha256": cached_sha256(path), "size": path.stat().st_size} for rel, path in _model_files(model_dir)}
+    files = _file_records(_model_files(model_dir))
     wanted = _registration_record(files, _dict_or_none(metrics, "metrics"), _dict_or_none(params, "params"),
                                   _dict_or_none(lineage, "lineage"), _dict_or_none(extra, "extra"))
     return _matching_version(store, name, state, wanted, candidates)
@@ -599,7 +665,7 @@ def list_models(store_uri: StoreLike) -> list[dict[str, Any]]:
             continue
         active = sorted(v for v, r in state.versions.items() if not r.deregistered)
         models.append({"name": name, "versions": len(active), "latest": active[-1] if active else None,
-                       "stages": {s: state.current(s) for s in sorted(state.stacks) if state.current(s)},
+                       "stages": _held_stages(state),
                        "events": state.head_seq, "updated": events[-1]["when"]})
     return models
 
@@ -615,7 +681,7 @@ def show(store_uri: StoreLike, name: str, version: Union[int, str, None] = None)
         for number, record in sorted(state.versions.items()):
             versions.append({"version": number, "when": record.when, "who": record.who,
                              "stages": state.stages_of(number), "deregistered": record.deregistered})
-        return {"name": name, "stages": {s: state.current(s) for s in sorted(state.stacks) if state.current(s)},
+        return {"name": name, "stages": _held_stages(state),
                 "versions": versions, "events": state.head_seq, "head_hash": state.head_hash}
     selector = validate_version(version) if isinstance(version, int) else parse_ref(f"{name}@{version}")[1]
     if isinstance(selector, int):
@@ -654,61 +720,97 @@ def pull(store_uri: StoreLike, ref: str, out_dir: Union[str, Path]) -> dict[str,
     Every blob is verified on download, every packed file is rebuilt and checked against the manifest's sha256,
     and `out_dir` appears only once everything matched. `out_dir` must be absent, empty, or a previous perp output.
     """
-    from perp.io.atomic import atomic_directory, is_complete
-    from perp.store.sparse_format import unpack_file
+    from perp.io.atomic import atomic_directory
 
     name, selector = parse_ref(ref)
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not is_complete(out_dir))):
-        raise RegistryError(f"'{out_dir}' exists and is not empty; choose another --out (perp replaces only its own "
-                            "complete outputs)")
+    _require_pull_target(out_dir)
     store = _store(store_uri)
-    events, state = load_state(store, name)
-    _require_model(state, store, name)
-    if isinstance(selector, str) and selector != LATEST:
-        _require_untruncated(store, name, state, selector)
-    version = _resolve(state, name, selector)
+    state, version = _pullable_version(store, name, selector)
     manifest = _load_manifest(store, name, state, version)
-    files, storage = manifest.get("files"), manifest.get("storage")
-    if not isinstance(files, dict) or not isinstance(storage, dict):
-        raise RegistryIntegrityError(f"manifest of '{name}' v{version} is malformed")
+    files, storage = _manifest_tables(manifest, name, version)
     with atomic_directory(out_dir, kind="pull") as staging:
         scratch = Path(tempfile.mkdtemp(dir=staging.parent, prefix=f".{out_dir.name}.pull-"))
         try:
             for rel in sorted(files):
-                target = staging / _safe_relpath(rel)
-                entry = storage.get(rel)
-                if not isinstance(entry, dict) or not isinstance(files[rel], dict):
-                    raise RegistryIntegrityError(f"manifest of '{name}' v{version}: '{rel}' has no storage record")
-                try:
-                    if entry["encoding"] == ENCODING_RAW:
-                        if entry["blob"] != files[rel]["sha256"]:
-                            raise RegistryIntegrityError(f"manifest of '{name}' v{version}: '{rel}' is inconsistent")
-                        store.get_blob(entry["blob"], target)
-                    elif entry["encoding"] == ENCODING_SPARSE:
-                        packed = store.get_blob(entry["blob"], scratch / "packed.safetensors")
-                        unpack_file(packed, target, expected_sha256=files[rel]["sha256"])
-                        packed.unlink()
-                    else:
-                        raise RegistryError(f"'{rel}' of '{name}' v{version} uses encoding '{entry['encoding']}', "
-                                            "which this perp cannot read; upgrade perp")
-                except StoreNotFound:
-                    raise RegistryIntegrityError(f"file '{rel}' of '{name}' v{version} "
-                                                 f"({blob_key(entry['blob'])}) is missing from the store") from None
-                except StoreIntegrityError as error:
-                    raise RegistryIntegrityError(f"file '{rel}' of '{name}' v{version}: {error}") from None
-                if target.stat().st_size != files[rel]["size"]:
-                    raise RegistryIntegrityError(f"file '{rel}' of '{name}' v{version} has the wrong size")
+                _download_file(store, f"'{name}' v{version}", rel, files[rel], storage.get(rel), staging, scratch)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        record = {"name": name, "version": version, "ref": ref, "store": scrub_secrets(store.describe()),
-                  "manifest_sha256": state.versions[version].manifest_sha256,
-                  "stages": state.stages_of(version), "head": {"seq": state.head_seq, "hash": state.head_hash},
-                  "pulled": utc_now()}
-        (staging / PULL_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        _write_pull_record(staging, store, ref, state, name, version)
     return {"name": name, "version": version, "ref": ref, "out": str(out_dir), "files": len(files),
             "bytes": manifest["bytes"], "stages": state.stages_of(version),
             "manifest_sha256": state.versions[version].manifest_sha256}
+
+
+def _require_pull_target(out_dir: Path) -> None:
+    """Refuse to pull into anything but an absent or empty directory or a complete perp output."""
+    from perp.io.atomic import is_complete
+
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not is_complete(out_dir))):
+        raise RegistryError(f"'{out_dir}' exists and is not empty; choose another --out (perp replaces only its own "
+                            "complete outputs)")
+
+
+def _pullable_version(store: Store, name: str, selector: Union[int, str]) -> tuple[ModelState, int]:
+    """The model's state and the active version `selector` names, from a log that lost none of its events."""
+    _, state = load_state(store, name)
+    _require_model(state, store, name)
+    if isinstance(selector, str) and selector != LATEST:
+        _require_untruncated(store, name, state, selector)
+    return state, _resolve(state, name, selector)
+
+
+def _manifest_tables(manifest: dict[str, Any], name: str, version: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A manifest's `files` and `storage`, both keyed by relative path."""
+    files, storage = manifest.get("files"), manifest.get("storage")
+    if not isinstance(files, dict) or not isinstance(storage, dict):
+        raise RegistryIntegrityError(f"manifest of '{name}' v{version} is malformed")
+    return files, storage
+
+
+def _download_file(store: Store, where: str, rel: str, record: Any, entry: Any, staging: Path,
+                   scratch: Path) -> None:
+    """Write the file `rel` of the version `where` names into `staging` (`record`: its sha256 and size as
+    registered; `entry`: how it is stored), checked against the record; `scratch` holds a packed download."""
+    target = staging / _safe_relpath(rel)
+    if not isinstance(entry, dict) or not isinstance(record, dict):
+        raise RegistryIntegrityError(f"manifest of {where}: '{rel}' has no storage record")
+    try:
+        _fetch_stored(store, where, rel, record, entry, target, scratch)
+    except StoreNotFound:
+        raise RegistryIntegrityError(f"file '{rel}' of {where} ({blob_key(entry['blob'])}) is missing from the "
+                                     "store") from None
+    except StoreIntegrityError as error:
+        raise RegistryIntegrityError(f"file '{rel}' of {where}: {error}") from None
+    if target.stat().st_size != record["size"]:
+        raise RegistryIntegrityError(f"file '{rel}' of {where} has the wrong size")
+
+
+def _fetch_stored(store: Store, where: str, rel: str, record: dict[str, Any], entry: dict[str, Any], target: Path,
+                  scratch: Path) -> None:
+    """Rebuild the file `rel` at `target` from its blob as `entry` stores it (raw, or packed and unpacked here)."""
+    from perp.store.sparse_format import unpack_file
+
+    if entry["encoding"] == ENCODING_RAW:
+        if entry["blob"] != record["sha256"]:
+            raise RegistryIntegrityError(f"manifest of {where}: '{rel}' is inconsistent")
+        store.get_blob(entry["blob"], target)
+    elif entry["encoding"] == ENCODING_SPARSE:
+        packed = store.get_blob(entry["blob"], scratch / "packed.safetensors")
+        unpack_file(packed, target, expected_sha256=record["sha256"])
+        packed.unlink()
+    else:
+        raise RegistryError(f"'{rel}' of {where} uses encoding '{entry['encoding']}', which this perp cannot read; "
+                            "upgrade perp")
+
+
+def _write_pull_record(staging: Path, store: Store, ref: str, state: ModelState, name: str, version: int) -> None:
+    """Record in the pulled directory which version it holds, from where, and the log head it was read at."""
+    record = {"name": name, "version": version, "ref": ref, "store": scrub_secrets(store.describe()),
+              "manifest_sha256": state.versions[version].manifest_sha256,
+              "stages": state.stages_of(version), "head": {"seq": state.head_seq, "hash": state.head_hash},
+              "pulled": utc_now()}
+    (staging / PULL_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------------------------- verify
@@ -730,115 +832,175 @@ def verify(store_uri: StoreLike, name: Optional[str] = None, deep: bool = True,
     if name is not None:
         validate_name(name)
     names = [name] if name is not None else _model_names(store)
-    problems: list[dict[str, Any]] = []
+    problems = _stray_models(store) if name is None else []
     checked = {"events": 0, "manifests": 0, "blobs": 0, "bytes": 0}
+    checks = _Checks(store, deep, checked)
     models: dict[str, Any] = {}
-    blob_cache: dict[str, Optional[str]] = {}  # sha -> problem message or None
-
-    if name is None:
-        for stray in store.list_children(models_prefix()):
-            if not _is_name(stray):
-                problems.append({"kind": "stray_key", "name": stray, "key": f"models/{stray}",
-                                 "message": f"models/{stray} is not a valid model name"})
-
+    seen_hashes: set[Any] = set()
     for model in names:
-        events, log_problems = scan_log(store, model)
-        if not events and not log_problems and name is not None:
-            raise RegistryError(f"model '{model}' not found in {store.describe()}")
-        for p in log_problems:
-            problems.append({"kind": p.kind, "name": model, "key": p.key, "seq": p.seq, "message": p.message})
-        checked["events"] += len(events)
-        state = ModelState(model)
-        for event in events:
-            try:
-                state.apply(event)
-            except (RegistryIntegrityError, KeyError, TypeError) as error:
-                seq = event.get("seq")
-                message = str(error) if isinstance(error, RegistryIntegrityError) else \
-                    f"event {seq} of '{model}' is malformed ({type(error).__name__}: {error})"
-                problems.append({"kind": "event_invalid", "name": model, "key": event_key(model, seq)
-                                 if isinstance(seq, int) else "", "seq": seq, "message": message})
-
-        for number, record in sorted(state.versions.items()):
-            where = f"'{model}' v{number}"
-            key = blob_key(record.manifest_sha256)
-            try:
-                manifest = json.loads(store.get_blob_bytes(record.manifest_sha256))
-                checked["manifests"] += 1
-            except StoreNotFound:
-                problems.append({"kind": "manifest_missing", "name": model, "version": number, "key": key,
-                                 "message": f"manifest of {where} ({key}) is missing"})
-                continue
-            except (StoreIntegrityError, ValueError):
-                problems.append({"kind": "manifest_altered", "name": model, "version": number, "key": key,
-                                 "message": f"manifest of {where} ({key}) was altered: its content no longer "
-                                            f"matches the sha256 recorded by event {record.seq}"})
-                continue
-            storage = manifest.get("storage") if isinstance(manifest, dict) else None
-            if not isinstance(storage, dict) or not all(isinstance(e, dict) for e in storage.values()):
-                problems.append({"kind": "manifest_invalid", "name": model, "version": number, "key": key,
-                                 "message": f"manifest of {where} ({key}) is malformed"})
-                continue
-            for rel, entry in sorted(storage.items()):
-                digest = entry.get("blob", "")
-                try:
-                    bkey = blob_key(digest)
-                except StoreError:
-                    problems.append({"kind": "manifest_invalid", "name": model, "version": number, "file": rel,
-                                     "key": key, "message": f"manifest of {where} names an invalid blob for '{rel}'"})
-                    continue
-                if digest not in blob_cache:
-                    blob_cache[digest] = _check_blob(store, digest, entry.get("size"), deep, checked)
-                if blob_cache[digest]:
-                    kind = "blob_missing" if "missing" in blob_cache[digest] else "blob_altered"
-                    problems.append({"kind": kind, "name": model, "version": number, "file": rel, "key": bkey,
-                                     "message": f"file '{rel}' of {where} ({bkey}) {blob_cache[digest]}"})
-
-        for stage in sorted(state.stacks):
-            key = pointer_key(model, stage)
-            pointer, _ = read_pointer(store, model, stage)
-            seq, digest = state.stage_events[stage]
-            expected = state.current(stage)
-            if pointer is None:
-                problems.append({"kind": "pointer_missing", "name": model, "key": key, "message":
-                                 f"stage pointer {key} is missing; the log puts version {expected} there "
-                                 f"(event {seq}); the next registry write restores it"})
-            elif isinstance(pointer.get("seq"), int) and _log_lost(store, model, state.head_seq, pointer["seq"]):
-                problems.append({"kind": "log_truncated", "name": model, "key": key,
-                                 "message": _truncation(model, key, pointer["seq"], state.head_seq)})
-            elif isinstance(pointer.get("seq"), int) and pointer["seq"] > state.head_seq:
-                pass  # a write landed after the log was read: the pointer is ahead of this read, not wrong
-            elif ((pointer.get("version"), pointer.get("seq")) == (expected, seq)
-                  and pointer.get("event_hash") != digest):
-                problems.append({"kind": "pointer_altered", "name": model, "key": key,
-                                 "message": f"stage pointer {key} records another hash for event {seq} than the log "
-                                            f"holds: event {seq} ({event_key(model, seq)}) or the pointer was altered"})
-            elif (pointer.get("version"), pointer.get("seq"), pointer.get("event_hash")) != (expected, seq, digest):
-                stale = isinstance(pointer.get("seq"), int) and pointer["seq"] < seq
-                problems.append({"kind": "pointer_stale" if stale else "pointer_altered", "name": model, "key": key,
-                                 "message": f"stage pointer {key} says version {pointer.get('version')} "
-                                            f"(event {pointer.get('seq')}), the log says version {expected} "
-                                            f"(event {seq})" + ("; a writer stopped before moving it, the next "
-                                                                "registry write repairs it" if stale else
-                                                                ": the pointer was altered")})
-        for child in store.list_children(stages_prefix(model)):
-            stage = child[:-len(".json")] if child.endswith(".json") else child
-            if stage not in state.stacks:
-                key = f"{stages_prefix(model)}/{child}"
-                problems.append({"kind": "pointer_altered", "name": model, "key": key,
-                                 "message": f"stage pointer {key} has no event behind it: it was planted"})
+        events, state, model_problems = _verify_model(store, model, name is not None, checks)
+        problems += model_problems
         if events:
             models[model] = {"events": len(events), "head_hash": state.head_hash, "versions": len(state.versions),
-                             "stages": {s: state.current(s) for s in sorted(state.stacks) if state.current(s)},
-                             "_hashes": [e.get("hash") for e in events]}
-    seen_hashes = {h for info in models.values() for h in info.pop("_hashes")}
-    for anchor in anchors or []:
-        if anchor not in seen_hashes:
-            problems.append({"kind": "anchor_missing", "name": name, "key": "", "message":
-                             f"anchored event {anchor} is not in the log: the history was rewritten or truncated"})
+                             "stages": _held_stages(state)}
+            seen_hashes.update(event.get("hash") for event in events)
+    problems += _missing_anchors(name, anchors, seen_hashes)
     problems = [{"seq": None, "version": None, "file": None, **problem} for problem in problems]
     return {"ok": not problems, "store": store.describe(), "deep": deep, "models": models, "checked": checked,
             "problems": problems}
+
+
+@dataclass
+class _Checks:
+    """What one `verify` has checked: the counts it reports, and each blob's result (a blob is checked once,
+    however many versions name it)."""
+
+    store: Store
+    deep: bool
+    counts: dict[str, int]
+    blobs: dict[str, Optional[str]] = field(default_factory=dict)  # sha -> problem message or None
+
+    def blob_problem(self, digest: str, size: Any) -> Optional[str]:
+        if digest not in self.blobs:
+            self.blobs[digest] = _check_blob(self.store, digest, size, self.deep, self.counts)
+        return self.blobs[digest]
+
+
+def _stray_models(store: Store) -> list[dict[str, Any]]:
+    """A problem for every key under models/ that is not a valid model name."""
+    return [{"kind": "stray_key", "name": stray, "key": f"models/{stray}",
+             "message": f"models/{stray} is not a valid model name"}
+            for stray in store.list_children(models_prefix()) if not _is_name(stray)]
+
+
+def _verify_model(store: Store, model: str, named: bool,
+                  checks: _Checks) -> tuple[list[dict[str, Any]], ModelState, list[dict[str, Any]]]:
+    """One model's events, the state they replay to, and its problems: the log, each version's manifest and
+    files, the stage pointers. A model the caller `named` must exist."""
+    events, log_problems = scan_log(store, model)
+    if not events and not log_problems and named:
+        raise RegistryError(f"model '{model}' not found in {store.describe()}")
+    problems = [{"kind": p.kind, "name": model, "key": p.key, "seq": p.seq, "message": p.message}
+                for p in log_problems]
+    checks.counts["events"] += len(events)
+    state, replay_problems = _replay_reporting(model, events)
+    problems += replay_problems
+    for number, record in sorted(state.versions.items()):
+        problems += _verify_version(store, model, number, record, checks)
+    problems += _pointer_problems(store, model, state)
+    return events, state, problems
+
+
+def _replay_reporting(model: str, events: list[dict[str, Any]]) -> tuple[ModelState, list[dict[str, Any]]]:
+    """The state `events` replay to, skipping each event the state forbids or cannot read, and a problem for each."""
+    state = ModelState(model)
+    problems: list[dict[str, Any]] = []
+    for event in events:
+        try:
+            state.apply(event)
+        except (RegistryIntegrityError, KeyError, TypeError) as error:
+            seq = event.get("seq")
+            message = str(error) if isinstance(error, RegistryIntegrityError) else \
+                f"event {seq} of '{model}' is malformed ({type(error).__name__}: {error})"
+            problems.append({"kind": "event_invalid", "name": model, "key": event_key(model, seq)
+                             if isinstance(seq, int) else "", "seq": seq, "message": message})
+    return state, problems
+
+
+def _verify_version(store: Store, model: str, number: int, record: VersionState,
+                    checks: _Checks) -> list[dict[str, Any]]:
+    """The problems of one version: its manifest, then every file the manifest stores."""
+    storage, problems = _manifest_storage(store, model, number, record, checks.counts)
+    if storage is None:
+        return problems
+    where, key = f"'{model}' v{number}", blob_key(record.manifest_sha256)
+    for rel, entry in sorted(storage.items()):
+        digest = entry.get("blob", "")
+        try:
+            bkey = blob_key(digest)
+        except StoreError:
+            problems.append({"kind": "manifest_invalid", "name": model, "version": number, "file": rel,
+                             "key": key, "message": f"manifest of {where} names an invalid blob for '{rel}'"})
+            continue
+        message = checks.blob_problem(digest, entry.get("size"))
+        if message:
+            kind = "blob_missing" if "missing" in message else "blob_altered"
+            problems.append({"kind": kind, "name": model, "version": number, "file": rel, "key": bkey,
+                             "message": f"file '{rel}' of {where} ({bkey}) {message}"})
+    return problems
+
+
+def _manifest_storage(store: Store, model: str, number: int, record: VersionState,
+                      checked: dict[str, int]) -> tuple[Optional[dict[str, Any]], list[dict[str, Any]]]:
+    """A version's manifest's storage record and no problem, or None and the problem that keeps it from being
+    read."""
+    where = f"'{model}' v{number}"
+    key = blob_key(record.manifest_sha256)
+    try:
+        manifest = json.loads(store.get_blob_bytes(record.manifest_sha256))
+        checked["manifests"] += 1
+    except StoreNotFound:
+        return None, [{"kind": "manifest_missing", "name": model, "version": number, "key": key,
+                       "message": f"manifest of {where} ({key}) is missing"}]
+    except (StoreIntegrityError, ValueError):
+        return None, [{"kind": "manifest_altered", "name": model, "version": number, "key": key,
+                       "message": f"manifest of {where} ({key}) was altered: its content no longer "
+                                  f"matches the sha256 recorded by event {record.seq}"}]
+    storage = manifest.get("storage") if isinstance(manifest, dict) else None
+    if not isinstance(storage, dict) or not all(isinstance(e, dict) for e in storage.values()):
+        return None, [{"kind": "manifest_invalid", "name": model, "version": number, "key": key,
+                       "message": f"manifest of {where} ({key}) is malformed"}]
+    return storage, []
+
+
+def _pointer_problems(store: Store, model: str, state: ModelState) -> list[dict[str, Any]]:
+    """The problems of a model's stage pointers: each stage's against the log, then any with no event behind it."""
+    problems = [problem for stage in sorted(state.stacks)
+                if (problem := _pointer_problem(store, model, state, stage)) is not None]
+    for child in store.list_children(stages_prefix(model)):
+        stage = child[:-len(".json")] if child.endswith(".json") else child
+        if stage not in state.stacks:
+            key = f"{stages_prefix(model)}/{child}"
+            problems.append({"kind": "pointer_altered", "name": model, "key": key,
+                             "message": f"stage pointer {key} has no event behind it: it was planted"})
+    return problems
+
+
+def _pointer_problem(store: Store, model: str, state: ModelState, stage: str) -> Optional[dict[str, Any]]:
+    """What is wrong with a stage's pointer, compared with the stage's last event in the log; None if nothing."""
+    key = pointer_key(model, stage)
+    pointer, _ = read_pointer(store, model, stage)
+    seq, digest = state.stage_events[stage]
+    expected = state.current(stage)
+    if pointer is None:
+        return {"kind": "pointer_missing", "name": model, "key": key, "message":
+                f"stage pointer {key} is missing; the log puts version {expected} there "
+                f"(event {seq}); the next registry write restores it"}
+    if isinstance(pointer.get("seq"), int) and _log_lost(store, model, state.head_seq, pointer["seq"]):
+        return {"kind": "log_truncated", "name": model, "key": key,
+                "message": _truncation(model, key, pointer["seq"], state.head_seq)}
+    if isinstance(pointer.get("seq"), int) and pointer["seq"] > state.head_seq:
+        return None  # a write landed after the log was read: the pointer is ahead of this read, not wrong
+    if (pointer.get("version"), pointer.get("seq")) == (expected, seq) and pointer.get("event_hash") != digest:
+        return {"kind": "pointer_altered", "name": model, "key": key,
+                "message": f"stage pointer {key} records another hash for event {seq} than the log "
+                           f"holds: event {seq} ({event_key(model, seq)}) or the pointer was altered"}
+    if (pointer.get("version"), pointer.get("seq"), pointer.get("event_hash")) != (expected, seq, digest):
+        stale = isinstance(pointer.get("seq"), int) and pointer["seq"] < seq
+        return {"kind": "pointer_stale" if stale else "pointer_altered", "name": model, "key": key,
+                "message": f"stage pointer {key} says version {pointer.get('version')} "
+                           f"(event {pointer.get('seq')}), the log says version {expected} "
+                           f"(event {seq})" + ("; a writer stopped before moving it, the next "
+                                               "registry write repairs it" if stale else
+                                               ": the pointer was altered")}
+    return None
+
+
+def _missing_anchors(name: Optional[str], anchors: Optional[list[str]], seen: set[Any]) -> list[dict[str, Any]]:
+    """A problem for every anchored event hash that is not among the `seen` hashes of the log."""
+    return [{"kind": "anchor_missing", "name": name, "key": "", "message":
+             f"anchored event {anchor} is not in the log: the history was rewritten or truncated"}
+            for anchor in anchors or [] if anchor not in seen]
 
 
 def _check_blob(store: Store, digest: str, size: Any, deep: bool, checked: dict[str, int]) -> Optional[str]:
