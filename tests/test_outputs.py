@@ -139,7 +139,7 @@ def test_recovered_model_carries_its_pruning_plan(pruned_dir, tmp_path):
 
 
 def test_bad_settings_are_refused(tiny_llama_dir, tmp_path):
-    with pytest.raises(ConfigError, match="recover.weight_decay: must be >= 0"):
+    with pytest.raises(ConfigError, match="recover.weight_decay: must be a finite number >= 0"):
         _config(tiny_llama_dir, "recover.weight_decay=-1")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -169,7 +169,7 @@ def test_diverged_recovery_writes_nothing(pruned_dir, tmp_path, monkeypatch):
 
 def test_recovery_that_makes_things_worse_is_kept_with_a_warning(pruned_dir, tmp_path, monkeypatch):
     import perp.recover.run as recover_run
-    from perp.recover.run import RecoveryRegressionWarning
+    from perp.recover.report import RecoveryRegressionWarning
 
     real = recover_run._ppl
 

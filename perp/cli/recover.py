@@ -111,7 +111,7 @@ def _run_fused(config: Any, mode: Optional[str], dense: Optional[str], calib_set
                as_json: bool) -> None:
     from perp.io.atomic import check_output_directory
     from perp.recover.fused import check_fused_request, fused_config, run_fused
-    from perp.recover.run import validate_request
+    from perp.recover.checks import validate_request
 
     if mode == "end2end":
         raise PerpError("perp recover: --fused is layer-wise reconstruction fused with pruning; drop --mode end2end")

@@ -11,7 +11,8 @@ from perp.recover.base import (METHODS, DataRepeatWarning, RecoverError, Recover
                                model_scope)
 from perp.recover.masklora import MaskLoRALinear
 from perp.recover.masks import capture_masks, mask_violations
-from perp.recover.run import ADAPTER_FILE, REPORT_FILE, run_recover, validate_request
+from perp.recover.checks import validate_request
+from perp.recover.run import ADAPTER_FILE, REPORT_FILE, run_recover
 from perp.recover.scalelora import ScaleLoRALinear
 from perp.recover.selection import Attachment, attach
 

@@ -23,13 +23,15 @@ from torch import nn
 from perp.config import PerpConfig
 from perp.data import TokenSet, evaluation_set
 from perp.errors import ConfigError
-from perp.layout import ADAPTER_FILE
+from perp.layout import ADAPTER_FILE, RECOVER_REPORT
 from perp.models.families import count_parameters
 from perp.prune.engine import LayerInputs, capture_layer_inputs
 from perp.recover.base import METHODS, Settings
+from perp.recover.checks import require_biases, settings_for, validate_request
 from perp.recover.data import WindowStream
 from perp.recover.layerwise import BlockData, BlockTrainer, Rows, _autocast_dtype, _layered_ppl
 from perp.recover.memory import PeakMemory
+from perp.recover.report import check_outcome, report_header, training_report
 
 FusedProgress = Callable[[str, int, int, str], None]  # (stage, done, total, status), as `run_recover`'s
 
@@ -39,7 +41,6 @@ class FusedReconstruction:
     the engine: `prepare` once the model is loaded, `finish` once every layer is done, `write` into the output."""
 
     def __init__(self, config: PerpConfig, progress: Optional[FusedProgress] = None) -> None:
-        from perp.recover.run import settings_for
 
         self.config = config
         self.methods = config.recover.methods
@@ -70,7 +71,6 @@ class FusedReconstruction:
 
     def prepare(self, loaded: Any, calib: TokenSet, blocks: int) -> None:
         """Dense perplexity (the 'before'), the blocks' call arguments for one window, the training plan."""
-        from perp.recover.run import require_biases
 
         rc = self.config.recover
         model, family, device = loaded.model, loaded.family, loaded.device
@@ -101,7 +101,6 @@ class FusedReconstruction:
         self.trainer.train(index, layer, data, dense_outputs)
 
     def finish(self, peak_memory_bytes: int, sparsity: dict[str, Any]) -> dict[str, Any]:
-        from perp.recover.run import _common_report, check_outcome, report_header
 
         loaded, config, trainer = self.loaded, self.config, self.trainer
         seconds = trainer.seconds  # the blocks' training; the whole job's phases are in prune_report's timings
@@ -109,7 +108,7 @@ class FusedReconstruction:
         ppl_after = _layered_ppl(model, family, self.eval_set, config.evaluate.batch_size, loaded.device,
                                  self.progress, "ppl_after")
         meter = PeakMemory(loaded.device)  # kind only: the peak is the whole fused job's, from the engine
-        common = _common_report(trainer.trainable, self.total_params, trainer.loss_curve, self.ppl_before,
+        common = training_report(trainer.trainable, self.total_params, trainer.loss_curve, self.ppl_before,
                                 ppl_after, seconds, trainer.tokens_per_block, meter, peak_memory_bytes, self.calib,
                                 config, self.plan)
         common["data"] = {**self.calib.describe(), "text_field": config.data.calibration.text_field, **self.plan,
@@ -133,8 +132,6 @@ class FusedReconstruction:
         return self.report
 
     def write(self, staging: Path) -> None:
-        from perp.recover.run import ADAPTER_FILE, REPORT_FILE
-
         rc = self.config.recover
         if self.adapter:
             from safetensors.torch import save_file
@@ -142,7 +139,7 @@ class FusedReconstruction:
             save_file(self.adapter, str(staging / ADAPTER_FILE),
                       metadata={"method": rc.method, "mode": "layerwise-fused", "rank": str(rc.rank),
                                 "alpha": str(rc.alpha)})
-        (staging / REPORT_FILE).write_text(json.dumps(self.report, indent=2, sort_keys=True, default=str) + "\n")
+        (staging / RECOVER_REPORT).write_text(json.dumps(self.report, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def check_fused_request(config: PerpConfig) -> None:
@@ -168,7 +165,6 @@ def run_fused(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
     """Prune `config.model.name` with `config.prune` and reconstruct each block right after it is pruned with
     `config.recover` (layer-wise); write one output directory atomically. Returns {"prune": ..., "recover": ...}."""
     from perp.prune.run import run_prune
-    from perp.recover.run import validate_request
 
     config = fused_config(config)
     validate_request(config, config.model.name, config.model.name)

@@ -30,11 +30,13 @@ from perp.evaluate.layered import layered_perplexity
 from perp.models import load_model
 from perp.models.families import count_parameters
 from perp.models.placement import visiting
-from perp.recover.base import RecoverError, Settings, block_scope
 from perp.prune.engine import LayerInputs, capture_layer_inputs, propagate, run_layer
+from perp.recover.base import RecoverError, Settings, block_scope
+from perp.recover.checks import check_windows_fit, require_biases
 from perp.recover.data import WindowStream, training_windows
 from perp.recover.masks import capture_masks, check_source_masks, mask_violations, require_pruned
 from perp.recover.memory import PeakMemory
+from perp.recover.report import emit, training_report
 from perp.recover.selection import attach, autocast_context, require_trainable
 from perp.recover.train import optimize
 from perp.runtime import reuse_freed_memory
@@ -230,11 +232,9 @@ def block_mse(layer: nn.Module, data: BlockData, targets: Union[Rows, torch.Tens
 def _layered_ppl(net: nn.Module, family, eval_set, batch_size: int, device: torch.device, progress,
                  stage: str) -> dict[str, Any]:
     """Perplexity with one block on the device at a time, like the training: the model never has to fit."""
-    from perp.recover.run import _emit
-
-    _emit(progress, stage, 0, family.num_layers(net))
+    emit(progress, stage, 0, family.num_layers(net))
     result = layered_perplexity(net, family, eval_set, device, batch_size,
-                                progress=lambda done, total: _emit(progress, stage, done, total))
+                                progress=lambda done, total: emit(progress, stage, done, total))
     return result.as_dict()
 
 
@@ -267,8 +267,6 @@ class BlockTrainer:
     def train(self, index: int, layer: nn.Module, data: BlockData,
               targets: Union[Rows, torch.Tensor, Sequence[torch.Tensor]]) -> None:
         """`targets`: the dense block's outputs on `data`'s windows (`Rows`, micro-batches or one tensor)."""
-        from perp.recover.run import _emit
-
         targets = Rows(targets)
 
         started = time.perf_counter()
@@ -290,7 +288,7 @@ class BlockTrainer:
             return F.mse_loss(out.float(), y.float()), x.shape[0] * x.shape[1]
 
         def on_step(global_step: int, loss: float) -> None:
-            _emit(self.progress, "train", global_step, self.total_steps, f"block {index} mse {loss:.4g}")
+            emit(self.progress, "train", global_step, self.total_steps, f"block {index} mse {loss:.4g}")
 
         result = optimize(attachment, rc, micro_batch_loss, device, self.model_dtype, on_step,
                           self.trained * rc.steps)
@@ -321,8 +319,6 @@ class BlockTrainer:
 
 def run_layerwise(config: PerpConfig, model: str, dense: str, methods: list[str], settings: Settings,
                   preserves: bool, progress) -> dict[str, Any]:
-    from perp.recover.run import _common_report, _emit, check_windows_fit, require_biases
-
     rc = config.recover
     mc = config.model
     loaded = load_model(model, mc.device, mc.dtype, mc.revision, load_to_device=False)
@@ -349,7 +345,7 @@ def run_layerwise(config: PerpConfig, model: str, dense: str, methods: list[str]
     stream.warn_if_repeating(rc.steps * rc.grad_accum)  # once: every block uses the same plan
     trainer = BlockTrainer(config, methods, settings, preserves, family, device, loaded.dtype, stream, progress,
                            n_layers)
-    _emit(progress, "train", 0, trainer.total_steps)
+    emit(progress, "train", 0, trainer.total_steps)
 
     torch.manual_seed(rc.seed)
     meter = PeakMemory(device)
@@ -380,7 +376,7 @@ def run_layerwise(config: PerpConfig, model: str, dense: str, methods: list[str]
 
     ppl_after = _layered_ppl(net, family, eval_set, config.evaluate.batch_size, device, progress, "ppl_after")
     report = {
-        **_common_report(trainer.trainable, total_params, trainer.loss_curve, ppl_before, ppl_after, seconds,
+        **training_report(trainer.trainable, total_params, trainer.loss_curve, ppl_before, ppl_after, seconds,
                          trainer.tokens_per_block, meter, peak, train_set, config, plan),
         **trainer.report(),
         "sparsity_before": sparsity_before,
