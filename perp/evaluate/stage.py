@@ -158,6 +158,11 @@ class _Lineage:
     pruning_file: Optional[str] = None
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def pruning_origin(self) -> str:
+        """The report the pruning record came from; "prune_report" when there is none."""
+        return self.pruning_from or "prune_report"
+
 
 def _read_report(path: Path) -> dict[str, Any]:
     """A JSON object from `path`, else {} (missing, unreadable or not an object)."""
@@ -271,7 +276,7 @@ def _resolve_dense(spec: str, origin: str, lineage: _Lineage, config: PerpConfig
     from perp.config import classify_model_source
     from perp.models.loading import resolve_model_dir
 
-    revision = config.model.revision if spec == config.model.name else None
+    revision = _revision(spec, config)
     if origin in _GIVEN:
         classify_model_source(spec)
         return resolve_model_dir(spec, revision)
@@ -447,13 +452,49 @@ def run_evaluate(config: PerpConfig, model: str, out_path: Path, dense: Optional
     via the config, window lengths against both models' positions, the dense model's identity and architecture,
     zero-shot tasks and their files) is checked before any model is loaded.
     """
-    from perp.config import classify_model_source
-    from perp.evaluate.perplexity import read_model_config
-    from perp.evaluate.zeroshot import validate_zeroshot
-    from perp.models import load_model, resolve_device_dtype
-    from perp.models.loading import model_content_hash, resolve_model_dir
-
     started = time.perf_counter()
+    request = _check_request(config, model, dense, out_path)
+    revision = _revision(model, config)
+    baseline = _locate_dense(config, model, dense, revision, request, log)
+    candidate = _evaluate_candidate(config, model, revision, request, baseline.lineage, progress_factory, log)
+    is_dense = baseline.sha256 == candidate.sha256
+    sparsity = _sparsity_figures(baseline.lineage, candidate, is_dense, config)
+    dense_sets, dense_eval, cached_texts, cached_tasks = _baseline_numbers(
+        config, baseline, candidate, request, is_dense, progress_factory, log)
+    metrics = _compose_metrics(request.texts, candidate, baseline, sparsity, dense_eval)
+    write_json_atomic(request.out_file, metrics)
+    write_plot_series(metrics, request.out_file.parent / PLOTS_DIR)
+    del dense_sets
+    if log:
+        cached = ", ".join(cached_texts + cached_tasks) or "nothing"
+        log(f"wrote {request.out_file} in {time.perf_counter() - started:.1f}s "
+            f"(dense baseline from the cache: {cached})")
+    return metrics
+
+
+def _revision(spec: str, config: PerpConfig) -> Optional[str]:
+    """The configured `model.revision` for `model.name` itself; None for any other model."""
+    return config.model.revision if spec == config.model.name else None
+
+
+@dataclass
+class _Request:
+    """What `run_evaluate` was asked, checked before anything is read: the perplexity texts, the zero-shot plan
+    (None without tasks), the device and dtype the models run in, and the metrics file to write."""
+
+    texts: list[PerplexityTextConfig]
+    zeroshot_plan: Any
+    device: torch.device
+    dtype: torch.dtype
+    out_file: Path
+
+
+def _check_request(config: PerpConfig, model: str, dense: Optional[str], out_path: Path) -> _Request:
+    """The model specs, the zero-shot tasks and their files, that there is something to evaluate, and `out_path`."""
+    from perp.config import classify_model_source
+    from perp.evaluate.zeroshot import validate_zeroshot
+    from perp.models import resolve_device_dtype
+
     classify_model_source(model)
     if dense:
         classify_model_source(dense)
@@ -465,19 +506,36 @@ def run_evaluate(config: PerpConfig, model: str, out_path: Path, dense: Optional
     device, dtype = resolve_device_dtype(config.model.device, config.model.dtype)
     if Path(out_path).is_file() and Path(out_path).suffix != ".json":
         raise OutputError(f"--out '{out_path}' is an existing file without .json: name a .json file or a directory")
-    out_file = metrics_path_for(out_path)
+    return _Request(texts, plan, device, dtype, metrics_path_for(out_path))
 
-    # ---- what the candidate's reports say, and the dense baseline: checked before any weight is read
-    revision = config.model.revision if model == config.model.name else None
+
+@dataclass
+class _Dense:
+    """The dense baseline, chosen and checked before any weight is read: its spec, where that came from
+    (`--dense`, a report, `model.name`), its local directory and content hash; and the candidate's lineage."""
+
+    spec: str
+    origin: str
+    path: Path
+    sha256: str
+    lineage: _Lineage
+
+
+def _locate_dense(config: PerpConfig, model: str, dense: Optional[str], revision: Optional[str],
+                  request: _Request, log: Optional[Log]) -> _Dense:
+    """What the candidate's reports say, and the dense baseline: checked before any weight is read."""
+    from perp.evaluate.perplexity import read_model_config
+    from perp.models.loading import model_content_hash, resolve_model_dir
+
     _, candidate_path = resolve_model_dir(model, revision)
     lineage = _lineage(candidate_path)
     dense_spec, dense_from = _choose_dense(dense, lineage, config)
     _, dense_path = _resolve_dense(dense_spec, dense_from, lineage, config)
     # metrics.json and plots/ never go into (or over) a model directory: registering it would upload them
-    check_output_file(out_file, inputs=[candidate_path, dense_path])
+    check_output_file(request.out_file, inputs=[candidate_path, dense_path])
     candidate_config, dense_config = read_model_config(candidate_path), read_model_config(dense_path)
     _check_same_architecture(candidate_config, dense_config, model, dense_spec, dense_from)
-    _check_windows_fit(texts, candidate_config, dense_config, model, dense_spec)
+    _check_windows_fit(request.texts, candidate_config, dense_config, model, dense_spec)
     dense_sha = model_content_hash(dense_path)
     _check_dense_identity(lineage, dense_spec, dense_from, dense_sha)
     if log:
@@ -485,169 +543,264 @@ def run_evaluate(config: PerpConfig, model: str, out_path: Path, dense: Optional
             log(note)
         if dense_from not in _GIVEN:
             log(f"dense baseline: {dense_spec} (recorded in {lineage.base_file})")
+    return _Dense(dense_spec, dense_from, dense_path, dense_sha, lineage)
 
-    # ---- the evaluated model
+
+@dataclass
+class _Candidate:
+    """The evaluated model: what it is and what it scored, kept once its weights are released."""
+
+    info: dict[str, Any]  # metrics.json's `model` section, less what names the dense baseline
+    sha256: str
+    measured: dict[str, Any]  # the decoder sparsity measured from the weights: sparsity, zeros, total
+    token_sets: dict[str, Any]
+    evaluated: _Evaluation
+    tokenizer_fp: str
+    planned_zeros: Optional[int]
+    planned_from: Optional[str]
+
+
+def _evaluate_candidate(config: PerpConfig, model: str, revision: Optional[str], request: _Request,
+                        lineage: _Lineage, progress_factory: Optional[ProgressFactory],
+                        log: Optional[Log]) -> _Candidate:
+    """Load the evaluated model, score it, count what its pruning plan zeroes, and release it."""
+    from perp.models import load_model
+
     offload = config.evaluate.offload
     loaded = load_model(model, config.model.device, config.model.dtype, revision, load_to_device=not offload)
     model_sha = loaded.content_hash
     measured = loaded.family.decoder_sparsity(loaded.model)
-    token_sets = _token_sets(texts, loaded.tokenizer)
+    token_sets = _token_sets(request.texts, loaded.tokenizer)
     if log:
-        log(f"evaluating {model} ({loaded.family.name}, sparsity {measured['sparsity']:.4f}) on {device}/{dtype}")
-    evaluated = _evaluate_model(loaded, token_sets, config.evaluate.batch_size, plan, zs_cfg,
-                                progress_factory=progress_factory, log=log, offload=offload)
-    model_info = {"source": model, "sha256": model_sha, "path": str(Path(loaded.path).resolve()),
-                  "family": loaded.family.name, "model_type": loaded.model.config.model_type,
-                  "dtype": str(dtype).removeprefix("torch."), "device": str(device),
-                  "decoder_linear_zeros": measured["zeros"], "decoder_linear_weights": measured["total"]}
-    model_tokenizer_fp = tokenizer_fingerprint(loaded.tokenizer)
-    pruning, pruning_from = lineage.pruning, lineage.pruning_from or "prune_report"
-    planned_zeros, planned_from = _planned_zeros(pruning, loaded.model, loaded.family, config, pruning_from)
+        log(f"evaluating {model} ({loaded.family.name}, sparsity {measured['sparsity']:.4f}) "
+            f"on {request.device}/{request.dtype}")
+    evaluated = _evaluate_model(loaded, token_sets, config.evaluate.batch_size, request.zeroshot_plan,
+                                config.evaluate.zeroshot, progress_factory=progress_factory, log=log,
+                                offload=offload)
+    info = _model_info(loaded, model, model_sha, measured, request)
+    tokenizer_fp = tokenizer_fingerprint(loaded.tokenizer)
+    planned_zeros, planned_from = _planned_zeros(lineage.pruning, loaded.model, loaded.family, config,
+                                                 lineage.pruning_origin)
     del loaded
     _release()
+    return _Candidate(info, model_sha, measured, token_sets, evaluated, tokenizer_fp, planned_zeros, planned_from)
 
-    # ---- the dense baseline: from the cache, else computed once and cached
-    is_dense = dense_sha == model_sha
-    target, target_from = _target_sparsity(pruning, is_dense, config, pruning_from)
+
+def _model_info(loaded: Any, model: str, model_sha: str, measured: dict[str, Any],
+                request: _Request) -> dict[str, Any]:
+    """metrics.json's `model` section as far as the evaluated model itself tells it."""
+    return {"source": model, "sha256": model_sha, "path": str(Path(loaded.path).resolve()),
+            "family": loaded.family.name, "model_type": loaded.model.config.model_type,
+            "dtype": str(request.dtype).removeprefix("torch."), "device": str(request.device),
+            "decoder_linear_zeros": measured["zeros"], "decoder_linear_weights": measured["total"]}
+
+
+@dataclass
+class _Sparsity:
+    """The sparsity the candidate is held to: the nominal target, and the plan's exact fraction with its count of
+    zeroed weights, each with where it came from. No plan for the dense model itself."""
+
+    target: Optional[float]
+    target_from: Optional[str]
+    planned: Optional[float]
+    planned_from: Optional[str]
+    planned_zeros: Optional[int]
+
+
+def _sparsity_figures(lineage: _Lineage, candidate: _Candidate, is_dense: bool, config: PerpConfig) -> _Sparsity:
+    """The target and planned sparsity of the candidate, from its pruning record (else the config)."""
+    target, target_from = _target_sparsity(lineage.pruning, is_dense, config, lineage.pruning_origin)
+    if is_dense:
+        return _Sparsity(target, target_from, None, None, None)
+    total = candidate.measured["total"]
     # What the sparsity gate compares the measured sparsity with: the plan's exact count over the same weights.
-    planned = planned_zeros / measured["total"] if planned_zeros is not None and measured["total"] else None
-    if is_dense:
-        planned, planned_from, planned_zeros = None, None, None
-
-    if is_dense:
-        dense_sets = token_sets
-        dense_eval = evaluated
-        for name, result in evaluated.perplexity.items():
-            text = next(t for t in texts if t.name == name)
-            write_baseline("perplexity", _ppl_key(dense_sha, text, result["data_sha256"], dtype, device), result)
-        if evaluated.zeroshot:
-            for task, record in evaluated.zeroshot["tasks"].items():
-                write_baseline("zeroshot", _zeroshot_key(dense_sha, task, record, evaluated.zeroshot, dtype, device),
-                               record)
-        cached_texts, cached_tasks = [], []  # the model is the dense model: its own numbers are the baseline
-    else:
-        dense_sets, dense_eval, cached_texts, cached_tasks = _dense_baseline(
-            config, dense_spec, dense_path, dense_sha, texts, token_sets, model_tokenizer_fp, plan, evaluated,
-            device, dtype, progress_factory, log)
-
-    # ---- compose
-    perplexity_section: dict[str, dict[str, Any]] = {}
-    for text in texts:
-        result = evaluated.perplexity[text.name]
-        dense_result = dense_eval.perplexity[text.name]
-        perplexity_section[text.name] = {
-            "ppl": result["ppl"], "dense_ppl": dense_result["ppl"], "ratio": _ratio(result["ppl"], dense_result["ppl"]),
-            "tokens": result["tokens"], "windows": result["windows"], "seqlen": result["seqlen"],
-            "data_sha256": result["data_sha256"], "source": text.source,
-        }
-    zeroshot_section = None
-    if evaluated.zeroshot is not None:
-        zs, dense_zs = evaluated.zeroshot, dense_eval.zeroshot or {"tasks": {}}
-        tasks_section = {}
-        for task, record in zs["tasks"].items():
-            dense_record = dense_zs["tasks"].get(task, {})
-            tasks_section[task] = {
-                **{k: record.get(k) for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "version",
-                                              "num_fewshot", "samples", "total", "split", "dataset", "data_sha256")},
-                "dense_acc": dense_record.get("acc"), "dense_acc_norm": dense_record.get("acc_norm"),
-                "drop_points": _drop_points(record.get("acc"), dense_record.get("acc")),
-            }
-        from perp.evaluate.zeroshot import mean_acc
-
-        dense_mean = mean_acc({t: {"acc": r["dense_acc"]} for t, r in tasks_section.items() if r["acc"] is not None})
-        zeroshot_section = {
-            "tasks": tasks_section, "mean_acc": zs["mean_acc"], "dense_mean_acc": dense_mean,
-            "drop_points": _drop_points(zs["mean_acc"], dense_mean), "mean_over": zs["mean_over"],
-            "lm_eval_version": zs["lm_eval_version"], "limit": zs["limit"], "num_fewshot": zs["num_fewshot"],
-            "batch_size": zs["batch_size"], "task_data": zs["task_data"],
-        }
-    ratios = [entry["ratio"] for entry in perplexity_section.values() if entry["ratio"] is not None]
-    metrics = {
-        "model": {**model_info, "dense_source": dense_spec, "dense_sha256": dense_sha, "dense_from": dense_from,
-                  "target_sparsity_from": target_from, "planned_sparsity_from": planned_from,
-                  "pruning_record": lineage.pruning_file if lineage.pruning else None},
-        "sparsity": measured["sparsity"],
-        "target_sparsity": target,
-        "planned_sparsity": planned,
-        "planned_pruned_weights": planned_zeros,
-        "perplexity": perplexity_section,
-        "zeroshot": zeroshot_section,
-        "gates": {
-            "ppl_ratio": _worst_ratio(ratios),
-            "zeroshot_drop_points": zeroshot_section["drop_points"] if zeroshot_section else None,
-            "sparsity": measured["sparsity"],
-        },
-    }
-    write_json_atomic(out_file, metrics)
-    write_plot_series(metrics, out_file.parent / PLOTS_DIR)
-    del dense_sets
-    if log:
-        cached = ", ".join(cached_texts + cached_tasks) or "nothing"
-        log(f"wrote {out_file} in {time.perf_counter() - started:.1f}s (dense baseline from the cache: {cached})")
-    return metrics
+    planned = candidate.planned_zeros / total if candidate.planned_zeros is not None and total else None
+    return _Sparsity(target, target_from, planned, candidate.planned_from, candidate.planned_zeros)
 
 
-def _dense_baseline(config: PerpConfig, dense_spec: str, dense_path: Path, dense_sha: str,
-                    texts: list[PerplexityTextConfig], token_sets: dict[str, Any], model_tokenizer_fp: str,
-                    plan: Any, evaluated: _Evaluation, device: torch.device, dtype: torch.dtype,
+# --------------------------------------------------------------------------------------------- the dense baseline
+
+
+def _baseline_numbers(config: PerpConfig, baseline: _Dense, candidate: _Candidate, request: _Request,
+                      is_dense: bool, progress_factory: Optional[ProgressFactory], log: Optional[Log]
+                      ) -> tuple[dict[str, Any], _Evaluation, list[str], list[str]]:
+    """The dense baseline's token sets and numbers, and the texts and tasks that came from the cache: from the
+    cache, else computed once and cached."""
+    if not is_dense:
+        return _dense_baseline(config, baseline, candidate, request, progress_factory, log)
+    _cache_own_numbers(baseline.sha256, candidate.evaluated, request)
+    # the model is the dense model: its own numbers are the baseline
+    return candidate.token_sets, candidate.evaluated, [], []
+
+
+def _cache_own_numbers(dense_sha: str, evaluated: _Evaluation, request: _Request) -> None:
+    """Cache the numbers of the dense model, evaluated as the candidate, as its baseline."""
+    for name, result in evaluated.perplexity.items():
+        text = next(t for t in request.texts if t.name == name)
+        key = _ppl_key(dense_sha, text, result["data_sha256"], request.dtype, request.device)
+        write_baseline("perplexity", key, result)
+    if evaluated.zeroshot:
+        for task, record in evaluated.zeroshot["tasks"].items():
+            key = _zeroshot_key(dense_sha, task, record, evaluated.zeroshot, request.dtype, request.device)
+            write_baseline("zeroshot", key, record)
+
+
+@dataclass
+class _BaselineNumbers:
+    """The dense baseline's numbers found so far, per text and per task, and the cache key of each."""
+
+    perplexity: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ppl_keys: dict[str, dict[str, Any]] = field(default_factory=dict)
+    zeroshot: dict[str, dict[str, Any]] = field(default_factory=dict)
+    zs_keys: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _dense_baseline(config: PerpConfig, baseline: _Dense, candidate: _Candidate, request: _Request,
                     progress_factory: Optional[ProgressFactory], log: Optional[Log]
                     ) -> tuple[dict[str, Any], _Evaluation, list[str], list[str]]:
-    from transformers import AutoTokenizer
+    """The dense model's token sets and numbers, and the texts and tasks the cache held; the dense model is
+    loaded (once) only for what the cache lacks."""
+    dense_sets = _dense_token_sets(baseline.path, request.texts, candidate)
+    numbers = _cached_baseline(baseline.sha256, dense_sets, candidate.evaluated, request)
+    cached_texts, cached_tasks = sorted(numbers.perplexity), sorted(numbers.zeroshot)
+    missing_texts = {t.name for t in request.texts} - set(numbers.perplexity)
+    missing_tasks = [task for task in numbers.zs_keys if task not in numbers.zeroshot]
+    if missing_texts or missing_tasks:
+        if log:
+            log(f"dense baseline {baseline.spec}: computing {', '.join(sorted(missing_texts) + missing_tasks)} "
+                f"(cached: {', '.join(cached_texts + cached_tasks) or 'none'})")
+        _compute_baseline(config, baseline, dense_sets, request, numbers, missing_texts, missing_tasks,
+                          progress_factory, log)
+    elif log:
+        log(f"dense baseline {baseline.spec}: every number from the cache")
+    zeroshot = {"tasks": numbers.zeroshot} if candidate.evaluated.zeroshot is not None else None
+    return dense_sets, _Evaluation(numbers.perplexity, zeroshot), cached_texts, cached_tasks
 
-    from perp.models import load_model
+
+def _dense_token_sets(dense_path: Path, texts: list[PerplexityTextConfig], candidate: _Candidate) -> dict[str, Any]:
+    """The texts as the dense tokenizer reads them: the candidate's own token sets when the tokenizers agree."""
+    from transformers import AutoTokenizer
 
     try:
         dense_tokenizer = AutoTokenizer.from_pretrained(dense_path, local_files_only=True)
     except OSError as error:
         raise EvaluateError(f"cannot load the dense tokenizer from '{dense_path}': {str(error).splitlines()[0]}") from None
-    same_tokens = tokenizer_fingerprint(dense_tokenizer) == model_tokenizer_fp
-    dense_sets = token_sets if same_tokens else _token_sets(texts, dense_tokenizer)
+    same_tokens = tokenizer_fingerprint(dense_tokenizer) == candidate.tokenizer_fp
+    return candidate.token_sets if same_tokens else _token_sets(texts, dense_tokenizer)
 
-    perplexity: dict[str, dict[str, Any]] = {}
-    ppl_keys: dict[str, dict[str, Any]] = {}
-    for text in texts:
-        key = _ppl_key(dense_sha, text, dense_sets[text.name].hash, dtype, device)
-        ppl_keys[text.name] = key
+
+def _cached_baseline(dense_sha: str, dense_sets: dict[str, Any], evaluated: _Evaluation,
+                     request: _Request) -> _BaselineNumbers:
+    """The dense numbers the cache holds for every text and for every task the candidate was scored on."""
+    numbers = _BaselineNumbers()
+    for text in request.texts:
+        key = _ppl_key(dense_sha, text, dense_sets[text.name].hash, request.dtype, request.device)
+        numbers.ppl_keys[text.name] = key
         cached = read_baseline("perplexity", key)
         if cached is not None:
-            perplexity[text.name] = cached
-    zs_tasks: dict[str, dict[str, Any]] = {}
-    zs_keys: dict[str, dict[str, Any]] = {}
+            numbers.perplexity[text.name] = cached
     if evaluated.zeroshot is not None:
         for task, record in evaluated.zeroshot["tasks"].items():
-            key = _zeroshot_key(dense_sha, task, record, evaluated.zeroshot, dtype, device)
-            zs_keys[task] = key
+            key = _zeroshot_key(dense_sha, task, record, evaluated.zeroshot, request.dtype, request.device)
+            numbers.zs_keys[task] = key
             cached = read_baseline("zeroshot", key)
             if cached is not None:
-                zs_tasks[task] = cached
-    cached_texts, cached_tasks = sorted(perplexity), sorted(zs_tasks)
-    missing_texts = {t.name for t in texts} - set(perplexity)
-    missing_tasks = [task for task in zs_keys if task not in zs_tasks]
-    if missing_texts or missing_tasks:
-        if log:
-            log(f"dense baseline {dense_spec}: computing {', '.join(sorted(missing_texts) + missing_tasks)} "
-                f"(cached: {', '.join(cached_texts + cached_tasks) or 'none'})")
-        loaded = load_model(dense_spec, config.model.device, config.model.dtype,
-                            config.model.revision if dense_spec == config.model.name else None,
-                            load_to_device=not config.evaluate.offload)
-        if loaded.content_hash != dense_sha:  # pragma: no cover - the files changed underneath us
-            raise EvaluateError(f"dense model '{dense_spec}' changed while being evaluated")
-        fresh = _evaluate_model(loaded, dense_sets, config.evaluate.batch_size, plan,
-                                config.evaluate.zeroshot, only_texts=missing_texts, only_tasks=missing_tasks,
-                                progress_factory=progress_factory, log=log, offload=config.evaluate.offload)
-        del loaded
-        _release()
-        for name, result in fresh.perplexity.items():
-            write_baseline("perplexity", ppl_keys[name], result)
-            perplexity[name] = result
-        if fresh.zeroshot is not None:
-            for task, record in fresh.zeroshot["tasks"].items():
-                write_baseline("zeroshot", zs_keys[task], record)
-                zs_tasks[task] = record
-    elif log:
-        log(f"dense baseline {dense_spec}: every number from the cache")
-    zeroshot = {"tasks": zs_tasks} if evaluated.zeroshot is not None else None
-    return dense_sets, _Evaluation(perplexity, zeroshot), cached_texts, cached_tasks
+                numbers.zeroshot[task] = cached
+    return numbers
+
+
+def _compute_baseline(config: PerpConfig, baseline: _Dense, dense_sets: dict[str, Any], request: _Request,
+                      numbers: _BaselineNumbers, missing_texts: set[str], missing_tasks: list[str],
+                      progress_factory: Optional[ProgressFactory], log: Optional[Log]) -> None:
+    """Evaluate the dense model on the texts and tasks the cache lacks; cache each number and add it to `numbers`."""
+    from perp.models import load_model
+
+    loaded = load_model(baseline.spec, config.model.device, config.model.dtype, _revision(baseline.spec, config),
+                        load_to_device=not config.evaluate.offload)
+    if loaded.content_hash != baseline.sha256:  # pragma: no cover - the files changed underneath us
+        raise EvaluateError(f"dense model '{baseline.spec}' changed while being evaluated")
+    fresh = _evaluate_model(loaded, dense_sets, config.evaluate.batch_size, request.zeroshot_plan,
+                            config.evaluate.zeroshot, only_texts=missing_texts, only_tasks=missing_tasks,
+                            progress_factory=progress_factory, log=log, offload=config.evaluate.offload)
+    del loaded
+    _release()
+    for name, result in fresh.perplexity.items():
+        write_baseline("perplexity", numbers.ppl_keys[name], result)
+        numbers.perplexity[name] = result
+    if fresh.zeroshot is not None:
+        for task, record in fresh.zeroshot["tasks"].items():
+            write_baseline("zeroshot", numbers.zs_keys[task], record)
+            numbers.zeroshot[task] = record
+
+
+# --------------------------------------------------------------------------------------------- metrics.json
+
+
+def _compose_metrics(texts: list[PerplexityTextConfig], candidate: _Candidate, baseline: _Dense,
+                     sparsity: _Sparsity, dense_eval: _Evaluation) -> dict[str, Any]:
+    """The metrics dict: the candidate's numbers next to the dense baseline's, and the figures the gates read."""
+    perplexity_section = _perplexity_section(texts, candidate.evaluated, dense_eval)
+    zeroshot_section = _zeroshot_section(candidate.evaluated, dense_eval)
+    ratios = [entry["ratio"] for entry in perplexity_section.values() if entry["ratio"] is not None]
+    lineage = baseline.lineage
+    return {
+        "model": {**candidate.info, "dense_source": baseline.spec, "dense_sha256": baseline.sha256,
+                  "dense_from": baseline.origin, "target_sparsity_from": sparsity.target_from,
+                  "planned_sparsity_from": sparsity.planned_from,
+                  "pruning_record": lineage.pruning_file if lineage.pruning else None},
+        "sparsity": candidate.measured["sparsity"],
+        "target_sparsity": sparsity.target,
+        "planned_sparsity": sparsity.planned,
+        "planned_pruned_weights": sparsity.planned_zeros,
+        "perplexity": perplexity_section,
+        "zeroshot": zeroshot_section,
+        "gates": {
+            "ppl_ratio": _worst_ratio(ratios),
+            "zeroshot_drop_points": zeroshot_section["drop_points"] if zeroshot_section else None,
+            "sparsity": candidate.measured["sparsity"],
+        },
+    }
+
+
+def _perplexity_section(texts: list[PerplexityTextConfig], evaluated: _Evaluation,
+                        dense_eval: _Evaluation) -> dict[str, dict[str, Any]]:
+    """metrics.json's `perplexity`: per text, the candidate's and the dense perplexity and their ratio."""
+    section: dict[str, dict[str, Any]] = {}
+    for text in texts:
+        result = evaluated.perplexity[text.name]
+        dense_result = dense_eval.perplexity[text.name]
+        section[text.name] = {
+            "ppl": result["ppl"], "dense_ppl": dense_result["ppl"], "ratio": _ratio(result["ppl"], dense_result["ppl"]),
+            "tokens": result["tokens"], "windows": result["windows"], "seqlen": result["seqlen"],
+            "data_sha256": result["data_sha256"], "source": text.source,
+        }
+    return section
+
+
+def _zeroshot_section(evaluated: _Evaluation, dense_eval: _Evaluation) -> Optional[dict[str, Any]]:
+    """metrics.json's `zeroshot`: per task the candidate's and the dense accuracy and the drop, then the means
+    and the settings; None when no zero-shot task ran."""
+    if evaluated.zeroshot is None:
+        return None
+    from perp.evaluate.zeroshot import mean_acc
+
+    zs, dense_zs = evaluated.zeroshot, dense_eval.zeroshot or {"tasks": {}}
+    tasks_section = {}
+    for task, record in zs["tasks"].items():
+        dense_record = dense_zs["tasks"].get(task, {})
+        tasks_section[task] = {
+            **{k: record.get(k) for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "version",
+                                          "num_fewshot", "samples", "total", "split", "dataset", "data_sha256")},
+            "dense_acc": dense_record.get("acc"), "dense_acc_norm": dense_record.get("acc_norm"),
+            "drop_points": _drop_points(record.get("acc"), dense_record.get("acc")),
+        }
+    dense_mean = mean_acc({t: {"acc": r["dense_acc"]} for t, r in tasks_section.items() if r["acc"] is not None})
+    return {
+        "tasks": tasks_section, "mean_acc": zs["mean_acc"], "dense_mean_acc": dense_mean,
+        "drop_points": _drop_points(zs["mean_acc"], dense_mean), "mean_over": zs["mean_over"],
+        "lm_eval_version": zs["lm_eval_version"], "limit": zs["limit"], "num_fewshot": zs["num_fewshot"],
+        "batch_size": zs["batch_size"], "task_data": zs["task_data"],
+    }
 
 
 # --------------------------------------------------------------------------------------------- plot series

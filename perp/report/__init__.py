@@ -202,133 +202,177 @@ def headline(run: Run, stages: dict[str, StageNumbers]) -> list[str]:
 
 
 def _run_document(run: Run, out: Path, title: str, plots: Path) -> Document:
-    from perp.report import figures
-
+    """One run's report: the headline, then each part its artifacts hold (summary, perplexity, zero-shot, pruning,
+    recovery), then the files it was read from; figures go to `out`, their series to `plots`."""
     doc = Document(title)
     stages = stage_numbers(run)
     sentences = headline(run, stages)
     if sentences:
         doc.add(Paragraph(" ".join(sentences)))
-
-    # ---- summary table
     texts = list(dict.fromkeys(t for numbers in stages.values() for t in numbers.ppl))
-    dense = stages.get("dense")
     if stages:
-        header = ["model", "sparsity"] + [f"ppl {t}" for t in texts] + ["zero-shot mean"]
-        rows = []
-        for stage, numbers in stages.items():
-            row: list[Any] = [stage, _pct(numbers.sparsity)]
-            for text in texts:
-                value = numbers.ppl.get(text)
-                cell = _f(value)
-                if value is not None and dense and stage != "dense" and dense.ppl.get(text):
-                    cell += f" (×{value / dense.ppl[text]:.2f})"
-                row.append(cell)
-            acc = _pct(numbers.mean_acc)
-            if acc and dense and dense.mean_acc is not None and stage != "dense":
-                acc += f" ({(numbers.mean_acc - dense.mean_acc) * 100:+.1f} pts)"
-            row.append(acc)
-            rows.append(row)
-        doc.add(Heading("Summary"), Table(header, rows))
-        gates = (run.final_metrics().data.get("gates") if run.final_metrics() else None) or {}
-        if gates:
-            doc.add(Paragraph("Gate inputs (from `metrics.json`): " + ", ".join(
-                f"{k} = {_f(number(v), 4) if number(v) is not None else '—'}" for k, v in gates.items()), note=True))
-
-    # ---- perplexity
+        _add_summary(doc, run, stages, texts)
     if texts:
-        series = {stage: dict(numbers.ppl) for stage, numbers in stages.items()}
-        image = figures.grouped_bars(out / "perplexity.png", texts, series, title="Perplexity (lower is better)",
-                                     ylabel="perplexity", log_if_spread=True)
-        _write_csv(plots / "perplexity.csv", ["text", "model", "ppl"],
-                   [[t, s, v] for s, values in series.items() for t, v in values.items()])
-        if image:
-            shown = [stage for stage in stages if any(t in stages[stage].ppl for t in texts)]
-            doc.add(Heading("Perplexity: " + ", ".join(shown)), Image(image, "perplexity"))
-            if RECOVERY_TEXT in texts:
-                doc.add(Paragraph(f"`{RECOVERY_TEXT}`: `ppl_before`/`ppl_after` from `recover_report.json`, on the "
-                                  "recovery's own held-out slice.", note=True))
-
-    # ---- zero-shot
+        _add_perplexity(doc, stages, texts, out, plots)
     tasks = list(dict.fromkeys(t for numbers in stages.values() for t in numbers.tasks))
     if tasks:
-        series = {stage: dict(numbers.tasks) for stage, numbers in stages.items() if numbers.tasks}
-        for stage, numbers in stages.items():
-            if stage in series and numbers.mean_acc is not None:
-                series[stage]["mean"] = numbers.mean_acc
-        groups = tasks + (["mean"] if any("mean" in v for v in series.values()) else [])
-        image = figures.grouped_bars(out / "zeroshot.png", groups, series, title="Zero-shot accuracy (acc)",
-                                     ylabel="accuracy (%)", percent=True)
-        _write_csv(plots / "zeroshot.csv", ["task", "model", "acc"],
-                   [[t, s, v] for s, values in series.items() for t, v in values.items()])
-        if image:
-            doc.add(Heading("Zero-shot accuracy per task"), Image(image, "zero-shot accuracy"))
-        final = run.final_metrics()
-        zs = (final.data.get("zeroshot") or {}) if final else {}
-        if zs:
-            doc.add(Paragraph(f"lm-eval {zs.get('lm_eval_version', '?')}, {zs.get('num_fewshot', 0)}-shot, "
-                              f"limit {zs.get('limit') or 'none'}; the mean is over acc.", note=True))
-            rows = []
-            for task, entry in (zs.get("tasks") or {}).items():
-                stderr = number(entry.get("acc_stderr"))
-                acc, dense_acc = number(entry.get("acc")), number(entry.get("dense_acc"))
-                drop = number(entry.get("drop_points"))
-                if drop is None and acc is not None and dense_acc is not None:
-                    drop = (dense_acc - acc) * 100
-                rows.append([task, entry.get("version"), entry.get("samples"), _pct(dense_acc),
-                             (_pct(acc) or "—") + (f" ± {100 * stderr:.1f}" if stderr else ""),
-                             _pct(number(entry.get("acc_norm"))), _f(drop, 1)])
-            doc.add(Table(["task", "version", "samples", "dense acc", "acc", "acc_norm", "drop (pts)"], rows))
-
-    # ---- per-layer
+        _add_zeroshot(doc, run, stages, tasks, out, plots)
     if run.prune is not None:
-        data = run.prune.data
-        layers = data.get("layers") if isinstance(data.get("layers"), dict) else {}
-        target = number(data.get("target_sparsity"))
-        image = figures.layers_figure(out / "layers.png", layers, target) if layers else None
-        if layers:
-            rows = []
-            for name, stats in layers.items():
-                if isinstance(stats, dict):
-                    index, linear = figures.parse_layer_name(name)
-                    rows.append([index, linear, name, number(stats.get("sparsity")), number(stats.get("rel_error"))])
-            _write_csv(plots / "layers.csv", ["layer", "linear", "name", "sparsity", "rel_error"], rows)
-        facts = [f"method: **{run.prune_method() or '?'}**",
-                 f"target sparsity: {_pct(target) or '—'}",
-                 f"achieved sparsity: {_pct(number(data.get('achieved_sparsity')), 2) or '—'}"]
-        if number(data.get("mean_rel_error")) is not None:
-            facts.append(f"mean reconstruction error ‖WX − ŴX‖² / ‖WX‖²: {number(data['mean_rel_error']):.4g}")
-        if image:
-            has_error = any(isinstance(v, dict) and number(v.get("rel_error")) is not None for v in layers.values())
-            title = "per-layer sparsity" + (" and reconstruction error" if has_error else "")
-            doc.add(Heading(f"Pruning: {title}"), Bullets(facts), Image(image, title))
-        else:
-            doc.add(Heading("Pruning"), Bullets(facts))
-
-    # ---- recovery
+        _add_pruning(doc, run, run.prune.data, out, plots)
     if run.recover is not None:
-        data = run.recover.data
-        curve = data.get("loss_curve") if isinstance(data.get("loss_curve"), list) else []
-        image = figures.loss_figure(out / "loss.png", curve) if curve else None
-        if curve:
-            _write_csv(plots / "loss.csv", ["step", "loss"],
-                       [[p[0], p[1]] for p in curve if isinstance(p, (list, tuple)) and len(p) >= 2])
-        facts = [f"method: **{data.get('method', '?')}**" + (f" ({data['mode']})" if data.get("mode") else "")]
-        before, after = ppl_value(data.get("ppl_before")), ppl_value(data.get("ppl_after"))
-        if before is not None and after is not None:
-            facts.append(f"perplexity on its held-out slice: {before:.2f} → {after:.2f}")
-        for key, label in (("trainable_fraction", "trainable fraction"), ("trainable_params", "trainable parameters")):
-            if data.get(key) is not None:
-                value = data[key]
-                facts.append(f"{label}: {_pct(value, 3) if key == 'trainable_fraction' else f'{value:,}'}")
-        doc.add(Heading("Recovery"), Bullets(facts))
-        if image:
-            doc.add(Image(image, "recovery loss curve"))
+        _add_recovery(doc, run.recover.data, out, plots)
     sources = [f"`{a.path}`" for a in (run.prune, run.recover) if a is not None]
     sources += [f"`{a.path}` ({stage})" for stage, a in run.metrics.items()]
     if sources:
         doc.add(Paragraph("Sources: " + ", ".join(sources), note=True))
     return doc
+
+
+def _add_summary(doc: Document, run: Run, stages: dict[str, StageNumbers], texts: list[str]) -> None:
+    """The summary table (per stage: sparsity, perplexity per text and zero-shot mean, each vs dense), and the
+    gate inputs of the run's final metrics."""
+    dense = stages.get("dense")
+    header = ["model", "sparsity"] + [f"ppl {t}" for t in texts] + ["zero-shot mean"]
+    rows = [_summary_row(stage, numbers, texts, dense) for stage, numbers in stages.items()]
+    doc.add(Heading("Summary"), Table(header, rows))
+    gates = (run.final_metrics().data.get("gates") if run.final_metrics() else None) or {}
+    if gates:
+        doc.add(Paragraph("Gate inputs (from `metrics.json`): " + ", ".join(
+            f"{k} = {_f(number(v), 4) if number(v) is not None else '—'}" for k, v in gates.items()), note=True))
+
+
+def _summary_row(stage: str, numbers: StageNumbers, texts: list[str], dense: Optional[StageNumbers]) -> list[Any]:
+    """One stage's summary row; a compressed stage's numbers carry their ratio (or drop) vs dense."""
+    row: list[Any] = [stage, _pct(numbers.sparsity)]
+    for text in texts:
+        value = numbers.ppl.get(text)
+        cell = _f(value)
+        if value is not None and dense and stage != "dense" and dense.ppl.get(text):
+            cell += f" (×{value / dense.ppl[text]:.2f})"
+        row.append(cell)
+    acc = _pct(numbers.mean_acc)
+    if acc and dense and dense.mean_acc is not None and stage != "dense":
+        acc += f" ({(numbers.mean_acc - dense.mean_acc) * 100:+.1f} pts)"
+    row.append(acc)
+    return row
+
+
+def _add_perplexity(doc: Document, stages: dict[str, StageNumbers], texts: list[str], out: Path,
+                    plots: Path) -> None:
+    """Perplexity per text and stage: the bar chart and `plots/perplexity.csv`."""
+    from perp.report import figures
+
+    series = {stage: dict(numbers.ppl) for stage, numbers in stages.items()}
+    image = figures.grouped_bars(out / "perplexity.png", texts, series, title="Perplexity (lower is better)",
+                                 ylabel="perplexity", log_if_spread=True)
+    _write_csv(plots / "perplexity.csv", ["text", "model", "ppl"],
+               [[t, s, v] for s, values in series.items() for t, v in values.items()])
+    if image:
+        shown = [stage for stage in stages if any(t in stages[stage].ppl for t in texts)]
+        doc.add(Heading("Perplexity: " + ", ".join(shown)), Image(image, "perplexity"))
+        if RECOVERY_TEXT in texts:
+            doc.add(Paragraph(f"`{RECOVERY_TEXT}`: `ppl_before`/`ppl_after` from `recover_report.json`, on the "
+                              "recovery's own held-out slice.", note=True))
+
+
+def _add_zeroshot(doc: Document, run: Run, stages: dict[str, StageNumbers], tasks: list[str], out: Path,
+                  plots: Path) -> None:
+    """Zero-shot accuracy per task (and the mean) and stage: the bar chart, `plots/zeroshot.csv`, and the final
+    metrics' settings and per-task table."""
+    from perp.report import figures
+
+    series = {stage: dict(numbers.tasks) for stage, numbers in stages.items() if numbers.tasks}
+    for stage, numbers in stages.items():
+        if stage in series and numbers.mean_acc is not None:
+            series[stage]["mean"] = numbers.mean_acc
+    groups = tasks + (["mean"] if any("mean" in v for v in series.values()) else [])
+    image = figures.grouped_bars(out / "zeroshot.png", groups, series, title="Zero-shot accuracy (acc)",
+                                 ylabel="accuracy (%)", percent=True)
+    _write_csv(plots / "zeroshot.csv", ["task", "model", "acc"],
+               [[t, s, v] for s, values in series.items() for t, v in values.items()])
+    if image:
+        doc.add(Heading("Zero-shot accuracy per task"), Image(image, "zero-shot accuracy"))
+    final = run.final_metrics()
+    zs = (final.data.get("zeroshot") or {}) if final else {}
+    if zs:
+        doc.add(Paragraph(f"lm-eval {zs.get('lm_eval_version', '?')}, {zs.get('num_fewshot', 0)}-shot, "
+                          f"limit {zs.get('limit') or 'none'}; the mean is over acc.", note=True))
+        rows = [_zeroshot_row(task, entry) for task, entry in (zs.get("tasks") or {}).items()]
+        doc.add(Table(["task", "version", "samples", "dense acc", "acc", "acc_norm", "drop (pts)"], rows))
+
+
+def _zeroshot_row(task: str, entry: dict[str, Any]) -> list[Any]:
+    """One task of metrics.json's `zeroshot` as a table row; the drop is recomputed when the file lacks it."""
+    stderr = number(entry.get("acc_stderr"))
+    acc, dense_acc = number(entry.get("acc")), number(entry.get("dense_acc"))
+    drop = number(entry.get("drop_points"))
+    if drop is None and acc is not None and dense_acc is not None:
+        drop = (dense_acc - acc) * 100
+    return [task, entry.get("version"), entry.get("samples"), _pct(dense_acc),
+            (_pct(acc) or "—") + (f" ± {100 * stderr:.1f}" if stderr else ""),
+            _pct(number(entry.get("acc_norm"))), _f(drop, 1)]
+
+
+def _add_pruning(doc: Document, run: Run, data: dict[str, Any], out: Path, plots: Path) -> None:
+    """What the pruning report says: method, target and achieved sparsity, reconstruction error; the per-layer
+    figure and `plots/layers.csv` when it has layers."""
+    from perp.report import figures
+
+    layers = data.get("layers") if isinstance(data.get("layers"), dict) else {}
+    target = number(data.get("target_sparsity"))
+    image = figures.layers_figure(out / "layers.png", layers, target) if layers else None
+    if layers:
+        _write_csv(plots / "layers.csv", ["layer", "linear", "name", "sparsity", "rel_error"], _layer_rows(layers))
+    facts = [f"method: **{run.prune_method() or '?'}**",
+             f"target sparsity: {_pct(target) or '—'}",
+             f"achieved sparsity: {_pct(number(data.get('achieved_sparsity')), 2) or '—'}"]
+    if number(data.get("mean_rel_error")) is not None:
+        facts.append(f"mean reconstruction error ‖WX − ŴX‖² / ‖WX‖²: {number(data['mean_rel_error']):.4g}")
+    if image:
+        has_error = any(isinstance(v, dict) and number(v.get("rel_error")) is not None for v in layers.values())
+        title = "per-layer sparsity" + (" and reconstruction error" if has_error else "")
+        doc.add(Heading(f"Pruning: {title}"), Bullets(facts), Image(image, title))
+    else:
+        doc.add(Heading("Pruning"), Bullets(facts))
+
+
+def _layer_rows(layers: dict[str, Any]) -> list[list[Any]]:
+    """`plots/layers.csv` rows: layer index, Linear, name, sparsity, relative reconstruction error."""
+    from perp.report import figures
+
+    rows = []
+    for name, stats in layers.items():
+        if isinstance(stats, dict):
+            index, linear = figures.parse_layer_name(name)
+            rows.append([index, linear, name, number(stats.get("sparsity")), number(stats.get("rel_error"))])
+    return rows
+
+
+def _add_recovery(doc: Document, data: dict[str, Any], out: Path, plots: Path) -> None:
+    """What the recovery report says, with the loss curve (figure and `plots/loss.csv`) when it has one."""
+    from perp.report import figures
+
+    curve = data.get("loss_curve") if isinstance(data.get("loss_curve"), list) else []
+    image = figures.loss_figure(out / "loss.png", curve) if curve else None
+    if curve:
+        _write_csv(plots / "loss.csv", ["step", "loss"],
+                   [[p[0], p[1]] for p in curve if isinstance(p, (list, tuple)) and len(p) >= 2])
+    doc.add(Heading("Recovery"), Bullets(_recovery_facts(data)))
+    if image:
+        doc.add(Image(image, "recovery loss curve"))
+
+
+def _recovery_facts(data: dict[str, Any]) -> list[str]:
+    """The recovery's method (and mode), perplexity before → after, and trainable share, as bullet points."""
+    facts = [f"method: **{data.get('method', '?')}**" + (f" ({data['mode']})" if data.get("mode") else "")]
+    before, after = ppl_value(data.get("ppl_before")), ppl_value(data.get("ppl_after"))
+    if before is not None and after is not None:
+        facts.append(f"perplexity on its held-out slice: {before:.2f} → {after:.2f}")
+    for key, label in (("trainable_fraction", "trainable fraction"), ("trainable_params", "trainable parameters")):
+        if data.get(key) is not None:
+            value = data[key]
+            facts.append(f"{label}: {_pct(value, 3) if key == 'trainable_fraction' else f'{value:,}'}")
+    return facts
 
 
 # --------------------------------------------------------------------------------------------- sweep

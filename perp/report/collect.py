@@ -156,26 +156,39 @@ def collect(root: Path) -> Collection:
     metrics = _find(root, METRICS, problems)
     prune_by_dir = {p.directory.resolve(): p for p in prunes}
     recover_by_dir = {r.directory.resolve(): r for r in recovers}
+    runs = _pruning_runs(root, prunes, recovers, _link_recoveries(prunes, recovers, prune_by_dir))
+    leftovers = [artifact for artifact in metrics if not _place_metrics(artifact, runs, prune_by_dir, recover_by_dir)]
+    _add_leftover_metrics(root, runs, leftovers)
+    _unique_labels(runs)
+    return Collection(root=root, runs=runs, problems=problems)
 
-    # ---- recoveries → prunings
-    link: dict[int, Optional[Artifact]] = {}
-    for index, recover in enumerate(recovers):
-        source = None
-        for key in ("model", "pruned", "source"):
-            for base in (Path.cwd(), recover.directory):
-                resolved = _resolve(recover.data.get(key), base)
-                if resolved is not None and resolved in prune_by_dir:
-                    source = prune_by_dir[resolved]
-                    break
-            if source is not None:
-                break
-        link[index] = source
+
+def _link_recoveries(prunes: list[Artifact], recovers: list[Artifact],
+                     prune_by_dir: dict[Path, Artifact]) -> dict[int, Optional[Artifact]]:
+    """Recoveries → prunings: the pruning whose directory a recovery names (index of the recovery → pruning, or
+    None); a lone unlinked recovery and a lone unlinked pruning are paired."""
+    link = {index: _recovered_from(recover, prune_by_dir) for index, recover in enumerate(recovers)}
     unlinked_recovers = [i for i, p in link.items() if p is None]
     linked_prunes = {id(p) for p in link.values() if p is not None}
     unlinked_prunes = [p for p in prunes if id(p) not in linked_prunes]
     if len(unlinked_recovers) == 1 and len(unlinked_prunes) == 1:
         link[unlinked_recovers[0]] = unlinked_prunes[0]
+    return link
 
+
+def _recovered_from(recover: Artifact, prune_by_dir: dict[Path, Artifact]) -> Optional[Artifact]:
+    """The pruning whose directory the recovery names (`model`, else `pruned`, else `source`), else None."""
+    for key in ("model", "pruned", "source"):
+        for base in (Path.cwd(), recover.directory):
+            resolved = _resolve(recover.data.get(key), base)
+            if resolved is not None and resolved in prune_by_dir:
+                return prune_by_dir[resolved]
+    return None
+
+
+def _pruning_runs(root: Path, prunes: list[Artifact], recovers: list[Artifact],
+                  link: dict[int, Optional[Artifact]]) -> list[Run]:
+    """One run per recovery (with the pruning it links to), then one per pruning no recovery took."""
     runs: list[Run] = []
     for index, recover in enumerate(recovers):
         prune = link[index]
@@ -184,47 +197,56 @@ def collect(root: Path) -> Collection:
     for prune in prunes:
         if id(prune) not in used_prunes:
             runs.append(Run(label=_label(root, prune.directory), prune=prune))
+    return runs
 
-    # ---- metrics → the stage whose checkpoint they evaluated
-    leftovers: list[Artifact] = []
-    for artifact in metrics:
-        model = artifact.data.get("model") or {}
-        placed = False
-        if isinstance(model, dict) and model.get("sha256") and model.get("sha256") == model.get("dense_sha256"):
-            for run in runs or []:
-                run.metrics.setdefault("dense", artifact)
-            placed = bool(runs)
-        for path in _metrics_model_dir(artifact):
-            if placed:
-                break
-            if path in recover_by_dir:
-                for run in runs:
-                    if run.recover is recover_by_dir[path]:
-                        run.metrics["recovered"] = artifact
-                        placed = True
-            elif path in prune_by_dir:
-                for run in runs:
-                    if run.prune is prune_by_dir[path]:
-                        run.metrics["pruned"] = artifact
-                        placed = True
-        if not placed and isinstance(model, dict) and model.get("sha256"):
-            for run in runs:  # the pruned model as the recovery loaded it
-                if run.recover is not None and run.recover.data.get("model_sha256") == model["sha256"]:
+
+def _evaluated_dense(model: Any) -> bool:
+    """Whether a metrics file's `model` section is the dense model itself (its sha256 is the baseline's)."""
+    return bool(isinstance(model, dict) and model.get("sha256") and model.get("sha256") == model.get("dense_sha256"))
+
+
+def _place_metrics(artifact: Artifact, runs: list[Run], prune_by_dir: dict[Path, Artifact],
+                   recover_by_dir: dict[Path, Artifact]) -> bool:
+    """Metrics → the stage whose checkpoint they evaluated (the dense model's go to every run); False when no run
+    holds that checkpoint."""
+    model = artifact.data.get("model") or {}
+    placed = False
+    if _evaluated_dense(model):
+        for run in runs or []:
+            run.metrics.setdefault("dense", artifact)
+        placed = bool(runs)
+    for path in _metrics_model_dir(artifact):
+        if placed:
+            break
+        if path in recover_by_dir:
+            for run in runs:
+                if run.recover is recover_by_dir[path]:
+                    run.metrics["recovered"] = artifact
+                    placed = True
+        elif path in prune_by_dir:
+            for run in runs:
+                if run.prune is prune_by_dir[path]:
                     run.metrics["pruned"] = artifact
                     placed = True
-        if not placed:
-            leftovers.append(artifact)
+    if not placed and isinstance(model, dict) and model.get("sha256"):
+        for run in runs:  # the pruned model as the recovery loaded it
+            if run.recover is not None and run.recover.data.get("model_sha256") == model["sha256"]:
+                run.metrics["pruned"] = artifact
+                placed = True
+    return placed
+
+
+def _add_leftover_metrics(root: Path, runs: list[Run], leftovers: list[Artifact]) -> None:
+    """Metrics no run holds the checkpoint of: a lone one goes with a lone run's last stage; the others are runs
+    of their own (the dense model's, or an evaluated model's)."""
     if len(runs) == 1 and len(leftovers) == 1:
         run = runs[0]
         stage = "recovered" if run.recover is not None else "pruned"
         if stage not in run.metrics:
             run.metrics[stage] = leftovers.pop()
     for artifact in leftovers:
-        model = artifact.data.get("model") or {}
-        is_dense = isinstance(model, dict) and model.get("sha256") and model.get("sha256") == model.get("dense_sha256")
-        runs.append(Run(label=_label(root, artifact.directory), metrics={"dense" if is_dense else "evaluated": artifact}))
-    _unique_labels(runs)
-    return Collection(root=root, runs=runs, problems=problems)
+        stage = "dense" if _evaluated_dense(artifact.data.get("model") or {}) else "evaluated"
+        runs.append(Run(label=_label(root, artifact.directory), metrics={stage: artifact}))
 
 
 def _run_label(root: Path, prune: Optional[Artifact], recover: Artifact) -> str:
