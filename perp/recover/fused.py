@@ -31,7 +31,7 @@ from perp.recover.checks import require_biases, settings_for, validate_request
 from perp.recover.data import WindowStream
 from perp.recover.layerwise import BlockData, BlockTrainer, Rows, _autocast_dtype, _layered_ppl
 from perp.recover.memory import PeakMemory
-from perp.recover.report import check_outcome, report_header, training_report
+from perp.recover.report import check_outcome, emit, report_header, training_report
 
 FusedProgress = Callable[[str, int, int, str], None]  # (stage, done, total, status), as `run_recover`'s
 
@@ -65,10 +65,6 @@ class FusedReconstruction:
         training and the next layer's inputs are computed alike (None: the weights' dtype)."""
         return _autocast_dtype(device, model_dtype)
 
-    def _emit(self, stage: str, done: int = 0, total: int = 0, status: str = "") -> None:
-        if self.progress is not None:
-            self.progress(stage, done, total, status)
-
     def prepare(self, loaded: Any, calib: TokenSet, blocks: int) -> None:
         """Dense perplexity (the 'before'), the blocks' call arguments for one window, the training plan."""
 
@@ -90,7 +86,7 @@ class FusedReconstruction:
                                     loaded.dtype, stream, self.progress, blocks)
         model.requires_grad_(False)
         torch.manual_seed(rc.seed)
-        self._emit("train", 0, self.trainer.total_steps)
+        emit(self.progress, "train", 0, self.trainer.total_steps)
 
     def __call__(self, index: int, layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tensor]) -> None:
         # The block trains on the engine's own micro-batches, neither copied nor concatenated: windows are
