@@ -290,3 +290,44 @@ def test_a_source_that_changes_while_packed_is_refused(tmp_path, hash_cache, mon
     with pytest.raises(SparseFormatError, match="changed while it was being packed"):
         pack_file(source, tmp_path / "g.packed")
     assert not (tmp_path / "g.packed").exists()
+
+
+@pytest.mark.parametrize("workers", [2, 5])
+def test_threaded_packing_and_unpacking_give_the_same_bytes_as_one_thread(pruned, tmp_path, workers):
+    source = pruned / "model.safetensors"
+    one = pack_file(source, tmp_path / "one" / "m.perp-sparse.safetensors", workers=1)
+    many = pack_file(source, tmp_path / "many" / "m.perp-sparse.safetensors", workers=workers)
+    assert one == many
+    assert sha256_path(tmp_path / "one" / "m.perp-sparse.safetensors") == many["packed_sha256"]
+    unpack_file(tmp_path / "many" / "m.perp-sparse.safetensors", tmp_path / "back.safetensors", workers=workers)
+    assert sha256_path(tmp_path / "back.safetensors") == sha256_path(source)
+
+
+def test_a_corrupt_part_fails_a_threaded_unpack_and_leaves_nothing(pruned, tmp_path):
+    packed = tmp_path / "m.perp-sparse.safetensors"
+    pack_file(pruned / "model.safetensors", packed, workers=3)
+    with safe_open(str(packed), framework="np") as handle:
+        metadata = handle.metadata()
+        parts = {key: handle.get_tensor(key) for key in handle.keys()}
+    description = json.loads(metadata["perp"])
+    sparse = next(entry for entry in description["entries"] if entry["kind"] == "sparse")
+    label = sparse["mask"][0]
+    parts[label] = parts[label][:-1]  # one mask byte short, in a tensor in the middle of the file
+    from safetensors.numpy import save_file as save_numpy
+
+    save_numpy(parts, str(packed), metadata=metadata)
+    with pytest.raises(SparseFormatError, match="expected .* bytes"):
+        unpack_file(packed, tmp_path / "out" / "model.safetensors", workers=3)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_pack_workers_come_from_the_environment(monkeypatch):
+    from perp.store.sparse_format import default_workers
+
+    monkeypatch.setenv("PERP_PACK_WORKERS", "3")
+    assert default_workers() == 3
+    monkeypatch.setenv("PERP_PACK_WORKERS", "0")
+    with pytest.raises(SparseFormatError, match="PERP_PACK_WORKERS must be a whole number >= 1, got '0'"):
+        default_workers()
+    monkeypatch.delenv("PERP_PACK_WORKERS")
+    assert 1 <= default_workers() <= 4
