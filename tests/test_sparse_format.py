@@ -331,3 +331,14 @@ def test_pack_workers_come_from_the_environment(monkeypatch):
         default_workers()
     monkeypatch.delenv("PERP_PACK_WORKERS")
     assert 1 <= default_workers() <= 4
+
+
+def test_a_bad_pack_workers_setting_fails_registration_and_pull_before_any_work(pruned, tmp_path, monkeypatch):
+    from perp.registry import RegistryError, pull, register_version
+
+    monkeypatch.setenv("PERP_PACK_WORKERS", "many")
+    with pytest.raises(RegistryError, match="PERP_PACK_WORKERS must be a whole number"):
+        register_version(str(tmp_path / "store"), "m", pruned)
+    with pytest.raises(RegistryError, match="PERP_PACK_WORKERS must be a whole number"):
+        pull(str(tmp_path / "store"), "m@latest", tmp_path / "out")
+    assert not (tmp_path / "store").exists() and not (tmp_path / "out").exists()

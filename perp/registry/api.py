@@ -220,6 +220,7 @@ def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: 
     """
     name = validate_name(name)
     model_dir = Path(model_dir)
+    _require_pack_workers()
     files = _checkpoint_files(model_dir)
     described = _described(_metrics_or_file(metrics, model_dir), params, lineage, extra, model_dir)
     store = _store(store_uri, create=True)
@@ -235,6 +236,16 @@ def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: 
     _require_uploads_present(store, name, storage, manifest_ref.sha256)
     return _append_registration(store, name, manifest, manifest_ref.sha256, wanted if reuse else None,
                                 seen_head=state.head_seq)
+
+
+def _require_pack_workers() -> None:
+    """A bad PERP_PACK_WORKERS fails before anything is hashed, uploaded or downloaded, not at the first packing."""
+    from perp.store.sparse_format import SparseFormatError, default_workers
+
+    try:
+        default_workers()
+    except SparseFormatError as error:
+        raise RegistryError(str(error)) from None
 
 
 def _checkpoint_files(model_dir: Path) -> list[tuple[str, Path]]:
@@ -723,6 +734,7 @@ def pull(store_uri: StoreLike, ref: str, out_dir: Union[str, Path]) -> dict[str,
     from perp.io.atomic import atomic_directory
 
     name, selector = parse_ref(ref)
+    _require_pack_workers()
     out_dir = Path(out_dir)
     _require_pull_target(out_dir)
     store = _store(store_uri)
