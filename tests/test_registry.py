@@ -1075,3 +1075,72 @@ def test_events_on_s3_record_the_authenticated_principal(store_uri, model_dir):
     expected = "arn:aws:sts::123456789012:user/moto" if store_uri.startswith("s3://") else None
     assert all(author.get("principal") == expected and author["user"] for author in authors)
     assert verify(store_uri)["ok"]
+
+
+def _two_shard_model(model_dir: Path, target: Path) -> Path:
+    """`model_dir` with its weights split over two safetensors shards (a sharded checkpoint's layout)."""
+    from safetensors.torch import load_file, save_file
+
+    target.mkdir()
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    names = sorted(tensors)
+    half = len(names) // 2
+    for index, part in enumerate((names[:half], names[half:])):
+        save_file({name: tensors[name] for name in part}, str(target / f"model-0000{index + 1}-of-00002.safetensors"))
+    return target
+
+
+def test_packing_the_next_shard_overlaps_the_upload_of_the_previous_one(tmp_path, model_dir, monkeypatch):
+    import threading
+    import time
+
+    from perp.registry import api
+    from perp.registry.api import ENCODING_SPARSE
+
+    shards = _two_shard_model(model_dir, tmp_path / "sharded")
+    events: list[tuple[str, str]] = []
+    real_pack, real_put = api._packed_if_smaller, type(open_store(str(tmp_path / "store"))).put_blob
+
+    def pack(path, packed, digest, size):
+        events.append(("pack", path.name))
+        return real_pack(path, packed, digest, size)
+
+    def slow_put(self, path, sha256=None, **kwargs):
+        events.append(("upload-start", threading.current_thread().name))
+        time.sleep(0.5)
+        events.append(("upload-end", Path(path).name))
+        return real_put(self, path, sha256, **kwargs)
+
+    monkeypatch.setattr(api, "_packed_if_smaller", pack)
+    monkeypatch.setattr(type(open_store(str(tmp_path / "store"))), "put_blob", slow_put)
+    manifest = register_version(str(tmp_path / "store"), "sharded", shards)
+    kinds = [kind for kind, _ in events]
+    # the second shard is packed while the first one uploads, on the upload thread
+    assert kinds.index("pack", 1) < kinds.index("upload-end")
+    assert all(name.startswith("perp-upload") for kind, name in events if kind == "upload-start")
+    assert list(manifest["storage"]) == sorted(manifest["files"])  # the manifest lists files in order
+    assert any(entry["encoding"] == ENCODING_SPARSE for entry in manifest["storage"].values())
+    pulled = pull(str(tmp_path / "store"), "sharded@latest", tmp_path / "pulled")
+    assert pulled["files"] == len(manifest["files"])
+    assert tree_sha(tmp_path / "pulled") == tree_sha(shards)
+
+
+def test_a_failed_background_upload_fails_the_registration_and_registers_nothing(tmp_path, model_dir, monkeypatch):
+    monkeypatch.setenv("PERP_CACHE", str(tmp_path / "cache"))  # its own scratch directory, to look into
+    shards = _two_shard_model(model_dir, tmp_path / "sharded")
+    store_class = type(open_store(str(tmp_path / "store")))
+    real_put = store_class.put_blob
+
+    def failing_put(self, path, sha256=None, **kwargs):
+        if Path(path).name.startswith("0."):  # the first shard's packed file
+            raise OSError(5, "Input/output error")
+        return real_put(self, path, sha256, **kwargs)
+
+    monkeypatch.setattr(store_class, "put_blob", failing_put)
+    with pytest.raises(OSError, match="Input/output error"):
+        register_version(str(tmp_path / "store"), "sharded", shards)
+    monkeypatch.setattr(store_class, "put_blob", real_put)
+    assert not (tmp_path / "store").exists() or list_models(str(tmp_path / "store")) == []
+    from perp.io.cache import cache_dir
+
+    assert not [p for p in cache_dir("tmp").glob("register-*") if any(p.iterdir())]  # no packed file left

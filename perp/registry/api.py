@@ -24,7 +24,7 @@ import math
 import shutil
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -285,37 +285,53 @@ def _file_records(files: list[tuple[str, Path]]) -> dict[str, dict[str, Any]]:
 
 def _upload_files(store: Store, files: list[tuple[str, Path]], records: dict[str, dict[str, Any]],
                   recorded: set[str], compact: bool) -> dict[str, dict[str, Any]]:
-    """Upload every file as a blob, in order (packed when `compact` makes it smaller); returns how each is
-    stored: the manifest's `storage`. `recorded`: the blobs that need no refresh (`_blobs_of_latest_version`)."""
+    """Upload every file as a blob (packed when `compact` makes it smaller); returns how each is stored, in file
+    order: the manifest's `storage`. `recorded`: the blobs that need no refresh (`_blobs_of_latest_version`).
+
+    One upload runs in the background while the next file is packed, so packing (CPU) and uploading (network,
+    disk) overlap; at most two packed files exist at a time in the scratch directory.
+    """
     from perp.io.cache import scratch_dir
 
-    storage: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(dir=scratch_dir("register-"), prefix="register-") as tmp:
+    uploads: dict[str, Future] = {}
+    with tempfile.TemporaryDirectory(dir=scratch_dir("register-"), prefix="register-") as tmp, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="perp-upload") as uploader:
+        previous: Optional[Future] = None
         for index, (rel, path) in enumerate(files):
             digest, size = records[rel]["sha256"], records[rel]["size"]
-            entry = None
+            packed = None
             if compact and rel.endswith(".safetensors") and size > 0:
-                packed = Path(tmp) / f"{index}.perp-sparse.safetensors"
-                entry = _upload_packed(store, path, packed, digest, size, recorded)
-            storage[rel] = entry or _upload_blob(store, path, digest, ENCODING_RAW, recorded)
-    return storage
+                packed = _packed_if_smaller(path, Path(tmp) / f"{index}.perp-sparse.safetensors", digest, size)
+            if previous is not None:
+                previous.result()  # one upload in flight: the scratch directory holds at most two packed files
+            if packed is not None:
+                previous = uploader.submit(_upload_and_remove, store, packed[0], packed[1], recorded)
+            else:
+                previous = uploader.submit(_upload_blob, store, path, digest, ENCODING_RAW, recorded)
+            uploads[rel] = previous
+        return {rel: upload.result() for rel, upload in uploads.items()}
 
 
-def _upload_packed(store: Store, path: Path, packed: Path, digest: str, size: int,
-                   recorded: set[str]) -> Optional[dict[str, Any]]:
-    """Pack the safetensors file `path` into the temporary file `packed` and upload that when it is smaller than
-    `size`; returns its storage record, else None (nothing uploaded). `packed` is removed either way."""
+def _packed_if_smaller(path: Path, packed: Path, digest: str, size: int) -> Optional[tuple[Path, str]]:
+    """Pack the safetensors file `path` into the temporary file `packed`; returns (`packed`, its sha256) when it
+    is smaller than `size`, else None (and `packed` is removed)."""
     from perp.store.sparse_format import pack_file
 
     info = pack_file(path, packed, fsync=False)  # a temporary file: uploaded, then removed
     if info["sha256"] != digest:
         raise RegistryError(f"'{path}' changed while it was being registered")
-    entry = None
     if info["packed_size"] < size:
-        packed_digest = info["packed_sha256"]  # computed while writing it: no second read
-        entry = _upload_blob(store, packed, packed_digest, ENCODING_SPARSE, recorded)
+        return packed, info["packed_sha256"]  # computed while writing it: no second read
     packed.unlink()
-    return entry
+    return None
+
+
+def _upload_and_remove(store: Store, packed: Path, digest: str, recorded: set[str]) -> dict[str, Any]:
+    """Upload a packed temporary file as its blob and remove it; returns its storage record."""
+    try:
+        return _upload_blob(store, packed, digest, ENCODING_SPARSE, recorded)
+    finally:
+        packed.unlink(missing_ok=True)
 
 
 def _upload_blob(store: Store, source: Path, digest: str, encoding: str, recorded: set[str]) -> dict[str, Any]:
