@@ -1090,7 +1090,7 @@ def _two_shard_model(model_dir: Path, target: Path) -> Path:
     return target
 
 
-def test_packing_the_next_shard_overlaps_the_upload_of_the_previous_one(tmp_path, model_dir, monkeypatch):
+def test_packing_and_uploading_and_downloading_and_unpacking_overlap_across_shards(tmp_path, model_dir, monkeypatch):
     import threading
     import time
 
@@ -1120,9 +1120,31 @@ def test_packing_the_next_shard_overlaps_the_upload_of_the_previous_one(tmp_path
     assert all(name.startswith("perp-upload") for kind, name in events if kind == "upload-start")
     assert list(manifest["storage"]) == sorted(manifest["files"])  # the manifest lists files in order
     assert any(entry["encoding"] == ENCODING_SPARSE for entry in manifest["storage"].values())
+
+    # pulling mirrors it: the next blob downloads (on its own thread) while the previous shard is unpacked
+    from perp.store import sparse_format
+
+    events.clear()
+    real_get, real_unpack = type(open_store(str(tmp_path / "store"))).get_blob, sparse_format.unpack_file
+
+    def get(self, sha256, dest, **kwargs):
+        events.append(("download", threading.current_thread().name))
+        return real_get(self, sha256, dest, **kwargs)
+
+    def slow_unpack(src, dst, **kwargs):
+        events.append(("unpack-start", Path(dst).name))
+        time.sleep(0.5)
+        events.append(("unpack-end", Path(dst).name))
+        return real_unpack(src, dst, **kwargs)
+
+    monkeypatch.setattr(type(open_store(str(tmp_path / "store"))), "get_blob", get)
+    monkeypatch.setattr(sparse_format, "unpack_file", slow_unpack)
     pulled = pull(str(tmp_path / "store"), "sharded@latest", tmp_path / "pulled")
     assert pulled["files"] == len(manifest["files"])
     assert tree_sha(tmp_path / "pulled") == tree_sha(shards)
+    kinds = [kind for kind, _ in events]
+    assert kinds.index("download", 1) < kinds.index("unpack-end")
+    assert all(name.startswith("perp-download") for kind, name in events if kind == "download")
 
 
 def test_a_failed_background_upload_fails_the_registration_and_registers_nothing(tmp_path, model_dir, monkeypatch):

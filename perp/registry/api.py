@@ -19,6 +19,7 @@ metrics.json shape and the gates.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -27,7 +28,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 from perp.config import GatesConfig, RegisterConfig
 from perp.layout import METRICS_FILE
@@ -760,8 +761,7 @@ def pull(store_uri: StoreLike, ref: str, out_dir: Union[str, Path]) -> dict[str,
     with atomic_directory(out_dir, kind="pull") as staging:
         scratch = Path(tempfile.mkdtemp(dir=staging.parent, prefix=f".{out_dir.name}.pull-"))
         try:
-            for rel in sorted(files):
-                _download_file(store, f"'{name}' v{version}", rel, files[rel], storage.get(rel), staging, scratch)
+            _download_files(store, f"'{name}' v{version}", files, storage, staging, scratch)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         _write_pull_record(staging, store, ref, state, name, version)
@@ -796,40 +796,69 @@ def _manifest_tables(manifest: dict[str, Any], name: str, version: int) -> tuple
     return files, storage
 
 
-def _download_file(store: Store, where: str, rel: str, record: Any, entry: Any, staging: Path,
-                   scratch: Path) -> None:
-    """Write the file `rel` of the version `where` names into `staging` (`record`: its sha256 and size as
-    registered; `entry`: how it is stored), checked against the record; `scratch` holds a packed download."""
-    target = staging / _safe_relpath(rel)
-    if not isinstance(entry, dict) or not isinstance(record, dict):
-        raise RegistryIntegrityError(f"manifest of {where}: '{rel}' has no storage record")
+def _download_files(store: Store, where: str, files: dict[str, Any], storage: dict[str, Any], staging: Path,
+                    scratch: Path) -> None:
+    """Write every file of the version `where` names into `staging`, in order, each checked against its record.
+
+    The next file's blob downloads in the background while the current packed one is unpacked (network and CPU
+    overlap); at most two packed downloads exist at a time in `scratch`.
+    """
+    names = sorted(files)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="perp-download") as downloader:
+
+        def start(index: int) -> Future:
+            rel = names[index]
+            return downloader.submit(_fetch_blob, store, where, rel, files[rel], storage.get(rel),
+                                     staging / _safe_relpath(rel), scratch / f"{index}.perp-sparse.safetensors")
+
+        pending = start(0) if names else None
+        for index, rel in enumerate(names):
+            packed = pending.result()
+            pending = start(index + 1) if index + 1 < len(names) else None
+            _finish_file(where, rel, files[rel], storage[rel], staging / _safe_relpath(rel), packed)
+
+
+@contextlib.contextmanager
+def _blob_errors(where: str, rel: str, entry: dict[str, Any]) -> Iterator[None]:
+    """Store errors about a file's blob, as registry integrity errors naming the file and the version."""
     try:
-        _fetch_stored(store, where, rel, record, entry, target, scratch)
+        yield
     except StoreNotFound:
         raise RegistryIntegrityError(f"file '{rel}' of {where} ({blob_key(entry['blob'])}) is missing from the "
                                      "store") from None
     except StoreIntegrityError as error:
         raise RegistryIntegrityError(f"file '{rel}' of {where}: {error}") from None
-    if target.stat().st_size != record["size"]:
-        raise RegistryIntegrityError(f"file '{rel}' of {where} has the wrong size")
 
 
-def _fetch_stored(store: Store, where: str, rel: str, record: dict[str, Any], entry: dict[str, Any], target: Path,
-                  scratch: Path) -> None:
-    """Rebuild the file `rel` at `target` from its blob as `entry` stores it (raw, or packed and unpacked here)."""
+def _fetch_blob(store: Store, where: str, rel: str, record: Any, entry: Any, target: Path,
+                packed: Path) -> Optional[Path]:
+    """Download the blob of the file `rel` (`record`: its sha256 and size as registered; `entry`: how it is
+    stored): a raw file straight to `target`; a packed one to `packed`, which is returned for unpacking."""
+    if not isinstance(entry, dict) or not isinstance(record, dict):
+        raise RegistryIntegrityError(f"manifest of {where}: '{rel}' has no storage record")
+    with _blob_errors(where, rel, entry):
+        if entry["encoding"] == ENCODING_RAW:
+            if entry["blob"] != record["sha256"]:
+                raise RegistryIntegrityError(f"manifest of {where}: '{rel}' is inconsistent")
+            store.get_blob(entry["blob"], target)
+            return None
+        if entry["encoding"] == ENCODING_SPARSE:
+            return store.get_blob(entry["blob"], packed)
+    raise RegistryError(f"'{rel}' of {where} uses encoding '{entry['encoding']}', which this perp cannot read; "
+                        "upgrade perp")
+
+
+def _finish_file(where: str, rel: str, record: dict[str, Any], entry: dict[str, Any], target: Path,
+                 packed: Optional[Path]) -> None:
+    """Rebuild a packed file at `target` (removing the download), then check the file's size against its record."""
     from perp.store.sparse_format import unpack_file
 
-    if entry["encoding"] == ENCODING_RAW:
-        if entry["blob"] != record["sha256"]:
-            raise RegistryIntegrityError(f"manifest of {where}: '{rel}' is inconsistent")
-        store.get_blob(entry["blob"], target)
-    elif entry["encoding"] == ENCODING_SPARSE:
-        packed = store.get_blob(entry["blob"], scratch / "packed.safetensors")
-        unpack_file(packed, target, expected_sha256=record["sha256"])
+    if packed is not None:
+        with _blob_errors(where, rel, entry):
+            unpack_file(packed, target, expected_sha256=record["sha256"])
         packed.unlink()
-    else:
-        raise RegistryError(f"'{rel}' of {where} uses encoding '{entry['encoding']}', which this perp cannot read; "
-                            "upgrade perp")
+    if target.stat().st_size != record["size"]:
+        raise RegistryIntegrityError(f"file '{rel}' of {where} has the wrong size")
 
 
 def _write_pull_record(staging: Path, store: Store, ref: str, state: ModelState, name: str, version: int) -> None:
