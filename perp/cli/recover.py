@@ -96,8 +96,9 @@ def recover(
         return
     if calib_set is not None:
         raise PerpError("perp recover: --calib-set goes with --fused (training windows come from --data)")
-    from perp.recover import run_recover
+    from perp.recover import run_recover, validate_request
 
+    validate_request(config, config.model.name, dense)  # bad input fails before any model is loaded
     with _progress(enabled=not as_json) as progress:
         report = run_recover(config, config.model.name, out, dense=dense, progress=progress)
     if as_json:
@@ -109,13 +110,17 @@ def recover(
 def _run_fused(config: Any, mode: Optional[str], dense: Optional[str], calib_set: Optional[Path], out: Path,
                as_json: bool) -> None:
     from perp.io.atomic import check_output_directory
-    from perp.recover.fused import run_fused
+    from perp.recover.fused import check_fused_request, fused_config, run_fused
+    from perp.recover.checks import validate_request
 
     if mode == "end2end":
         raise PerpError("perp recover: --fused is layer-wise reconstruction fused with pruning; drop --mode end2end")
     if dense is not None:
         raise PerpError("perp recover: with --fused, --model is the dense model, pruned and reconstructed in one "
                         "pass; drop --dense")
+    config = fused_config(config)
+    validate_request(config, config.model.name, config.model.name)
+    check_fused_request(config)
     check_output_directory(out, inputs=[config.model.name] + ([calib_set] if calib_set is not None else []),
                            kind="recover")
     token_set = None

@@ -156,7 +156,6 @@ def fused_config(config: PerpConfig) -> PerpConfig:
     recover = config.recover.model_copy(update={"mode": "layerwise", "seqlen": config.data.calibration.seqlen})
     return config.model_copy(update={"recover": recover})
 
-
 def run_fused(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet] = None,
               progress: Optional[FusedProgress] = None) -> dict[str, Any]:
     """Prune `config.model.name` with `config.prune` and reconstruct each block right after it is pruned with
