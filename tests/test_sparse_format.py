@@ -326,9 +326,10 @@ def test_pack_workers_come_from_the_environment(monkeypatch):
 
     monkeypatch.setenv("PERP_PACK_WORKERS", "3")
     assert default_workers() == 3
-    monkeypatch.setenv("PERP_PACK_WORKERS", "0")
-    with pytest.raises(SparseFormatError, match="PERP_PACK_WORKERS must be a whole number >= 1, got '0'"):
-        default_workers()
+    for bad in ("0", "65", "²", "٣", "-1", "2.5"):
+        monkeypatch.setenv("PERP_PACK_WORKERS", bad)
+        with pytest.raises(SparseFormatError, match=f"PERP_PACK_WORKERS must be a whole number from 1 to 64, got '{bad}'"):
+            default_workers()
     monkeypatch.delenv("PERP_PACK_WORKERS")
     assert 1 <= default_workers() <= 4
 
@@ -342,3 +343,25 @@ def test_a_bad_pack_workers_setting_fails_registration_and_pull_before_any_work(
     with pytest.raises(RegistryError, match="PERP_PACK_WORKERS must be a whole number"):
         pull(str(tmp_path / "store"), "m@latest", tmp_path / "out")
     assert not (tmp_path / "store").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_unpacking_holds_a_few_tensors_at_a_time_not_the_file(tmp_path, workers):
+    import tracemalloc
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i in range(24):  # 24 tensors of 1 MiB each, half zeros
+        weight = torch.randn(512, 1024, generator=generator)
+        tensors[f"layers.{i}.weight"] = torch.where(weight.abs() < 0.674, torch.zeros_like(weight), weight).to(
+            torch.bfloat16)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    pack_file(tmp_path / "model.safetensors", tmp_path / "model.perp-sparse.safetensors", workers=workers)
+    tracemalloc.start()
+    try:
+        unpack_file(tmp_path / "model.perp-sparse.safetensors", tmp_path / "back.safetensors", workers=workers)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sha256_path(tmp_path / "back.safetensors") == sha256_path(tmp_path / "model.safetensors")
+    assert peak < (workers + 3) * 2 * 2**20, peak  # a few tensors and their decoding buffers; the file is 24 MiB

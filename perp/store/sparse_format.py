@@ -26,6 +26,7 @@ dequantised from Q4_1); mask + raw values alone would be ~0.65 there, as the emb
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import math
@@ -65,19 +66,26 @@ _T = TypeVar("_T")
 _R = TypeVar("_R")
 
 
+MAX_WORKERS = 64
+
+
 def default_workers() -> int:
-    """Threads that encode or decode tensors: `PERP_PACK_WORKERS`, else up to 4 of this machine's cores."""
+    """Threads that encode or decode tensors: `PERP_PACK_WORKERS`, else up to 4 of the cores this process may
+    run on (its CPU affinity, which container limits narrow)."""
     configured = os.environ.get("PERP_PACK_WORKERS", "").strip()
     if configured:
-        if not configured.isdigit() or int(configured) < 1:
-            raise SparseFormatError(f"PERP_PACK_WORKERS must be a whole number >= 1, got '{configured}'")
+        if not (configured.isascii() and configured.isdecimal() and 1 <= int(configured) <= MAX_WORKERS):
+            raise SparseFormatError(f"PERP_PACK_WORKERS must be a whole number from 1 to {MAX_WORKERS}, "
+                                    f"got '{configured}'")
         return int(configured)
-    return max(1, min(4, os.cpu_count() or 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores))
 
 
 def _ordered_map(function: Callable[[_T], _R], items: Iterable[_T], workers: int) -> Iterator[_R]:
-    """`map(function, items)` on `workers` threads, in order, with at most `workers` + 1 results held at once
-    (each may be a tensor's worth of bytes)."""
+    """`map(function, items)` on `workers` threads, in order, with at most `workers` + 2 results alive at once
+    (`workers` + 1 submitted, the one the caller holds; each may be a tensor's worth of bytes). Close the generator
+    (`contextlib.closing`) when the caller may stop early: that cancels what has not started."""
     if workers <= 1:
         yield from map(function, items)
         return
@@ -340,15 +348,14 @@ def pack_file(src: str | Path, dst: str | Path, sparse_min_zero_fraction: float 
     with tempfile.TemporaryFile(dir=dst.parent) as scratch:
         parts = _Parts(scratch)
         entries = []
-        encoded = _ordered_map(encode, range(len(segments)), workers or default_workers())
-        for (begin, end, _), (entry, payloads) in zip(segments, encoded):
-            if source_hash is not None:
-                source_hash.update(memoryview(data[begin:end]))
-                hashed += end - begin
-            for label, payload in payloads:
-                parts.add(label, payload)
-            entries.append({"begin": begin, "end": end} | entry)
-        del encoded
+        with contextlib.closing(_ordered_map(encode, range(len(segments)), workers or default_workers())) as encoded:
+            for (begin, end, _), (entry, payloads) in zip(segments, encoded):
+                if source_hash is not None:
+                    source_hash.update(memoryview(data[begin:end]))
+                    hashed += end - begin
+                for label, payload in payloads:
+                    parts.add(label, payload)
+                entries.append({"begin": begin, "end": end} | entry)
         if source_hash is not None:
             if hashed != header.file_size:  # the segments tile the data section; this guards that invariant
                 raise SparseFormatError(f"{src}: hashed {hashed} bytes of {header.file_size}")
@@ -419,10 +426,13 @@ def unpack_file(src: str | Path, dst: str | Path, expected_sha256: Optional[str]
     try:
         with safe_open(str(src), framework="np") as packed, open(tmp, "wb") as out:
             parts = _PackedParts(packed, src)
-            for chunk in [struct.pack("<Q", len(header_bytes)), header_bytes,
-                          *_ordered_map(parts.decode, entries, workers or default_workers())]:
+            for chunk in (struct.pack("<Q", len(header_bytes)), header_bytes):
                 digest.update(chunk)
                 out.write(chunk)
+            with contextlib.closing(_ordered_map(parts.decode, entries, workers or default_workers())) as decoded:
+                for chunk in decoded:  # one tensor at a time (plus those being decoded), never the whole file
+                    digest.update(chunk)
+                    out.write(chunk)
             out.flush()
             os.fsync(out.fileno())
         if digest.hexdigest() != source["sha256"]:
