@@ -86,6 +86,8 @@ def sweep(
     rows = [plan.result_row(index, point, read_json(Path(result["metrics"]["uri"])), result["metrics"]["uri"],
                             judged_under)
             for index, (point, result) in enumerate(zip(points, results))]
+    # The results table is published before anything is registered: a failed registration keeps it.
+    create_table_artifact(rows, key="perp-sweep-results", description="perp sweep: every grid point")
     front = plan.front(rows)
     best = plan.best(rows, objective, filter_by_gates=gate_stage is not None)
 
@@ -95,7 +97,6 @@ def sweep(
         registered = tasks.register(point["register"], result["recovered"], result["metrics"], point,
                                     result["lineage"])
     choice = plan.choice_line(best, objective, judged_under, filter_by_gates=gate_stage is not None)
-    create_table_artifact(rows, key="perp-sweep-results", description="perp sweep: every grid point")
     create_markdown_artifact(plan.summary_markdown(choice, front), key="perp-sweep-summary",
                              description="perp sweep summary")
     print(choice)
