@@ -41,7 +41,6 @@ class FusedReconstruction:
     the engine: `prepare` once the model is loaded, `finish` once every layer is done, `write` into the output."""
 
     def __init__(self, config: PerpConfig, progress: Optional[FusedProgress] = None) -> None:
-
         self.config = config
         self.methods = config.recover.methods
         self.preserves = all(METHODS.get(name).preserves_sparsity for name in self.methods)
@@ -67,7 +66,6 @@ class FusedReconstruction:
 
     def prepare(self, loaded: Any, calib: TokenSet, blocks: int) -> None:
         """Dense perplexity (the 'before'), the blocks' call arguments for one window, the training plan."""
-
         rc = self.config.recover
         model, family, device = loaded.model, loaded.family, loaded.device
         self.loaded, self.calib = loaded, calib
@@ -97,7 +95,6 @@ class FusedReconstruction:
         self.trainer.train(index, layer, data, dense_outputs)
 
     def finish(self, peak_memory_bytes: int, sparsity: dict[str, Any]) -> dict[str, Any]:
-
         loaded, config, trainer = self.loaded, self.config, self.trainer
         seconds = trainer.seconds  # the blocks' training; the whole job's phases are in prune_report's timings
         model, family = loaded.model, loaded.family
@@ -105,8 +102,8 @@ class FusedReconstruction:
                                  self.progress, "ppl_after")
         meter = PeakMemory(loaded.device)  # kind only: the peak is the whole fused job's, from the engine
         common = training_report(trainer.trainable, self.total_params, trainer.loss_curve, self.ppl_before,
-                                ppl_after, seconds, trainer.tokens_per_block, meter, peak_memory_bytes, self.calib,
-                                config, self.plan)
+                                 ppl_after, seconds, trainer.tokens_per_block, meter, peak_memory_bytes, self.calib,
+                                 config, self.plan)
         common["data"] = {**self.calib.describe(), "text_field": config.data.calibration.text_field, **self.plan,
                           "windows_from": "the calibration set (fused with pruning)"}
         common["schedule"]["seqlen"] = self.calib.seqlen
@@ -155,6 +152,7 @@ def fused_config(config: PerpConfig) -> PerpConfig:
     `recover.seqlen` is the calibration window length)."""
     recover = config.recover.model_copy(update={"mode": "layerwise", "seqlen": config.data.calibration.seqlen})
     return config.model_copy(update={"recover": recover})
+
 
 def run_fused(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet] = None,
               progress: Optional[FusedProgress] = None) -> dict[str, Any]:

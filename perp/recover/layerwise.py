@@ -377,7 +377,7 @@ def run_layerwise(config: PerpConfig, model: str, dense: str, methods: list[str]
     ppl_after = _layered_ppl(net, family, eval_set, config.evaluate.batch_size, device, progress, "ppl_after")
     report = {
         **training_report(trainer.trainable, total_params, trainer.loss_curve, ppl_before, ppl_after, seconds,
-                         trainer.tokens_per_block, meter, peak, train_set, config, plan),
+                          trainer.tokens_per_block, meter, peak, train_set, config, plan),
         **trainer.report(),
         "sparsity_before": sparsity_before,
         "sparsity_after": family.decoder_sparsity(net),

@@ -53,8 +53,8 @@ def run_recover(config: PerpConfig, model: str, out_dir: Path, dense: Optional[s
     """Recover the pruned `model` per `config.recover`; write the outputs into `out_dir`; return the report."""
     started = time.perf_counter()
     rc = config.recover
-    out_dir = check_output_directory(out_dir, inputs=[model] + ([dense] if dense else []), kind="recover")
     methods = validate_request(config, model, dense)
+    out_dir = check_output_directory(out_dir, inputs=[model] + ([dense] if dense else []), kind="recover")
     preserves = all(METHODS.get(name).preserves_sparsity for name in methods)
     settings = settings_for(config)
 
@@ -141,7 +141,7 @@ def _run_end2end(config: PerpConfig, model: str, methods: list[str], settings: S
 
     report = {
         **training_report(attachment.trainable_params, total_params, result.loss_curve, ppl_before, ppl_after,
-                         result.seconds, result.tokens, meter, peak, train_set, config, plan),
+                          result.seconds, result.tokens, meter, peak, train_set, config, plan),
         "optimizer_state_bytes": result.optimizer_state_bytes,
         "sparsity_before": sparsity_before,
         "sparsity_after": family.decoder_sparsity(net),
