@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Optional
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from perp.errors import ConfigError
 
@@ -51,14 +52,24 @@ def _one_of(allowed: tuple[str, ...], noun: str) -> AfterValidator:
     return _rule(lambda value: value in allowed, f"unknown {noun} '{{}}' (allowed: {', '.join(allowed)})")
 
 
+def _refuse_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # pydantic would read true as 1
+        raise ValueError(f"must be a number, got {str(value).lower()}")
+    return value
+
+
+_NUMBER = BeforeValidator(_refuse_bool)
+
 # Comparisons are written so that nan fails them.
-PositiveInt = Annotated[int, _rule(lambda v: v > 0, "must be > 0, got {}")]
-PositiveIntOrNull = Optional[Annotated[int, _rule(lambda v: v > 0, "must be > 0 or null, got {}")]]
-PositiveFloat = Annotated[float, _rule(lambda v: v > 0 and math.isfinite(v), "must be a finite number > 0, got {}")]
-NonNegativeFloat = Annotated[float, _rule(lambda v: v >= 0 and math.isfinite(v), "must be a finite number >= 0, got {}")]
-FiniteFloat = Annotated[float, _rule(math.isfinite, "must be a finite number, got {}")]
-Fraction = Annotated[float, _rule(lambda v: 0.0 <= v < 1.0, "must be in [0, 1), got {}")]
-OpenFraction = Annotated[float, _rule(lambda v: 0.0 < v < 1.0, "must be in (0, 1), got {}")]
+PositiveInt = Annotated[int, _NUMBER, _rule(lambda v: v > 0, "must be > 0, got {}")]
+PositiveIntOrNull = Optional[Annotated[int, _NUMBER, _rule(lambda v: v > 0, "must be > 0 or null, got {}")]]
+PositiveFloat = Annotated[float, _NUMBER, _rule(lambda v: v > 0 and math.isfinite(v),
+                                                "must be a finite number > 0, got {}")]
+NonNegativeFloat = Annotated[float, _NUMBER, _rule(lambda v: v >= 0 and math.isfinite(v),
+                                                   "must be a finite number >= 0, got {}")]
+FiniteFloat = Annotated[float, _NUMBER, _rule(math.isfinite, "must be a finite number, got {}")]
+Fraction = Annotated[float, _NUMBER, _rule(lambda v: 0.0 <= v < 1.0, "must be in [0, 1), got {}")]
+OpenFraction = Annotated[float, _NUMBER, _rule(lambda v: 0.0 < v < 1.0, "must be in (0, 1), got {}")]
 
 
 # --------------------------------------------------------------------------------------------- sources
@@ -195,9 +206,11 @@ class PruneConfig(_Section):
     # Precision of the calibration forwards: auto (the weights') or a lower one.
     compute_dtype: Annotated[str, _one_of(PRUNE_COMPUTE_DTYPES, "dtype")] = "auto"
     # Windows per micro-batch; None: ~4096 tokens on CPU, ~16384 on CUDA.
-    batch_size: Optional[Annotated[int, _rule(lambda v: v > 0, "must be > 0 or null (automatic), got {}")]] = None
+    batch_size: Optional[Annotated[int, _NUMBER,
+                                   _rule(lambda v: v > 0, "must be > 0 or null (automatic), got {}")]] = None
     # Calibration tokens that estimate the reconstruction error (0: none).
-    error_tokens: Annotated[int, _rule(lambda v: v >= 0, "must be >= 0 (0: no error estimate), got {}")] = 512
+    error_tokens: Annotated[int, _NUMBER,
+                            _rule(lambda v: v >= 0, "must be >= 0 (0: no error estimate), got {}")] = 512
     # layer (reference, two passes) | linear (true-sequential, one pass) | auto
     sequential: Annotated[str, _one_of(PRUNE_SEQUENTIAL_MODES, "mode")] = "layer"
     # OWL (Yin et al., 2024): per-layer sparsity from each layer's share of outlier Wanda scores; 0 = uniform.
@@ -262,7 +275,7 @@ class RecoverConfig(_Section):
     batch_size: PositiveInt = 2
     grad_accum: PositiveInt = 1
     seqlen: PositiveInt = 256
-    rank: Annotated[int, _rule(lambda v: v > 0, "LoRA rank must be > 0, got {}")] = 16
+    rank: Annotated[int, _NUMBER, _rule(lambda v: v > 0, "LoRA rank must be > 0, got {}")] = 16
     alpha: PositiveFloat = 32.0
     weight_decay: NonNegativeFloat = 0.0
     warmup_fraction: Fraction = 0.1
@@ -284,7 +297,7 @@ class RecoverConfig(_Section):
 class ZeroShotConfig(_Section):
     tasks: list[str] = Field(default_factory=list)
     task_data: Optional[str] = None
-    limit: Optional[Annotated[int, _rule(lambda v: v > 0, "must be > 0, got {}")]] = None
+    limit: Optional[Annotated[int, _NUMBER, _rule(lambda v: v > 0, "must be > 0, got {}")]] = None
     batch_size: PositiveInt = 8
 
     @field_validator("task_data")

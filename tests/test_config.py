@@ -56,6 +56,9 @@ def test_repo_params_and_defaults_are_valid():
         ("register.gates.prod.max_ppl_ratio=-1", "register.gates.prod.max_ppl_ratio: must be a finite number > 0"),
         ("register.gates.prod.max_zeroshot_drop=.nan", "register.gates.prod.max_zeroshot_drop: must be a finite number"),
         ("register.gates.prod.min_sparsity=1.5", "register.gates.prod.min_sparsity: must be in [0, 1), got 1.5"),
+        ("recover.steps=true", "recover.steps: must be a number, got true"),
+        ("register.gates.prod.max_ppl_ratio=true", "register.gates.prod.max_ppl_ratio: must be a number, got true"),
+        ("prune.sparsity=false", "prune.sparsity: must be a number, got false"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(override, message):
