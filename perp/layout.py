@@ -8,6 +8,10 @@
 Every output directory also holds `.perp-complete` (`perp.io.atomic`), written last.
 """
 
+from typing import Any
+
+Ref = dict[str, Any]  # a stage output: {"uri": str, "sha256": str, ...} (perp.pipeline.reference)
+
 PRUNE_REPORT = "prune_report.json"
 RECOVER_REPORT = "recover_report.json"
 MASKS_FILE = "masks.safetensors"

@@ -23,11 +23,10 @@ from typing import Any, Callable, Optional
 
 from perp.config import PerpConfig, dump_params, validate_section
 from perp.errors import PerpError
-from perp.io.atomic import is_complete, require_directory
+from perp.io.atomic import is_complete, read_json, require_directory
 from perp.io.hashing import cached_sha256, directory_hash, sha256_file
-from perp.layout import METRICS_FILE, PRUNE_REPORT, RECOVER_REPORT
-
-Ref = dict[str, Any]  # {"uri": str, "sha256": str, ...}
+from perp.layout import METRICS_FILE, PRUNE_REPORT, RECOVER_REPORT, Ref
+from perp.lineage import LineageError, check_lineage, find_pruned_input, lineage  # noqa: F401  (the chain's API)
 STAGES = ("calibrate", "mask", "recover", "evaluate", "register")
 
 
@@ -141,15 +140,6 @@ def require(ref: Ref, what: str) -> Path:
     return path
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        raise PerpError(f"'{path}' is not valid JSON") from None
-
-
 def _full_config(params: Optional[dict[str, Any]], **sections: Any) -> PerpConfig:
     """The config a stage runs with: the whole run's params (so reports record them), else just its sections."""
     return config_from_sections(**(params or sections))
@@ -201,131 +191,6 @@ def evaluate_stage(evaluate: dict[str, Any], candidate: Ref, dense_model: dict[s
     if not metrics_path.is_file():
         run_evaluate(config, str(require(candidate, "recover")), metrics_path, dense=dense_model["name"])
     return reference(metrics_path)
-
-
-class LineageError(PerpError):
-    """The stage outputs named for a registration are not one chain (calibration → pruned → model)."""
-
-
-MAX_RECOVERY_CHAIN = 8
-
-
-def is_prune_output(directory: Path) -> bool:
-    """A mask stage output, or recovery fused with pruning (it holds both reports)."""
-    return (Path(directory) / PRUNE_REPORT).is_file()
-
-
-def _content_hash(directory: Path) -> str:
-    from perp.models.loading import model_content_hash
-
-    return model_content_hash(directory)
-
-
-def recovered_from(model_dir: Path) -> list[tuple[str, str, Optional[Path]]]:
-    """What recover_report.json says the model was recovered from, nearest first: (source as recorded, its
-    content sha256, the local directory when it still exists with that content). A recovered input (recovery of
-    a recovered model) is followed to its own input; a prune output ends the chain."""
-    chain: list[tuple[str, str, Optional[Path]]] = []
-    current = Path(model_dir)
-    while len(chain) < MAX_RECOVERY_CHAIN and not is_prune_output(current):
-        report = read_json(current / RECOVER_REPORT)
-        source, digest = report.get("model"), report.get("model_sha256")
-        if not isinstance(source, str) or not isinstance(digest, str):
-            break
-        path = Path(source).expanduser()
-        verified = path if path.is_dir() and _content_hash(path) == digest else None
-        chain.append((source, digest, verified))
-        if verified is None:
-            break
-        current = verified
-    return chain
-
-
-def find_pruned_input(model_dir: Path) -> Optional[Path]:
-    """The prune output `model_dir` descends from, where that is provable from its reports: itself when it is
-    one, else the recorded input of its recovery when it still exists with the recorded content."""
-    if is_prune_output(model_dir):
-        return Path(model_dir)
-    chain = recovered_from(model_dir)
-    last = chain[-1][2] if chain else None
-    return last if last is not None and is_prune_output(last) else None
-
-
-def check_lineage(calibration: Optional[Ref], pruned: Optional[Ref], candidate: Ref) -> None:
-    """Refuse references that do not descend from one another, so a manifest never records false lineage:
-    the model must come from `pruned` (recover_report.json's `model_sha256`, or the same content when the model
-    is itself a prune output), and `pruned` must have been pruned with `calibration`'s tokens."""
-    model_dir = Path(candidate["uri"])
-    if pruned is not None:
-        _check_pruned_input(model_dir, Path(pruned["uri"]))
-    if calibration is not None:
-        _check_calibration(calibration, pruned, model_dir)
-
-
-def _check_pruned_input(model_dir: Path, pruned_dir: Path) -> None:
-    if is_prune_output(model_dir):
-        if model_dir.resolve() != pruned_dir.resolve() and _content_hash(model_dir) != _content_hash(pruned_dir):
-            raise LineageError(f"'{model_dir}' is itself a prune output and '{pruned_dir}' is another one; pass "
-                               f"--pruned '{model_dir}' (or leave --pruned out)")
-        return
-    pruned_hash = _content_hash(pruned_dir)
-    chain = recovered_from(model_dir)
-    if chain and pruned_hash not in {digest for _, digest, _ in chain}:
-        source, digest, reachable = chain[-1]
-        recorded = (read_json(model_dir / RECOVER_REPORT).get("pruning") or {}).get("source")
-        if reachable is None and recorded and Path(recorded).resolve() == pruned_dir.resolve():
-            raise LineageError(f"cannot verify that '{model_dir}' descends from '{pruned_dir}': the recovery it "
-                               f"records ran on '{source}', which is gone or changed, so the chain cannot be "
-                               "followed; restore that directory, or leave --pruned out (the recorded hashes are "
-                               "kept)")
-        raise LineageError(f"'{model_dir}' was not recovered from '{pruned_dir}' (sha256 {pruned_hash[:12]}…): "
-                           f"{RECOVER_REPORT} records the input '{source}' (sha256 {digest[:12]}…); pass --pruned "
-                           "with the directory it was recovered from")
-
-
-def _check_calibration(calibration: Ref, pruned: Optional[Ref], model_dir: Path) -> None:
-    used, where = _recorded_calibration(pruned, model_dir)
-    if used is None:
-        raise LineageError(f"cannot tie the calibration set '{calibration['uri']}' to '{model_dir}': no prune report "
-                           "names the calibration tokens it used; pass --pruned with its prune output")
-    if calibration.get("tokens_sha256") != used:
-        raise LineageError(f"the calibration set '{calibration['uri']}' (tokens sha256 "
-                           f"{str(calibration.get('tokens_sha256'))[:12]}…) is not the one {where} was pruned with "
-                           f"(sha256 {used[:12]}…); pass --calibration with the calibration stage output it used")
-
-
-def _recorded_calibration(pruned: Optional[Ref], model_dir: Path) -> tuple[Optional[str], str]:
-    """The calibration tokens sha256 the pruning recorded, and whose record it is (for messages)."""
-    if pruned is not None:
-        return (read_json(Path(pruned["uri"]) / PRUNE_REPORT).get("calibration") or {}).get("sha256"), \
-            f"'{pruned['uri']}'"
-    if is_prune_output(model_dir):
-        return (read_json(model_dir / PRUNE_REPORT).get("calibration") or {}).get("sha256"), f"'{model_dir}'"
-    return (read_json(model_dir / RECOVER_REPORT).get("pruning") or {}).get("calibration_sha256"), \
-        f"the pruned input of '{model_dir}'"
-
-
-def lineage(calibration: Optional[Ref], pruned: Optional[Ref], recovered: Ref) -> dict[str, Any]:
-    """What a registered version records about how it was made, from the stage outputs' own reports.
-
-    `calibration` and `pruned` may be None when unknown: the values then come from the records the model
-    directory carries (recover_report.json's `pruning`), and what no report says stays None. Raises
-    `LineageError` when the references are not one chain (`check_lineage`)."""
-    check_lineage(calibration, pruned, recovered)
-    prune_report = read_json(Path(pruned["report"])) if pruned and pruned.get("report") else {}
-    recover_report = read_json(Path(recovered["report"])) if recovered.get("report") else {}
-    recorded = recover_report.get("pruning") if isinstance(recover_report.get("pruning"), dict) else {}
-    calibration_sha256 = ((calibration or {}).get("tokens_sha256")
-                          or (prune_report.get("calibration") or {}).get("sha256")
-                          or recorded.get("calibration_sha256"))
-    return {
-        "base_model": prune_report.get("base_model") or recorded.get("base_model"),
-        "calibration_sha256": calibration_sha256,
-        "training_data_sha256": recover_report.get("data_sha256"),
-        "prune": (prune_report.get("config") or {}).get("prune"),
-        "recover": (recover_report.get("config") or {}).get("recover"),
-        "artifacts": {"calibration": calibration, "pruned": pruned, "recovered": recovered},
-    }
 
 
 def register_stage(register: dict[str, Any], candidate: Ref, metrics: Ref, params: dict[str, Any],

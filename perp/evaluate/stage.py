@@ -43,6 +43,7 @@ from perp.io.atomic import check_output_file, write_json_atomic
 from perp.io.cache import cache_dir
 from perp.io.hashing import sha256_bytes
 from perp.layout import METRICS_FILE, PRUNE_REPORT, RECOVER_REPORT
+from perp.lineage import recovery_input
 
 PLOTS_DIR = "plots"
 _BASELINE_FORMAT = 1
@@ -210,18 +211,12 @@ def _take_recover_report(lineage: _Lineage, report: dict[str, Any], file: Path) 
 
 def _recover_input(report: dict[str, Any], lineage: _Lineage) -> Optional[Path]:
     """The local directory a recovered model was recovered from, when it still holds the same weights."""
-    source = _text(report.get("model"))
-    if source is None or not Path(source).expanduser().is_dir():
+    recorded = recovery_input(report)
+    if recorded is None:
         return None
-    path = Path(source).expanduser()
-    recorded = _text(report.get("model_sha256"))
-    if recorded is not None:
-        from perp.models.loading import model_content_hash
-
-        if model_content_hash(path) != recorded:
-            lineage.notes.append(f"'{source}' changed since it was recovered from; its reports are not used")
-            return None
-    return path
+    if recorded.path is None and recorded.sha256 is not None and Path(recorded.source).expanduser().is_dir():
+        lineage.notes.append(f"'{recorded.source}' changed since it was recovered from; its reports are not used")
+    return recorded.path
 
 
 def _pruned_base(lineage: _Lineage) -> Optional[Path]:

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
-from perp.errors import OutputError
+from perp.errors import OutputError, PerpError
 
 COMPLETE_MARKER = ".perp-complete"
 
@@ -188,3 +188,13 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file's content; {} when the file does not exist."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise PerpError(f"'{path}' is not valid JSON") from None
