@@ -1166,3 +1166,50 @@ def test_a_failed_background_upload_fails_the_registration_and_registers_nothing
     from perp.io.cache import cache_dir
 
     assert not [p for p in cache_dir("tmp").glob("register-*") if any(p.iterdir())]  # no packed file left
+
+
+def test_an_earlier_upload_failure_is_reported_before_a_later_packing_failure(tmp_path, model_dir, monkeypatch):
+    from perp.registry import api
+
+    shards = _two_shard_model(model_dir, tmp_path / "sharded")
+    store_class = type(open_store(str(tmp_path / "store")))
+    real_pack = api._packed_if_smaller
+
+    def failing_put(self, path, sha256=None, **kwargs):
+        raise StoreUnreachable("upload of the first shard failed")
+
+    def pack(path, packed, digest, size):
+        if path.name.startswith("model-00002"):
+            raise OSError(28, "No space left on device")
+        return real_pack(path, packed, digest, size)
+
+    monkeypatch.setattr(store_class, "put_blob", failing_put)
+    monkeypatch.setattr(api, "_packed_if_smaller", pack)
+    with pytest.raises(StoreUnreachable, match="upload of the first shard failed"):
+        register_version(str(tmp_path / "store"), "sharded", shards)
+
+
+def test_ctrl_c_does_not_wait_for_the_transfer_in_flight(tmp_path, model_dir, monkeypatch):
+    import time
+
+    from perp.registry import api
+
+    shards = _two_shard_model(model_dir, tmp_path / "sharded")
+    store_class = type(open_store(str(tmp_path / "store")))
+    real_pack = api._packed_if_smaller
+
+    def slow_put(self, path, sha256=None, **kwargs):
+        time.sleep(10)  # a multi-GB shard on its way
+        raise StoreUnreachable("too late")
+
+    def pack(path, packed, digest, size):
+        if path.name.startswith("model-00002"):
+            raise KeyboardInterrupt
+        return real_pack(path, packed, digest, size)
+
+    monkeypatch.setattr(store_class, "put_blob", slow_put)
+    monkeypatch.setattr(api, "_packed_if_smaller", pack)
+    started = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        register_version(str(tmp_path / "store"), "sharded", shards)
+    assert time.perf_counter() - started < 5  # not held until the 10 s upload ends

@@ -24,8 +24,9 @@ import json
 import math
 import shutil
 import tempfile
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Union
@@ -284,33 +285,71 @@ def _file_records(files: list[tuple[str, Path]]) -> dict[str, dict[str, Any]]:
     return {rel: {"sha256": cached_sha256(path), "size": path.stat().st_size} for rel, path in files}
 
 
+def _in_background(function: Any, *args: Any, name: str) -> Future:
+    """Run `function(*args)` on a daemon thread; its result or error arrives through the returned Future.
+
+    A daemon thread, not a pool's: on Ctrl-C the process exits without waiting for a multi-GB transfer to end
+    (what an interrupted transfer leaves, a temporary file or an unfinished S3 multipart upload, `gc` removes).
+    """
+    future: Future = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(function(*args))
+        except BaseException as error:  # delivered to whoever waits on the future
+            future.set_exception(error)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
+
+
+@contextlib.contextmanager
+def _settled_on_error(transfers: list[Future]) -> Iterator[None]:
+    """On an error, let the transfer in flight end before the files it reads or writes are cleaned up (not on
+    Ctrl-C, see `_in_background`)."""
+    try:
+        yield
+    except Exception:
+        wait(transfers)
+        raise
+
+
 def _upload_files(store: Store, files: list[tuple[str, Path]], records: dict[str, dict[str, Any]],
                   recorded: set[str], compact: bool) -> dict[str, dict[str, Any]]:
     """Upload every file as a blob (packed when `compact` makes it smaller); returns how each is stored, in file
     order: the manifest's `storage`. `recorded`: the blobs that need no refresh (`_blobs_of_latest_version`).
 
     One upload runs in the background while the next file is packed, so packing (CPU) and uploading (network,
-    disk) overlap; at most two packed files exist at a time in the scratch directory.
+    disk) overlap; at most two packed files exist at a time in the scratch directory. Errors come in file order:
+    a failed upload is reported before a later file's packing error.
     """
     from perp.io.cache import scratch_dir
 
-    uploads: dict[str, Future] = {}
+    uploads: list[Future] = []
     with tempfile.TemporaryDirectory(dir=scratch_dir("register-"), prefix="register-") as tmp, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="perp-upload") as uploader:
-        previous: Optional[Future] = None
+            _settled_on_error(uploads):
         for index, (rel, path) in enumerate(files):
             digest, size = records[rel]["sha256"], records[rel]["size"]
+            previous = uploads[-1] if uploads else None
             packed = None
             if compact and rel.endswith(".safetensors") and size > 0:
-                packed = _packed_if_smaller(path, Path(tmp) / f"{index}.perp-sparse.safetensors", digest, size)
+                try:
+                    packed = _packed_if_smaller(path, Path(tmp) / f"{index}.perp-sparse.safetensors", digest, size)
+                except Exception:
+                    if previous is not None:
+                        previous.result()  # the earlier file's failure, if it failed, is the one to report
+                    raise
             if previous is not None:
                 previous.result()  # one upload in flight: the scratch directory holds at most two packed files
             if packed is not None:
-                previous = uploader.submit(_upload_and_remove, store, packed[0], packed[1], recorded)
+                uploads.append(_in_background(_upload_and_remove, store, packed[0], packed[1], recorded,
+                                              name="perp-upload"))
             else:
-                previous = uploader.submit(_upload_blob, store, path, digest, ENCODING_RAW, recorded)
-            uploads[rel] = previous
-        return {rel: upload.result() for rel, upload in uploads.items()}
+                uploads.append(_in_background(_upload_blob, store, path, digest, ENCODING_RAW, recorded,
+                                              name="perp-upload"))
+        return {rel: upload.result() for (rel, _), upload in zip(files, uploads)}
 
 
 def _packed_if_smaller(path: Path, packed: Path, digest: str, size: int) -> Optional[tuple[Path, str]]:
@@ -801,20 +840,23 @@ def _download_files(store: Store, where: str, files: dict[str, Any], storage: di
     """Write every file of the version `where` names into `staging`, in order, each checked against its record.
 
     The next file's blob downloads in the background while the current packed one is unpacked (network and CPU
-    overlap); at most two packed downloads exist at a time in `scratch`.
+    overlap); at most two packed downloads exist at a time in `scratch`. Errors come in file order.
     """
     names = sorted(files)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="perp-download") as downloader:
+    downloads: list[Future] = []
 
-        def start(index: int) -> Future:
-            rel = names[index]
-            return downloader.submit(_fetch_blob, store, where, rel, files[rel], storage.get(rel),
-                                     staging / _safe_relpath(rel), scratch / f"{index}.perp-sparse.safetensors")
+    def start(index: int) -> None:
+        rel = names[index]
+        downloads.append(_in_background(_fetch_blob, store, where, rel, files[rel], storage.get(rel), staging,
+                                        scratch / f"{index}.perp-sparse.safetensors", name="perp-download"))
 
-        pending = start(0) if names else None
+    with _settled_on_error(downloads):
+        if names:
+            start(0)
         for index, rel in enumerate(names):
-            packed = pending.result()
-            pending = start(index + 1) if index + 1 < len(names) else None
+            packed = downloads[index].result()
+            if index + 1 < len(names):
+                start(index + 1)
             _finish_file(where, rel, files[rel], storage[rel], staging / _safe_relpath(rel), packed)
 
 
@@ -830,10 +872,11 @@ def _blob_errors(where: str, rel: str, entry: dict[str, Any]) -> Iterator[None]:
         raise RegistryIntegrityError(f"file '{rel}' of {where}: {error}") from None
 
 
-def _fetch_blob(store: Store, where: str, rel: str, record: Any, entry: Any, target: Path,
+def _fetch_blob(store: Store, where: str, rel: str, record: Any, entry: Any, staging: Path,
                 packed: Path) -> Optional[Path]:
     """Download the blob of the file `rel` (`record`: its sha256 and size as registered; `entry`: how it is
-    stored): a raw file straight to `target`; a packed one to `packed`, which is returned for unpacking."""
+    stored): a raw file straight to its place in `staging`; a packed one to `packed`, returned for unpacking."""
+    target = staging / _safe_relpath(rel)
     if not isinstance(entry, dict) or not isinstance(record, dict):
         raise RegistryIntegrityError(f"manifest of {where}: '{rel}' has no storage record")
     with _blob_errors(where, rel, entry):
