@@ -218,8 +218,7 @@ def _expand(names: list[str], index: dict[str, StockEntry], task_data: Optional[
                                 f"({shown})")
         else:
             expanded.append(name)
-    seen: set[str] = set()
-    unique = [n for n in expanded if not (n in seen or seen.add(n))]
+    unique = list(dict.fromkeys(expanded))  # first occurrence of each, in order
     if not unique:
         raise TaskDataError("no zero-shot tasks given (e.g. --tasks boolq,rte,hellaswag,winogrande,arc_easy,"
                             "arc_challenge,openbookqa)")
@@ -271,7 +270,7 @@ def _check_file(plan: TaskPlan) -> None:
             try:
                 record = json.loads(line)
             except ValueError as error:
-                raise TaskDataError(f"task '{plan.name}': {path} line {number} is not valid JSON ({error.msg}); "
+                raise TaskDataError(f"task '{plan.name}': {path} line {number} is not valid JSON ({getattr(error, 'msg', error)}); "
                                     f"expected {expected}") from None
             if not isinstance(record, dict):
                 raise TaskDataError(f"task '{plan.name}': {path} line {number} is a {type(record).__name__}, not "
