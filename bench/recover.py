@@ -160,7 +160,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         }
     return {
         "benchmark": "recover-speed",
-        "model": "llama-2-7b-shape-8-layers (random)" if args.llama7b_shape else args.model,
+        "model": f"llama-2-7b-shape-{args.layers}-layers (random)" if args.llama7b_shape else args.model,
         "device": full["device"], "dtype": full["dtype"], "threads": full["threads"],
         "batch_size": args.batch_size, "seqlen": args.seqlen, "rank": args.rank, "timed_steps": args.steps,
         "gradient_checkpointing": args.gradient_checkpointing, "peak_memory_kind": full["peak_memory_kind"],

@@ -126,7 +126,7 @@ def perplexity(model: torch.nn.Module, windows: TokenSet, batch_size: int = 4,
     finally:
         model.train(was_training)  # also when a batch fails: a training caller gets its model back as it was
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     tokens = windows.num_windows * (windows.seqlen - 1)
     mean_nll = float(nll_sum) / tokens
     return PerplexityResult(ppl=ppl_from_nll(mean_nll), nll=mean_nll, tokens=tokens, windows=windows.num_windows,
