@@ -24,6 +24,7 @@ import gc
 import json
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -117,45 +118,51 @@ def bench_smollm2(args: argparse.Namespace) -> None:
     gc.collect()
 
     out_root = Path(args.out or tempfile.mkdtemp(prefix="perp-bench-"))
-    for job in args.jobs.split(","):
-        method, pattern, granularity = parse_job(job)
-        sets = [*base, f"prune.method={method}", f"prune.pattern={pattern}", f"prune.sparsity={args.sparsity}"]
-        if granularity:
-            sets.append(f"prune.granularity={granularity}")
-        if args.owl_lambda:
-            sets += [f"prune.owl_lambda={args.owl_lambda}", f"prune.owl_m={args.owl_m}"]
-        job_config = load_params(None, sets)
-        out = out_root / job.replace(":", "_")
-        started, cpu_started = time.perf_counter(), time.process_time()
-        report = run_prune(job_config, out, calib=calib, compute_dtype=args.compute_dtype, batch_size=batch,
-                           error_tokens=args.error_tokens, sequential=args.sequential)
-        job_s, job_cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
-        prune_s = prune_seconds(report["timings"])
-        record = {
-            "model": args.model, "device": report["engine"]["device"], "method": method, "pattern": pattern,
-            "granularity": job_config.prune.granularity, "compute_dtype": report["engine"]["compute_dtype"],
-            "sequential": report["engine"]["sequential"], "owl_lambda": args.owl_lambda,
-            "threads": torch.get_num_threads(), "tokens": calib.num_tokens,
-            "prune_s": round(prune_s, 2), "job_s": round(job_s, 2), "job_cpu_s": round(job_cpu_s, 2),
-            "dense_forward_s": round(floor, 2), "dense_forward_cpu_s": round(floor_cpu, 2),
-            "dense_decoder_forward_s": round(floor_decoder, 2),
-            "prune_over_forward": round(prune_s / floor, 3),
-            "job_cpu_over_forward_cpu": round(job_cpu_s / floor_cpu, 3),
-            "tokens_per_s": round(calib.num_tokens / prune_s, 1),
-            "peak_memory_bytes": report["peak_memory_bytes"],
-            "achieved_sparsity": round(report["achieved_sparsity"], 6),
-            "mean_rel_error": report["mean_rel_error"],
-            "timings": report["timings"],
-            "load_avg": os.getloadavg()[0],
-        }
-        if evaluation is not None:
-            eval_device = "cpu" if args.device == "auto" and not torch.cuda.is_available() else args.device
-            pruned = load_model(str(out), eval_device)
-            result = perplexity(pruned.model, evaluation, batch_size=4)
-            record.update(ppl=round(result.ppl, 4), eval_s=round(result.seconds, 2))
-            del pruned
-        emit(record)
-        gc.collect()
+    try:
+        for job in args.jobs.split(","):
+            method, pattern, granularity = parse_job(job)
+            sets = [*base, f"prune.method={method}", f"prune.pattern={pattern}", f"prune.sparsity={args.sparsity}"]
+            if granularity:
+                sets.append(f"prune.granularity={granularity}")
+            if args.owl_lambda:
+                sets += [f"prune.owl_lambda={args.owl_lambda}", f"prune.owl_m={args.owl_m}"]
+            job_config = load_params(None, sets)
+            out = out_root / job.replace(":", "_")
+            started, cpu_started = time.perf_counter(), time.process_time()
+            report = run_prune(job_config, out, calib=calib, compute_dtype=args.compute_dtype, batch_size=batch,
+                               error_tokens=args.error_tokens, sequential=args.sequential)
+            job_s, job_cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
+            prune_s = prune_seconds(report["timings"])
+            record = {
+                "model": args.model, "device": report["engine"]["device"], "method": method, "pattern": pattern,
+                "granularity": job_config.prune.granularity, "compute_dtype": report["engine"]["compute_dtype"],
+                "sequential": report["engine"]["sequential"], "owl_lambda": args.owl_lambda,
+                "threads": torch.get_num_threads(), "tokens": calib.num_tokens,
+                "prune_s": round(prune_s, 2), "job_s": round(job_s, 2), "job_cpu_s": round(job_cpu_s, 2),
+                "dense_forward_s": round(floor, 2), "dense_forward_cpu_s": round(floor_cpu, 2),
+                "dense_decoder_forward_s": round(floor_decoder, 2),
+                "prune_over_forward": round(prune_s / floor, 3),
+                "job_cpu_over_forward_cpu": round(job_cpu_s / floor_cpu, 3),
+                "tokens_per_s": round(calib.num_tokens / prune_s, 1),
+                "peak_memory_bytes": report["peak_memory_bytes"],
+                "achieved_sparsity": round(report["achieved_sparsity"], 6),
+                "mean_rel_error": report["mean_rel_error"],
+                "timings": report["timings"],
+                "load_avg": os.getloadavg()[0],
+            }
+            if evaluation is not None:
+                eval_device = "cpu" if args.device == "auto" and not torch.cuda.is_available() else args.device
+                pruned = load_model(str(out), eval_device)
+                result = perplexity(pruned.model, evaluation, batch_size=4)
+                record.update(ppl=round(result.ppl, 4), eval_s=round(result.seconds, 2))
+                del pruned
+            emit(record)
+            if not args.out:
+                shutil.rmtree(out, ignore_errors=True)
+            gc.collect()
+    finally:
+        if not args.out:  # a checkpoint is 0.5-2 GB per job: measured, then removed
+            shutil.rmtree(out_root, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------- 7B shapes

@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -207,7 +208,11 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
     ]
     config = load_params(None, overrides + list(args.set or []))
     out = Path(args.out or tempfile.mkdtemp(prefix="perp-recover-bench-"))
-    report = run_recover(config, args.start, out, dense=args.dense)
+    try:
+        report = run_recover(config, args.start, out, dense=args.dense)
+    finally:
+        if not args.out:  # the recovered checkpoint is only measured, not kept
+            shutil.rmtree(out, ignore_errors=True)
     dense_ppl = args.dense_ppl or DENSE_PPL.get(args.dense or "", None)
     closed = None
     if dense_ppl:
@@ -222,7 +227,7 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
         "trainable_fraction": report["trainable_fraction"], "train_seconds": report["seconds"],
         "tokens_per_second": report["tokens_per_second"], "peak_memory_bytes": report["peak_memory_bytes"],
         "data_sha256": report["data_sha256"], "loss_first_last": [report["loss_curve"][0], report["loss_curve"][-1]],
-        "blocks": report.get("blocks"), "out": str(out),
+        "blocks": report.get("blocks"), "out": args.out,
     }
 
 
