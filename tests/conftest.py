@@ -109,3 +109,33 @@ def perp_in_process(monkeypatch, capsys, tmp_path):
         return code, out, " ".join(err.split())
 
     return run
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """`full_disk(root, free)`: the file system holding `root` (and everything under it) reports `free` bytes free;
+    others report what the real one does. A real full disk is not something a test can make safely."""
+    import shutil
+    from collections import namedtuple
+
+    import perp.io.atomic
+
+    real, Usage = shutil.disk_usage, namedtuple("Usage", "total used free")
+    full: dict[Path, int] = {}
+
+    def usage(path):
+        path = Path(path).absolute()
+        for root, free in full.items():
+            if path == root or root in path.parents:
+                total = 1 << 40
+                return Usage(total, total - free, free)
+        return real(path)
+
+    monkeypatch.setattr(perp.io.atomic.shutil, "disk_usage", usage)
+
+    def make(root: Path, free: int = 1 << 20) -> Path:
+        root.mkdir(parents=True, exist_ok=True)
+        full[root.absolute()] = free
+        return root
+
+    return make

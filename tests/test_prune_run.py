@@ -10,7 +10,7 @@ import torch
 
 from perp.config import load_params
 from perp.data.windows import TokenSet
-from perp.errors import ConfigError, DataSourceError, PerpError, UnsupportedArchitectureError
+from perp.errors import ConfigError, DataSourceError, OutputError, PerpError, UnsupportedArchitectureError
 from perp.prune import MASKS_FILE, REPORT_FILE, load_masks, run_prune
 from perp.prune.patterns import pruned_per
 
@@ -294,6 +294,25 @@ def test_selection_that_matches_nothing_and_foreign_tokens(no_engine, tiny_llama
 def test_unknown_compute_dtype_fails_before_loading(no_engine, tiny_llama_dir, tmp_path):
     with pytest.raises(ConfigError, match="prune.compute_dtype"):
         run_prune(_config(tiny_llama_dir), tmp_path / "out", calib=_calib(), compute_dtype="int8")
+
+
+def test_a_disk_too_small_for_the_checkpoint_fails_before_loading(no_engine, tiny_llama_dir, tmp_path, full_disk,
+                                                                   monkeypatch):
+    import perp.models
+
+    monkeypatch.setattr(perp.models, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    disk = full_disk(tmp_path / "disk", free=1 << 20)
+    _expect(OutputError, ["the pruned checkpoint with its masks needs about", "1.0 MiB free"], _config(tiny_llama_dir),
+            disk / "out", _calib())
+
+
+def test_the_space_estimate_is_what_a_prune_writes(tiny_llama_dir, tmp_path):
+    from perp.models.loading import saved_copy_bytes
+
+    run_prune(_config(tiny_llama_dir), tmp_path / "out", calib=_calib())
+    written = sum(path.stat().st_size for path in (tmp_path / "out").glob("model*.safetensors"))
+    estimate = saved_copy_bytes(str(tiny_llama_dir), device="cpu")
+    assert estimate <= written < estimate + 64 * 1024  # the difference is the safetensors header
 
 
 # --------------------------------------------------------------------------------------------- CLI

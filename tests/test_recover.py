@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from perp.config import RECOVER_METHODS, load_params
-from perp.errors import ConfigError, PerpError
+from perp.errors import ConfigError, OutputError, PerpError
 from perp.models import load_model
 from perp.models.families import adapter_for, count_parameters
 from perp.models.tiny import build_tiny_model, save_tiny_model
@@ -564,6 +564,19 @@ def test_windows_longer_than_the_model_positions_are_refused_before_loading(prun
         with pytest.raises(RecoverError, match=f"exceed the {limit} positions"):
             run_recover(tiny_config(override), str(pruned_dirs["llama"]), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_disk_too_small_for_the_recovered_checkpoint_fails_before_loading(pruned_dirs, tmp_path, monkeypatch,
+                                                                            full_disk):
+    import perp.recover.run as recover_run
+
+    monkeypatch.setattr(recover_run, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    disk = full_disk(tmp_path / "disk")
+    for mode in ("end2end", "layerwise"):
+        with pytest.raises(OutputError, match="the recovered checkpoint needs about .* but .* has 1.0 MiB free"):
+            run_recover(tiny_config(f"recover.mode={mode}"), str(pruned_dirs["llama"]), disk / "x",
+                        dense=str(pruned_dirs["dense-llama"]) if mode == "layerwise" else None)
+    assert not (disk / "x").exists()
 
 
 # --------------------------------------------------------------------------------------------- bad input

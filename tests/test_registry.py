@@ -16,6 +16,7 @@ import boto3
 import pytest
 
 from perp.config import GatesConfig
+from perp.errors import OutputError
 from perp.models.loading import model_content_hash
 from perp.io.hashing import sha256_file
 from perp.registry import (
@@ -319,6 +320,21 @@ def test_sparsity_gate_compares_whole_counts_exactly():
     # one un-zeroed weight out of 10^8: within any float tolerance on the fraction, caught on the counts
     failed = check(planned - 1)
     assert failed["failed"] == ["sparsity"] and failed["checks"][0]["metric"] == "model.decoder_linear_zeros"
+
+
+def test_a_full_disk_refuses_registration_and_pull_before_any_transfer(model_dir, tmp_path, full_disk, monkeypatch):
+    store_uri = str(tmp_path / "store")
+    disk = full_disk(tmp_path / "disk")
+    monkeypatch.setenv("PERP_CACHE", str(disk / "cache"))  # where packing's scratch goes
+    with pytest.raises(OutputError, match="packing the two largest files needs about .* point PERP_CACHE"):
+        register_version(store_uri, "tiny", model_dir, GOOD)
+    assert store_keys(store_uri) == []
+
+    monkeypatch.setenv("PERP_CACHE", str(tmp_path / "cache"))
+    register_version(store_uri, "tiny", model_dir, GOOD)
+    with pytest.raises(OutputError, match="the pulled checkpoint needs about .* 1.0 MiB free"):
+        pull(store_uri, "tiny@latest", disk / "pulled")
+    assert sorted(path.name for path in disk.iterdir()) == ["cache"]  # no output, staging or scratch left
 
 
 def test_register_refuses_when_a_blob_vanishes_before_the_version_is_visible(tmp_path, model_dir, monkeypatch):

@@ -12,6 +12,7 @@ import pytest
 
 import perp.io.hashing
 import perp.io.s3
+from perp.errors import OutputError
 from perp.io.hashing import cached_sha256, lookup_sha256, seed_sha256, sha256_file
 from perp.io.s3 import S3Error, _verify, clear_cached, fetch_s3
 
@@ -160,6 +161,23 @@ def test_a_bad_object_is_still_refused(s3_bucket, cache):
     with pytest.raises(S3Error, match="checksum mismatch for s3://.*/m/model.safetensors"):
         fetch_s3(f"s3://{s3_bucket}/m/model.safetensors")
     assert not (cache / "s3" / s3_bucket / "m" / "model.safetensors").exists()
+
+
+def test_only_what_the_cache_lacks_must_fit_and_a_download_that_cannot_is_refused_before_it_starts(
+        s3_bucket, cache, counters, full_disk):
+    for name in ("a", "b"):
+        _put(s3_bucket, f"m/{name}.safetensors")
+    uri = f"s3://{s3_bucket}/m"
+    fetch_s3(uri)
+    assert counters["download"] == 2
+    full_disk(cache, free=1 << 20)
+    assert fetch_s3(uri) == cache / "s3" / s3_bucket / "m"  # everything cached: nothing to fit
+    _put(s3_bucket, "m/b.safetensors", PAYLOAD * 2)
+    with pytest.raises(OutputError, match=f"downloading {uri} needs about .* 1.0 MiB free; .* PERP_CACHE"):
+        fetch_s3(uri)
+    with pytest.raises(OutputError, match="downloading"):
+        fetch_s3(f"{uri}/b.safetensors")
+    assert counters["download"] == 2
 
 
 def test_clear_cached_removes_a_single_object_and_its_stamp(s3_bucket, cache, counters):

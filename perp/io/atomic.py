@@ -91,6 +91,37 @@ def require_creatable(target: Path, what: str) -> None:
             return
 
 
+#: What an output holds beyond the estimate a stage gives (tokenizer, reports, file-system overhead).
+SPACE_MARGIN_BYTES = 64 * 1024 ** 2
+
+
+def require_free_space(target: str | Path, needed: int, what: str, content: str,
+                       hint: str = "free some space or write elsewhere") -> None:
+    """Refuse to start a stage whose output (`needed` bytes of `content`, staged beside `target` and renamed into
+    place) does not fit in the free space of `target`'s file system: a full disk found at the save costs the
+    hours of pruning or training before it, and leaves nothing. A file system that reports no size (some network
+    mounts) is not checked."""
+    target = Path(target).expanduser().absolute()
+    if target.is_symlink():  # atomic_directory writes where the link points
+        target = target.resolve()
+    existing = next((path for path in target.parents if path.exists()), None)
+    if existing is None:
+        return
+    usage = shutil.disk_usage(existing)
+    wanted = int(needed * 1.02) + SPACE_MARGIN_BYTES
+    if usage.total and wanted > usage.free:
+        raise OutputError(f"{what} '{target}': {content} needs about {format_bytes(wanted)}, but '{existing}' has "
+                          f"{format_bytes(usage.free)} free; {hint}")
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
 def require_directory(path: Path, what: str) -> None:
     """`path` is a directory or can become one (a work directory that stages fill)."""
     if path.exists() and not path.is_dir():

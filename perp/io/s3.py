@@ -85,15 +85,16 @@ def _transient(error: Exception) -> bool:
     return response.get("Error", {}).get("Code") in _TRANSIENT_CODES or (isinstance(status, int) and status >= 500)
 
 
-def _list_keys(client: Any, bucket: str, prefix: str) -> list[str]:
-    keys: list[str] = []
+def _list_keys(client: Any, bucket: str, prefix: str) -> dict[str, int]:
+    """Every key under `prefix`, with its size in bytes."""
+    keys: dict[str, int] = {}
     token: Optional[str] = None
     while True:
         kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
         if token:
             kwargs["ContinuationToken"] = token
         page = _call(client, "list_objects_v2", **kwargs)
-        keys.extend(item["Key"] for item in page.get("Contents", []))
+        keys.update((item["Key"], int(item.get("Size", 0))) for item in page.get("Contents", []))
         if not page.get("IsTruncated"):
             return keys
         token = page["NextContinuationToken"]
@@ -230,15 +231,28 @@ def fetch_s3(uri: str, client: Any = None) -> Path:
     keys = _list_keys(client, bucket, prefix)
     if prefix in keys:  # a single object
         dest = _inside(root, prefix, uri)
+        _require_cache_space(uri, {dest: keys[prefix]})
         download_object(client, bucket, prefix, dest)
         return dest
     children = [k for k in keys if k.startswith(prefix + "/") and not k.endswith("/")]
     if not children:
         raise S3Error(f"nothing at {uri} (endpoint {_endpoint(client)})")
     destinations = [(child, _inside(root, child, uri)) for child in children]  # all checked before any download
+    _require_cache_space(uri, {dest: keys[child] for child, dest in destinations})
     for child, dest in destinations:
         download_object(client, bucket, child, dest)
     return _inside(root, prefix, uri)
+
+
+def _require_cache_space(uri: str, sizes: dict[Path, int]) -> None:
+    """The objects not yet in the cache (at their size) must fit in its free space: a 140 GB checkpoint that
+    fills the disk halfway through leaves a broken cache and nothing loaded."""
+    from perp.io.atomic import require_free_space
+
+    missing = sum(size for dest, size in sizes.items() if not (dest.is_file() and dest.stat().st_size == size))
+    if missing:
+        require_free_space(next(iter(sizes)), missing, "the download cache", f"downloading {uri}",
+                           hint="free some space or point PERP_CACHE at a bigger disk")
 
 
 def clear_cached(uri: str) -> None:

@@ -262,6 +262,14 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", revision: O
                        device=torch_device, dtype=torch_dtype)
 
 
+def saved_copy_bytes(spec: str, revision: Optional[str] = None, device: str = "auto", dtype: str = "auto") -> int:
+    """Bytes of a checkpoint that saves `spec` as `load_model(spec, device, dtype, revision)` loads it: what a
+    pruned or recovered copy weighs (pruned weights are stored as zeros, so the size does not shrink)."""
+    _, path = resolve_model_dir(spec, revision)
+    _, torch_dtype = resolve_device_dtype(device, dtype)
+    return checkpoint_bytes(path, torch_dtype)
+
+
 def checkpoint_bytes(path: Path, dtype: torch.dtype) -> int:
     """Bytes the checkpoint's tensors take once loaded with floating-point tensors in `dtype`, from the safetensors
     headers alone (nothing else is read)."""

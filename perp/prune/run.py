@@ -24,7 +24,7 @@ import torch
 from perp.config import PerpConfig, PruneConfig, dump_params, recorded_model_source, validate_section
 from perp.data.windows import TokenSet
 from perp.errors import ConfigError
-from perp.io.atomic import atomic_directory, check_output_directory, write_json_atomic
+from perp.io.atomic import atomic_directory, check_output_directory, require_free_space, write_json_atomic
 from perp.layout import PRUNE_REPORT, RECOVER_REPORT
 from perp.models.construction import one_model_at_a_time
 from perp.prune.engine import (EngineOptions, EngineResult, LayerReconstruction, default_batch_size,
@@ -107,6 +107,7 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
 
     t0 = time.perf_counter()
     family, calib, planned = _preflight(config, spec, calib)
+    _require_space(config, out_dir, planned)
     timings["prepare"] = time.perf_counter() - t0  # validation on a meta model, calibration windows
 
     t0 = time.perf_counter()
@@ -166,6 +167,15 @@ def _preflight(config: PerpConfig, spec: PruneSpec,
         calib = calibration_set(config.data.calibration, tokenizer)
     check_calibration(calib.ids, skeleton, family)
     return family, calib, planned
+
+
+def _require_space(config: PerpConfig, out_dir: Path, planned: tuple[int, int]) -> None:
+    """The pruned checkpoint (every tensor, zeros included) and its bitmasks must fit where they will be written."""
+    from perp.models.loading import saved_copy_bytes
+
+    mc = config.model
+    needed = saved_copy_bytes(mc.name, mc.revision, mc.device, mc.dtype) + planned[1] // 8
+    require_free_space(out_dir, needed, "--out", "the pruned checkpoint with its masks")
 
 
 def _engine_options(config: PerpConfig, loaded: Any, calib: TokenSet, method: PruneMethod,

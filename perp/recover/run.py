@@ -21,9 +21,10 @@ import torch
 from perp.config import PerpConfig
 from perp.data import evaluation_set
 from perp.evaluate.perplexity import perplexity
-from perp.io.atomic import atomic_directory, check_output_directory
+from perp.io.atomic import atomic_directory, check_output_directory, require_free_space
 from perp.layout import ADAPTER_FILE, MASKS_FILE, RECOVER_REPORT
 from perp.models import load_model
+from perp.models.loading import saved_copy_bytes
 from perp.models.families import count_parameters
 from perp.recover.base import METHODS, DataRepeatWarning, RecoverError, Settings, model_scope
 from perp.recover.checks import check_windows_fit, require_biases, settings_for, validate_request
@@ -55,6 +56,8 @@ def run_recover(config: PerpConfig, model: str, out_dir: Path, dense: Optional[s
     rc = config.recover
     methods = validate_request(config, model, dense)
     out_dir = check_output_directory(out_dir, inputs=[model] + ([dense] if dense else []), kind="recover")
+    require_free_space(out_dir, saved_copy_bytes(model, config.model.revision, config.model.device,
+                                                 config.model.dtype), "--out", "the recovered checkpoint")
     preserves = all(METHODS.get(name).preserves_sparsity for name in methods)
     settings = settings_for(config)
 

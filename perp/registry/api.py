@@ -224,6 +224,8 @@ def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: 
     model_dir = Path(model_dir)
     _require_pack_workers()
     files = _checkpoint_files(model_dir)
+    if compact:
+        _require_packing_space(files)
     described = _described(_metrics_or_file(metrics, model_dir), params, lineage, extra, model_dir)
     store = _store(store_uri, create=True)
     _, state = load_state(store, name)  # an altered log refuses registrations before any upload
@@ -238,6 +240,16 @@ def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: 
     _require_uploads_present(store, name, storage, manifest_ref.sha256)
     return _append_registration(store, name, manifest, manifest_ref.sha256, wanted if reuse else None,
                                 seen_head=state.head_seq)
+
+
+def _require_packing_space(files: list[tuple[str, Path]]) -> None:
+    """Packing keeps at most two packed files (each smaller than its source) in the scratch directory."""
+    from perp.io.atomic import require_free_space
+    from perp.io.cache import scratch_dir
+
+    sizes = sorted(path.stat().st_size for rel, path in files if rel.endswith(".safetensors"))
+    require_free_space(scratch_dir("register-") / "register", sum(sizes[-2:]), "the scratch directory",
+                       "packing the two largest files", hint="free some space or point PERP_CACHE at a bigger disk")
 
 
 def _require_pack_workers() -> None:
@@ -797,6 +809,7 @@ def pull(store_uri: StoreLike, ref: str, out_dir: Union[str, Path]) -> dict[str,
     state, version = _pullable_version(store, name, selector)
     manifest = _load_manifest(store, name, state, version)
     files, storage = _manifest_tables(manifest, name, version)
+    _require_pull_space(out_dir, files)
     with atomic_directory(out_dir, kind="pull") as staging:
         scratch = Path(tempfile.mkdtemp(dir=staging.parent, prefix=f".{out_dir.name}.pull-"))
         try:
@@ -816,6 +829,15 @@ def _require_pull_target(out_dir: Path) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not is_complete(out_dir))):
         raise RegistryError(f"'{out_dir}' exists and is not empty; choose another --out (perp replaces only its own "
                             "complete outputs)")
+
+
+def _require_pull_space(out_dir: Path, files: dict[str, Any]) -> None:
+    """The version's files and at most two packed downloads in flight (each smaller than its file) must fit."""
+    from perp.io.atomic import require_free_space
+
+    sizes = [int(record.get("size", 0)) for record in files.values() if isinstance(record, dict)]
+    largest_two = sum(sorted(sizes)[-2:])
+    require_free_space(out_dir, sum(sizes) + largest_two, "--out", "the pulled checkpoint")
 
 
 def _pullable_version(store: Store, name: str, selector: Union[int, str]) -> tuple[ModelState, int]:
