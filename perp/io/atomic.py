@@ -104,13 +104,14 @@ def require_free_space(target: str | Path, needed: int, what: str, content: str,
     target = Path(target).expanduser().absolute()
     if target.is_symlink():  # atomic_directory writes where the link points
         target = target.resolve()
-    existing = next((path for path in target.parents if path.exists()), None)
+    existing = next((path for path in (target, *target.parents) if path.exists()), None)
     if existing is None:
         return
     usage = shutil.disk_usage(existing)
     wanted = int(needed * 1.02) + SPACE_MARGIN_BYTES
     if usage.total and wanted > usage.free:
-        raise OutputError(f"{what} '{target}': {content} needs about {format_bytes(wanted)}, but '{existing}' has "
+        where = "it" if existing == target else f"'{existing}'"
+        raise OutputError(f"{what} '{target}': {content} needs about {format_bytes(wanted)}, but {where} has "
                           f"{format_bytes(usage.free)} free; {hint}")
 
 

@@ -248,7 +248,7 @@ def _require_packing_space(files: list[tuple[str, Path]]) -> None:
     from perp.io.cache import scratch_dir
 
     sizes = sorted(path.stat().st_size for rel, path in files if rel.endswith(".safetensors"))
-    require_free_space(scratch_dir("register-") / "register", sum(sizes[-2:]), "the scratch directory",
+    require_free_space(scratch_dir("register-"), sum(sizes[-2:]), "the scratch directory",
                        "packing the two largest files", hint="free some space or point PERP_CACHE at a bigger disk")
 
 
@@ -809,7 +809,7 @@ def pull(store_uri: StoreLike, ref: str, out_dir: Union[str, Path]) -> dict[str,
     state, version = _pullable_version(store, name, selector)
     manifest = _load_manifest(store, name, state, version)
     files, storage = _manifest_tables(manifest, name, version)
-    _require_pull_space(out_dir, files)
+    _require_pull_space(out_dir, files, storage)
     with atomic_directory(out_dir, kind="pull") as staging:
         scratch = Path(tempfile.mkdtemp(dir=staging.parent, prefix=f".{out_dir.name}.pull-"))
         try:
@@ -831,13 +831,18 @@ def _require_pull_target(out_dir: Path) -> None:
                             "complete outputs)")
 
 
-def _require_pull_space(out_dir: Path, files: dict[str, Any]) -> None:
-    """The version's files and at most two packed downloads in flight (each smaller than its file) must fit."""
+def _require_pull_space(out_dir: Path, files: dict[str, Any], storage: dict[str, Any]) -> None:
+    """The version's files, and the two largest packed downloads (the most in flight at once) beside them."""
     from perp.io.atomic import require_free_space
 
-    sizes = [int(record.get("size", 0)) for record in files.values() if isinstance(record, dict)]
-    largest_two = sum(sorted(sizes)[-2:])
-    require_free_space(out_dir, sum(sizes) + largest_two, "--out", "the pulled checkpoint")
+    def size(entry: Any) -> int:
+        value = entry.get("size") if isinstance(entry, dict) else None
+        return value if isinstance(value, int) and value > 0 else 0  # a malformed record fails its own check later
+
+    packed = sorted(size(entry) for entry in storage.values()
+                    if isinstance(entry, dict) and entry.get("encoding") != "raw")
+    require_free_space(out_dir, sum(size(record) for record in files.values()) + sum(packed[-2:]), "--out",
+                       "the pulled checkpoint")
 
 
 def _pullable_version(store: Store, name: str, selector: Union[int, str]) -> tuple[ModelState, int]:
