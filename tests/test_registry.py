@@ -683,6 +683,39 @@ def _register_then_die(mode, uri, model, endpoint):
     register_version(uri, "tiny", Path(model), {"gates": {}})
 
 
+def _pull_then_die(uri, out):
+    """Pull in a child process that SIGKILLs itself once the first packed download is in its scratch."""
+    import signal
+
+    import perp.registry.api as api
+
+    real = api._finish_file
+
+    def finish(where, rel, record, entry, dest, packed):
+        if packed is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(where, rel, record, entry, dest, packed)
+
+    api._finish_file = finish
+    pull(uri, "tiny@1", out)
+
+
+def test_a_pull_killed_halfway_leaves_nothing_the_next_pull_does_not_remove(model_dir, tmp_path):
+    store_uri = str(tmp_path / "store")
+    register_version(store_uri, "tiny", model_dir, GOOD)
+    target = tmp_path / "pulls" / "tiny"
+    child = _process_context().Process(target=_pull_then_die, args=(store_uri, str(target)))
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == -9  # SIGKILL: no cleanup ran
+    (left,) = (tmp_path / "pulls").iterdir()  # only the staging directory, packed download inside it
+    assert left.name.startswith(".tiny.partial-") and any(left.glob(".perp-pull-scratch-*/*.perp-sparse.safetensors"))
+
+    pull(store_uri, "tiny@1", target)
+    assert [path.name for path in (tmp_path / "pulls").iterdir()] == ["tiny"]
+    assert tree_sha(target) == tree_sha(model_dir)
+
+
 @pytest.mark.parametrize("mode", ["mid-file", "after-manifest"])
 def test_upload_killed_halfway_leaves_no_visible_version(store_uri, model_dir, tmp_path, mode):
     model = tmp_path / "model"

@@ -811,7 +811,8 @@ def pull(store_uri: StoreLike, ref: str, out_dir: Union[str, Path]) -> dict[str,
     files, storage = _manifest_tables(manifest, name, version)
     _require_pull_space(out_dir, files, storage)
     with atomic_directory(out_dir, kind="pull") as staging:
-        scratch = Path(tempfile.mkdtemp(dir=staging.parent, prefix=f".{out_dir.name}.pull-"))
+        # Inside the staging directory: a killed pull's packed downloads go with it (`remove_stale_staging`).
+        scratch = Path(tempfile.mkdtemp(dir=staging, prefix=".perp-pull-scratch-"))
         try:
             _download_files(store, f"'{name}' v{version}", files, storage, staging, scratch)
         finally:
