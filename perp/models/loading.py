@@ -279,9 +279,15 @@ def checkpoint_bytes(path: Path, dtype: torch.dtype) -> int:
     itemsize = torch.empty((), dtype=dtype).element_size()
     total = 0
     for file in _weight_files(path):
-        with open(file, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(length))
+        try:
+            with open(file, "rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(length))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+        except (struct.error, ValueError) as error:
+            raise ModelSourceError(f"'{file}' is not a readable safetensors file ({error}); the checkpoint is "
+                                   "damaged or incomplete") from None
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
