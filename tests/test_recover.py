@@ -573,10 +573,56 @@ def test_a_disk_too_small_for_the_recovered_checkpoint_fails_before_loading(prun
     monkeypatch.setattr(recover_run, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     disk = full_disk(tmp_path / "disk")
     for mode in ("end2end", "layerwise"):
-        with pytest.raises(OutputError, match="the recovered checkpoint needs about .* but .* has 1.0 MiB free"):
+        with pytest.raises(OutputError, match="recovered checkpoint with its adapter needs about .* has 1.0 MiB free"):
             run_recover(tiny_config(f"recover.mode={mode}"), str(pruned_dirs["llama"]), disk / "x",
                         dense=str(pruned_dirs["dense-llama"]) if mode == "layerwise" else None)
     assert not (disk / "x").exists()
+
+
+def _weights_written(out: Path) -> int:
+    return sum(path.stat().st_size for path in out.glob("*.safetensors"))
+
+
+@pytest.fixture
+def space_asked(monkeypatch) -> list[int]:
+    """The bytes each free-space check asked for (the checks still run)."""
+    import perp.prune.run
+    import perp.recover.run
+
+    asked: list[int] = []
+    for module in (perp.prune.run, perp.recover.run):
+        real = module.require_free_space
+
+        def record(target, needed, *args, real=real, **kwargs):
+            asked.append(needed)
+            return real(target, needed, *args, **kwargs)
+
+        monkeypatch.setattr(module, "require_free_space", record)
+    return asked
+
+
+@pytest.mark.parametrize("method, mode", [("masklora+lm_head", "end2end"), ("scalelora+norm", "layerwise"),
+                                          ("lora", "end2end")])
+def test_the_space_asked_for_is_what_recovery_writes(pruned_dirs, tmp_path, space_asked, method, mode):
+    """Tied OPT: the LM head's LoRA unties it (a second copy of the head); the masks are copied when kept."""
+    dense = str(pruned_dirs["dense-opt"])
+    source = tmp_path / "pruned"
+    run_prune(tiny_config(f"model.name={dense}", "prune.method=magnitude", "data.calibration.seqlen=32"), source)
+    out = tmp_path / "recovered"
+    run_recover(tiny_config(f"recover.method={method}", f"recover.mode={mode}", "recover.steps=1"), str(source), out,
+                dense=dense if mode == "layerwise" else None)
+    written = _weights_written(out)
+    assert space_asked[-1] <= written < space_asked[-1] + 16 * 1024  # every tensor counted; headers are not
+
+
+def test_the_space_asked_for_is_what_a_fused_run_writes(tiny_llama_dir, tmp_path, space_asked):
+    from perp.recover.fused import run_fused
+
+    out = tmp_path / "fused"
+    run_fused(tiny_config(f"model.name={tiny_llama_dir}", "prune.method=wanda", "data.calibration.seqlen=32",
+                          "recover.method=norm+masklora", "recover.steps=1"), out)
+    written = _weights_written(out)
+    assert space_asked[-1] <= written < space_asked[-1] + 16 * 1024
 
 
 # --------------------------------------------------------------------------------------------- bad input

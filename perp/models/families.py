@@ -88,7 +88,7 @@ class FamilyAdapter:
         """True when the LM head shares its weight tensor with the input embeddings."""
         head = self.lm_head(model).weight
         embed = self.embeddings(model)[0].weight
-        return head is embed or head.data_ptr() == embed.data_ptr()
+        return head is embed or (not head.is_meta and head.data_ptr() == embed.data_ptr())  # meta: all ptrs 0
 
     # ---- measurements
     def decoder_sparsity(self, model: nn.Module) -> dict[str, float]:

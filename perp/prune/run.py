@@ -106,8 +106,8 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
     resolve_compute_dtype(config.prune.compute_dtype)  # an unknown name fails here, before anything loads
 
     t0 = time.perf_counter()
-    family, calib, planned = _preflight(config, spec, calib)
-    _require_space(config, out_dir, planned)
+    skeleton, family, calib, planned = _preflight(config, spec, calib)
+    _require_space(config, out_dir, planned, skeleton, family, reconstruction)
     timings["prepare"] = time.perf_counter() - t0  # validation on a meta model, calibration windows
 
     t0 = time.perf_counter()
@@ -147,10 +147,11 @@ def _create_method(config: PerpConfig, spec: PruneSpec) -> PruneMethod:
 
 
 def _preflight(config: PerpConfig, spec: PruneSpec,
-               calib: Optional[TokenSet]) -> tuple[Any, TokenSet, tuple[int, int]]:
+               calib: Optional[TokenSet]) -> tuple[torch.nn.Module, Any, TokenSet, tuple[int, int]]:
     """Everything that can be wrong, checked on a weightless (meta) copy of the model before the weights load:
     the architecture, the Linear selection, the pattern against the shapes (also at the lowest sparsity OWL may
-    choose), the calibration windows against the vocabulary. Returns (family, calibration, planned counts)."""
+    choose), the calibration windows against the vocabulary. Returns (skeleton, family, calibration, planned
+    counts)."""
     from perp.data import calibration_set
 
     skeleton, family, tokenizer = model_skeleton(config.model.name, config.model.revision)
@@ -166,16 +167,22 @@ def _preflight(config: PerpConfig, spec: PruneSpec,
     if calib is None:
         calib = calibration_set(config.data.calibration, tokenizer)
     check_calibration(calib.ids, skeleton, family)
-    return family, calib, planned
+    return skeleton, family, calib, planned
 
 
-def _require_space(config: PerpConfig, out_dir: Path, planned: tuple[int, int]) -> None:
-    """The pruned checkpoint (every tensor, zeros included) and its bitmasks must fit where they will be written."""
-    from perp.models.loading import saved_copy_bytes
+def _require_space(config: PerpConfig, out_dir: Path, planned: tuple[int, int], skeleton: torch.nn.Module,
+                   family: Any, reconstruction: Optional["FusedStep"]) -> None:
+    """The pruned checkpoint (every tensor, zeros included), its bitmasks and a fused recovery's adapter must fit
+    where they will be written."""
+    from perp.models.loading import resolve_device_dtype, saved_copy_bytes
 
     mc = config.model
     needed = saved_copy_bytes(mc.name, mc.revision, mc.device, mc.dtype) + planned[1] // 8
-    require_free_space(out_dir, needed, "--out", "the pruned checkpoint with its masks")
+    content = "the pruned checkpoint with its masks"
+    if reconstruction is not None:
+        needed += reconstruction.output_bytes(skeleton, family, resolve_device_dtype(mc.device, mc.dtype)[1].itemsize)
+        content = "the recovered checkpoint with its masks and adapter"
+    require_free_space(out_dir, needed, "--out", content)
 
 
 def _engine_options(config: PerpConfig, loaded: Any, calib: TokenSet, method: PruneMethod,
@@ -231,6 +238,8 @@ class FusedStep(LayerReconstruction, Protocol):
     def finish(self, peak_memory_bytes: int, sparsity: dict[str, Any]) -> dict[str, Any]: ...
 
     def write(self, staging: Path) -> None: ...
+
+    def output_bytes(self, skeleton: torch.nn.Module, family: Any, itemsize: int) -> int: ...
 
 
 def model_skeleton(spec: str, revision: Optional[str] = None) -> tuple[torch.nn.Module, Any, Any]:

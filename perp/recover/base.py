@@ -9,7 +9,7 @@ one only marks its own parameters trainable, after the orchestrator has frozen e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Iterable, Optional
 
 import torch
 from torch import nn
@@ -89,6 +89,8 @@ class RecoverMethod:
     preserves_sparsity: ClassVar[bool] = True
     #: False when the method has nothing to train inside a decoder block (the LM head lives outside them).
     in_blocks: ClassVar[bool] = True
+    #: True when the method adds a low-rank adapter (saved in the adapter file) to every decoder Linear.
+    lowrank_on_linears: ClassVar[bool] = False
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -106,6 +108,17 @@ class RecoverMethod:
 
     def describe(self, scope: Scope) -> dict[str, Any]:
         return {}
+
+    def output_bytes(self, scope: Scope, itemsize: int) -> int:
+        """Bytes this method adds to the recovered output beyond the merged checkpoint (adapter tensors, an untied
+        LM head), from shapes alone: `scope` may hold a weightless (meta) model; `itemsize` is the element size of
+        the saved weights. Parameters a method only selects (norms, biases) are a rounding error: 0."""
+        return lowrank_bytes(scope.linears.values(), self.settings.rank) if self.lowrank_on_linears else 0
+
+
+def lowrank_bytes(linears: Iterable[nn.Linear], rank: int) -> int:
+    """The fp32 A [rank, in] and B [out, rank] of a low-rank adapter on each Linear."""
+    return 4 * rank * sum(linear.in_features + linear.out_features for linear in linears)
 
 
 METHODS: Registry[type[RecoverMethod]] = Registry("recover.method")

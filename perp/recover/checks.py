@@ -75,3 +75,33 @@ def require_biases(methods: list[str], model: Any, family: Any, source: str) -> 
                                "(LLaMA-style models have no biases)")
         warnings.warn(f"recover.method: '{source}' has no biases in its decoder layers; 'bias' adds nothing",
                       stacklevel=3)
+
+
+def recovered_output_bytes(config: PerpConfig, model: str, preserves: bool) -> int:
+    """What `run_recover` will write, from safetensors headers and a weightless model (nothing loads): the merged
+    checkpoint in the dtype it loads in, the source's masks when the methods keep them, and what the methods add
+    (adapters, an untied LM head)."""
+    from perp.layout import MASKS_FILE
+    from perp.models.loading import checkpoint_bytes, resolve_device_dtype, resolve_model_dir
+    from perp.prune.run import model_skeleton
+
+    mc = config.model
+    _, path = resolve_model_dir(model, mc.revision)
+    _, dtype = resolve_device_dtype(mc.device, mc.dtype)
+    masks = path / MASKS_FILE
+    kept_masks = masks.stat().st_size if preserves and masks.is_file() else 0
+    skeleton, family, _ = model_skeleton(model, mc.revision)
+    added = added_output_bytes(config, skeleton, family, dtype.itemsize, blocks_only=config.recover.mode == "layerwise")
+    return checkpoint_bytes(path, dtype) + kept_masks + added
+
+
+def added_output_bytes(config: PerpConfig, skeleton: Any, family: Any, itemsize: int, blocks_only: bool) -> int:
+    """Bytes the methods of `config.recover` add beyond the merged checkpoint, counted on `skeleton` (a meta
+    model); `blocks_only` for layer-wise training, which has no LM head in scope."""
+    from perp.recover.base import Scope, model_scope
+
+    scope = model_scope(skeleton, family)
+    if blocks_only:
+        scope = Scope(root=skeleton, family=family, linears=scope.linears, model=None)
+    settings = settings_for(config)
+    return sum(METHODS.get(name)(settings).output_bytes(scope, itemsize) for name in config.recover.methods)

@@ -27,7 +27,7 @@ from perp.layout import ADAPTER_FILE, RECOVER_REPORT
 from perp.models.families import count_parameters
 from perp.prune.engine import LayerInputs, capture_layer_inputs
 from perp.recover.base import METHODS, Settings
-from perp.recover.checks import require_biases, settings_for, validate_request
+from perp.recover.checks import added_output_bytes, require_biases, settings_for, validate_request
 from perp.recover.data import WindowStream
 from perp.recover.layerwise import BlockData, BlockTrainer, Rows, _autocast_dtype, _layered_ppl
 from perp.recover.memory import PeakMemory
@@ -63,6 +63,10 @@ class FusedReconstruction:
         """The engine's calibration precision in a fused run: the training's (`BlockTrainer`), so that targets,
         training and the next layer's inputs are computed alike (None: the weights' dtype)."""
         return _autocast_dtype(device, model_dtype)
+
+    def output_bytes(self, skeleton: nn.Module, family: Any, itemsize: int) -> int:
+        """What the recovery adds to the pruned output (its adapter), counted on the weightless `skeleton`."""
+        return added_output_bytes(self.config, skeleton, family, itemsize, blocks_only=True)
 
     def prepare(self, loaded: Any, calib: TokenSet, blocks: int) -> None:
         """Dense perplexity (the 'before'), the blocks' call arguments for one window, the training plan."""

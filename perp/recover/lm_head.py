@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from perp.recover.base import RecoverError, RecoverMethod, Scope, register
+from perp.recover.base import RecoverError, RecoverMethod, Scope, lowrank_bytes, register
 from perp.recover.lora import peft_lora, unwrap_peft
 
 
@@ -49,6 +49,13 @@ class LMHead(RecoverMethod):
 
     def describe(self, scope: Scope) -> dict[str, Any]:
         return {"tied_embeddings_action": self.action}
+
+    def output_bytes(self, scope: Scope, itemsize: int) -> int:
+        if scope.is_block:
+            return 0
+        head = scope.family.lm_head(scope.model)
+        untied_copy = head.weight.numel() * itemsize if scope.family.ties_embeddings(scope.model) else 0
+        return lowrank_bytes([head], self.settings.rank) + untied_copy
 
 
 @torch.no_grad()

@@ -41,6 +41,7 @@ def unwrap_peft(scope: Scope, names: list[str]) -> None:
 @register("lora")
 class LoRA(RecoverMethod):
     stage = 0
+    lowrank_on_linears = True
     preserves_sparsity = False
 
     def attach(self, scope: Scope) -> dict[str, nn.Parameter]:

@@ -87,6 +87,7 @@ class MaskLoRALinear(LowRankAdapter):
 @register("masklora")
 class MaskLoRA(RecoverMethod):
     stage = 0
+    lowrank_on_linears = True
     adapter_class = MaskLoRALinear
 
     def attach(self, scope: Scope) -> dict[str, nn.Parameter]:

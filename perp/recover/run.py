@@ -24,10 +24,10 @@ from perp.evaluate.perplexity import perplexity
 from perp.io.atomic import atomic_directory, check_output_directory, require_free_space
 from perp.layout import ADAPTER_FILE, MASKS_FILE, RECOVER_REPORT
 from perp.models import load_model
-from perp.models.loading import saved_copy_bytes
 from perp.models.families import count_parameters
 from perp.recover.base import METHODS, DataRepeatWarning, RecoverError, Settings, model_scope
-from perp.recover.checks import check_windows_fit, require_biases, settings_for, validate_request
+from perp.recover.checks import (check_windows_fit, recovered_output_bytes, require_biases, settings_for,
+                                 validate_request)
 from perp.recover.data import WindowStream, training_windows
 from perp.recover.masks import capture_masks, check_source_masks, mask_violations, require_pruned
 from perp.recover.memory import PeakMemory
@@ -56,9 +56,9 @@ def run_recover(config: PerpConfig, model: str, out_dir: Path, dense: Optional[s
     rc = config.recover
     methods = validate_request(config, model, dense)
     out_dir = check_output_directory(out_dir, inputs=[model] + ([dense] if dense else []), kind="recover")
-    require_free_space(out_dir, saved_copy_bytes(model, config.model.revision, config.model.device,
-                                                 config.model.dtype), "--out", "the recovered checkpoint")
     preserves = all(METHODS.get(name).preserves_sparsity for name in methods)
+    require_free_space(out_dir, recovered_output_bytes(config, model, preserves), "--out",
+                       "the recovered checkpoint with its adapter")
     settings = settings_for(config)
 
     emit(progress, "load")

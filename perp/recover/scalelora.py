@@ -64,6 +64,7 @@ class ScaleLoRALinear(LowRankAdapter):
 @register("scalelora")
 class ScaleLoRA(RecoverMethod):
     stage = 0
+    lowrank_on_linears = True
 
     def attach(self, scope: Scope) -> dict[str, nn.Parameter]:
         return attach_adapters(scope, lambda linear: ScaleLoRALinear(linear, self.settings.rank))
