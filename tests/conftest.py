@@ -113,29 +113,34 @@ def perp_in_process(monkeypatch, capsys, tmp_path):
 
 @pytest.fixture
 def full_disk(monkeypatch):
-    """`full_disk(root, free)`: the file system holding `root` (and everything under it) reports `free` bytes free;
-    others report what the real one does. A real full disk is not something a test can make safely."""
+    """`full_disk(root, free)`: the file system holding `root` (and everything under it) has `free` bytes free as
+    the tree is now, and less as files are written under it (more as they are removed); others report what the
+    real one does. A real full disk is not something a test can make safely."""
     import shutil
     from collections import namedtuple
 
     import perp.io.atomic
 
     real, Usage = shutil.disk_usage, namedtuple("Usage", "total used free")
-    full: dict[Path, int] = {}
+    full: dict[Path, tuple[int, int]] = {}  # root → (free when registered, bytes under it then)
+
+    def used(root: Path) -> int:
+        return sum(path.stat().st_size for path in root.rglob("*") if path.is_file() and not path.is_symlink())
 
     def usage(path):
         path = Path(path).absolute()
-        for root, free in full.items():
+        for root, (free, then) in full.items():
             if path == root or root in path.parents:
                 total = 1 << 40
-                return Usage(total, total - free, free)
+                now = max(0, free - (used(root) - then))
+                return Usage(total, total - now, now)
         return real(path)
 
     monkeypatch.setattr(perp.io.atomic.shutil, "disk_usage", usage)
 
     def make(root: Path, free: int = 1 << 20) -> Path:
         root.mkdir(parents=True, exist_ok=True)
-        full[root.absolute()] = free
+        full[root.absolute()] = (free, used(root.absolute()))
         return root
 
     return make

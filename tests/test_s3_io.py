@@ -172,7 +172,7 @@ def test_only_what_the_cache_lacks_must_fit_and_a_download_that_cannot_is_refuse
     assert counters["download"] == 2
     full_disk(cache, free=1 << 20)
     assert fetch_s3(uri) == cache / "s3" / s3_bucket / "m"  # everything cached: nothing to fit
-    _put(s3_bucket, "m/b.safetensors", PAYLOAD * 2)
+    _put(s3_bucket, "m/b.safetensors", PAYLOAD[::-1])  # new content, same size: downloaded in full again
     with pytest.raises(OutputError, match=f"downloading {uri} needs about .* 1.0 MiB free; .* PERP_CACHE"):
         fetch_s3(uri)
     with pytest.raises(OutputError, match="downloading"):

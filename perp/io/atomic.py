@@ -100,10 +100,12 @@ def require_free_space(target: str | Path, needed: int, what: str, content: str,
     """Refuse to start a stage whose output (`needed` bytes of `content`, staged beside `target` and renamed into
     place) does not fit in the free space of `target`'s file system: a full disk found at the save costs the
     hours of pruning or training before it, and leaves nothing. A file system that reports no size (some network
-    mounts) is not checked."""
+    mounts) is not checked. The staging a killed run left for the same target is removed first: a retry must
+    not be refused for the space its own failed attempt holds."""
     target = Path(target).expanduser().absolute()
     if target.is_symlink():  # atomic_directory writes where the link points
         target = target.resolve()
+    remove_stale_staging(target)
     existing = next((path for path in (target, *target.parents) if path.exists()), None)
     if existing is None:
         return

@@ -85,16 +85,17 @@ def _transient(error: Exception) -> bool:
     return response.get("Error", {}).get("Code") in _TRANSIENT_CODES or (isinstance(status, int) and status >= 500)
 
 
-def _list_keys(client: Any, bucket: str, prefix: str) -> dict[str, int]:
-    """Every key under `prefix`, with its size in bytes."""
-    keys: dict[str, int] = {}
+def _list_keys(client: Any, bucket: str, prefix: str) -> dict[str, dict[str, Any]]:
+    """Every key under `prefix`, with what the listing says of it as `head_object` would (ETag, ContentLength)."""
+    keys: dict[str, dict[str, Any]] = {}
     token: Optional[str] = None
     while True:
         kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
         if token:
             kwargs["ContinuationToken"] = token
         page = _call(client, "list_objects_v2", **kwargs)
-        keys.update((item["Key"], int(item.get("Size", 0))) for item in page.get("Contents", []))
+        keys.update((item["Key"], {"ETag": item.get("ETag", ""), "ContentLength": int(item.get("Size", 0))})
+                    for item in page.get("Contents", []))
         if not page.get("IsTruncated"):
             return keys
         token = page["NextContinuationToken"]
@@ -244,14 +245,14 @@ def fetch_s3(uri: str, client: Any = None) -> Path:
     return _inside(root, prefix, uri)
 
 
-def _require_cache_space(uri: str, sizes: dict[Path, int]) -> None:
-    """The objects not yet in the cache (at their size) must fit in its free space: a 140 GB checkpoint that
-    fills the disk halfway through leaves a broken cache and nothing loaded."""
+def _require_cache_space(uri: str, listed: dict[Path, dict[str, Any]]) -> None:
+    """The objects the cache does not hold as they are now (by their stamp: same ETag and size) must fit in its
+    free space: a 140 GB checkpoint that fills the disk halfway leaves a broken cache and nothing loaded."""
     from perp.io.atomic import require_free_space
 
-    missing = sum(size for dest, size in sizes.items() if not (dest.is_file() and dest.stat().st_size == size))
+    missing = sum(head["ContentLength"] for dest, head in listed.items() if _stamped_digest(dest, head) is None)
     if missing:
-        require_free_space(next(iter(sizes)), missing, "the download cache", f"downloading {uri}",
+        require_free_space(next(iter(listed)), missing, "the download cache", f"downloading {uri}",
                            hint="free some space or point PERP_CACHE at a bigger disk")
 
 

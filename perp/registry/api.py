@@ -224,8 +224,6 @@ def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: 
     model_dir = Path(model_dir)
     _require_pack_workers()
     files = _checkpoint_files(model_dir)
-    if compact:
-        _require_packing_space(files)
     described = _described(_metrics_or_file(metrics, model_dir), params, lineage, extra, model_dir)
     store = _store(store_uri, create=True)
     _, state = load_state(store, name)  # an altered log refuses registrations before any upload
@@ -233,6 +231,8 @@ def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: 
     wanted = _registration_record(file_records, **described)
     if reuse and (twin := _matching_version(store, name, state, wanted, _reuse_candidates(state))) is not None:
         return {**twin, "reused": True}  # nothing uploaded, nothing written
+    if compact:
+        _require_packing_space(files)  # after the reuse check: a reused version packs nothing
     recorded = _blobs_of_latest_version(store, name, state)
     storage = _upload_files(store, files, file_records, recorded, compact)
     manifest = _manifest(store, name, file_records, storage, described, flow_run_id)
@@ -248,6 +248,8 @@ def _require_packing_space(files: list[tuple[str, Path]]) -> None:
     from perp.io.cache import scratch_dir
 
     sizes = sorted(path.stat().st_size for rel, path in files if rel.endswith(".safetensors"))
+    if not sizes:
+        return
     require_free_space(scratch_dir("register-"), sum(sizes[-2:]), "the scratch directory",
                        "packing the two largest files", hint="free some space or point PERP_CACHE at a bigger disk")
 
