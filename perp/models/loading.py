@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     except Exception as error:  # gguf parsing raises many types; report the file
         raise ModelSourceError(f"cannot read GGUF file '{gguf_path}': {error}") from None
     adapter_for(config)  # unsupported architectures fail before the weights are dequantized
+    _require_conversion_space(config, gguf_path, out_dir)
     with one_model_at_a_time():
         quantized = AutoModelForCausalLM.from_pretrained(parent, gguf_file=name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(parent, gguf_file=name)
@@ -132,6 +134,32 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+#: A conversion takes a minute even for a large GGUF: staging older than this belongs to a killed process.
+STALE_CONVERSION_SECONDS = 3600
+
+
+def _require_conversion_space(config: Any, gguf_path: Path, out_dir: Path) -> None:
+    """The dequantized fp32 checkpoint (counted on a weightless model built from the GGUF's config) must fit in the
+    model cache, after removing what killed conversions left there."""
+    from transformers import AutoModelForCausalLM
+
+    from perp.io.atomic import require_free_space
+
+    now = time.time()
+    for staging in out_dir.parent.glob(f".{out_dir.name}.*"):
+        try:
+            stale = staging.is_dir() and now - staging.stat().st_mtime > STALE_CONVERSION_SECONDS
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(staging, ignore_errors=True)
+    with one_model_at_a_time(), torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    numel = sum({id(param): param.numel() for param in skeleton.parameters()}.values())  # tied weights once
+    require_free_space(out_dir, 4 * numel, "the model cache", f"dequantizing '{gguf_path.name}' to fp32",
+                       hint="free some space or point PERP_CACHE at a bigger disk")
 
 
 def _converted_gguf_dir(gguf_path: Path) -> Path:
