@@ -67,3 +67,24 @@ def test_staging_left_by_a_killed_process_is_removed(tmp_path):
         (staging / "ok").write_text("1")
     assert not stale.exists()
     assert (tmp_path / "out" / "ok").is_file()
+
+
+def test_staging_of_another_host_is_removed_once_untouched_for_a_day(tmp_path):
+    """A pod evicted from a shared volume: its host will never come back to clean up, and its pid means nothing
+    here. A day without a write says it is dead; a younger one may be a live writer elsewhere and is kept."""
+    import os
+    import time
+
+    from perp.io.atomic import STALE_STAGING_SECONDS, atomic_directory
+
+    old, young = tmp_path / ".out.partial-evicted-pod-7-deadbeef", tmp_path / ".out.partial-other-node-8-0badcafe"
+    for staging in (old, young):
+        (staging / "shard").mkdir(parents=True)
+        (staging / "shard" / "weights.bin").write_bytes(b"x" * 10)
+    then = time.time() - STALE_STAGING_SECONDS - 60
+    for path in (old / "shard" / "weights.bin", old / "shard", old):
+        os.utime(path, (then, then))
+    os.utime(young, (then, then))  # an old directory with a fresh file inside: still being written
+    with atomic_directory(tmp_path / "out") as staging:
+        (staging / "ok").write_text("1")
+    assert not old.exists() and young.exists()

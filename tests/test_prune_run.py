@@ -341,6 +341,39 @@ def test_cli_prune_json(cli, tiny_llama_dir, tmp_path):
     assert payload["report"]["pattern"] == "2:4" and (out / MASKS_FILE).is_file()
 
 
+_TERMINATED_WHILE_SAVING = """
+import os, signal, sys
+import perp.prune.run as run
+
+real = run.save_masks
+
+def save_then_terminate(*args, **kwargs):  # SIGTERM arrives with the output half-written in its staging
+    real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+run.save_masks = save_then_terminate
+from perp.cli import main
+sys.argv = ["perp", *sys.argv[1:]]
+main()
+"""
+
+
+def test_sigterm_while_saving_exits_143_and_leaves_no_staging(tiny_llama_dir, tmp_path):
+    """`docker stop`, an evicted pod or a cancelled DVC/Prefect run: the half-written output is removed."""
+    import subprocess
+    import sys
+
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"token{i}" for i in range(300)))
+    runs = tmp_path / "runs"
+    result = subprocess.run([sys.executable, "-c", _TERMINATED_WHILE_SAVING, "prune", "--model", str(tiny_llama_dir),
+                             "--calib", str(text), "--nsamples", "2", "--seqlen", "64", "--out", str(runs / "pruned")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 143, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert list(runs.iterdir()) == []  # neither the output nor its staging
+
+
 def test_cli_bad_input_is_one_line(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     from perp.cli import main
 

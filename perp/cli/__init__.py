@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
 import warnings
 
@@ -18,6 +19,7 @@ def main() -> None:
     # perp shows its own progress; transformers' per-load bars would drown it.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.showwarning = _show_warning
+    _exit_on_sigterm()
     try:
         # Standalone mode: click prints usage errors itself and exits with their code; `typer.Exit(n)` exits n.
         app(standalone_mode=True)
@@ -32,6 +34,16 @@ def main() -> None:
         where = f": '{error.filename}'" if error.filename else ""
         console.print(f"[bold red]error:[/] {error.strerror}{where}", highlight=False, soft_wrap=True)
         sys.exit(2)
+
+
+def _exit_on_sigterm() -> None:
+    """`docker stop`, Kubernetes eviction and DVC or Prefect cancellation send SIGTERM, whose default kills the
+    process where it stands, leaving a checkpoint's worth of staging on the disk. Exit through Python instead, so
+    that partial outputs and scratch are removed on the way out (exit status 143, as a shell reports SIGTERM)."""
+    def leave(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, leave)
 
 
 _PATH_ERRNOS = frozenset({errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.ENOENT,

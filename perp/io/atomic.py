@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import stat
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
@@ -31,8 +32,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+#: Staging that no process has written to for this long was left by a killed one, on any host (a Kubernetes pod
+#: that wrote to a shared volume and was evicted): no stage goes a day without writing its output files.
+STALE_STAGING_SECONDS = 24 * 3600
+
+
 def remove_stale_staging(target: Path) -> list[Path]:
-    """Remove staging directories of `target` left by killed processes on this host (a checkpoint's worth of disk)."""
+    """Remove staging directories of `target` left by killed processes (a checkpoint's worth of disk each): those
+    of this host whose process is gone, and those of any host untouched for `STALE_STAGING_SECONDS`."""
     host = socket.gethostname()
     removed = []
     for staging in target.parent.glob(f".{target.name}.partial-*"):
@@ -40,10 +47,20 @@ def remove_stale_staging(target: Path) -> list[Path]:
             stage_host, pid, _ = staging.name.rsplit(".partial-", 1)[1].rsplit("-", 2)
         except ValueError:
             continue
-        if stage_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+        dead = stage_host == host and pid.isdigit() and not _pid_alive(int(pid))
+        if dead or _untouched_for(staging, STALE_STAGING_SECONDS):
             shutil.rmtree(staging, ignore_errors=True)
             removed.append(staging)
     return removed
+
+
+def _untouched_for(directory: Path, seconds: float) -> bool:
+    """No file or directory under `directory` was modified in the last `seconds`."""
+    cutoff = time.time() - seconds
+    try:
+        return all(path.lstat().st_mtime < cutoff for path in (directory, *directory.rglob("*")))
+    except OSError:  # removed meanwhile
+        return False
 
 
 def check_output_directory(target: str | Path, inputs: Iterable[str | Path] = (), what: str = "--out",
