@@ -307,13 +307,18 @@ def test_a_disk_too_small_for_the_checkpoint_fails_before_loading(no_engine, tin
             disk / "out", _calib())
 
 
-def test_a_damaged_checkpoint_fails_in_one_line_before_loading(no_engine, tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("content, why", [
+    (b"\x10\x00", "2 bytes, shorter than a safetensors header"),  # a truncated download
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n", "header length field says"),  # no LFS
+    (len(b'{"w": {"dtype": "F32"}}').to_bytes(8, "little") + b'{"w": {"dtype": "F32"}}', "'shape'"),
+])
+def test_a_damaged_checkpoint_fails_in_one_line_before_loading(no_engine, tiny_llama_dir, tmp_path, content, why):
     import shutil
 
     damaged = tmp_path / "damaged"
     shutil.copytree(tiny_llama_dir, damaged)
-    (damaged / "model.safetensors").write_bytes(b"\x10\x00")  # truncated inside the header length
-    _expect(ModelSourceError, ["model.safetensors' is not a readable safetensors file", "damaged or incomplete"],
+    (damaged / "model.safetensors").write_bytes(content)
+    _expect(ModelSourceError, ["model.safetensors' is not a readable safetensors file", why, "git-lfs pointer"],
             _config(damaged), tmp_path / "out", _calib())
 
 

@@ -601,11 +601,14 @@ def space_asked(monkeypatch) -> list[int]:
     return asked
 
 
-@pytest.mark.parametrize("method, mode", [("masklora+lm_head", "end2end"), ("scalelora+norm", "layerwise"),
-                                          ("lora", "end2end")])
-def test_the_space_asked_for_is_what_recovery_writes(pruned_dirs, tmp_path, space_asked, method, mode):
-    """Tied OPT: the LM head's LoRA unties it (a second copy of the head); the masks are copied when kept."""
-    dense = str(pruned_dirs["dense-opt"])
+@pytest.mark.parametrize("family, method, mode", [
+    ("opt", "masklora+lm_head", "end2end"), ("opt", "scalelora+norm", "layerwise"), ("opt", "lora", "end2end"),
+    ("llama", "lm_head", "end2end"),
+])
+def test_the_space_asked_for_is_what_recovery_writes(pruned_dirs, tmp_path, space_asked, family, method, mode):
+    """Tied OPT: the LM head's LoRA unties it (a second copy of the head); untied LLaMA: no copy. The masks are
+    copied when kept."""
+    dense = str(pruned_dirs[f"dense-{family}"])
     source = tmp_path / "pruned"
     run_prune(tiny_config(f"model.name={dense}", "prune.method=magnitude", "data.calibration.seqlen=32"), source)
     out = tmp_path / "recovered"

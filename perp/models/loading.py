@@ -7,6 +7,7 @@ regular safetensors checkpoint in the cache) and `tiny-llama` / `tiny-opt` (rand
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -300,31 +301,44 @@ def saved_copy_bytes(spec: str, revision: Optional[str] = None, device: str = "a
 
 def checkpoint_bytes(path: Path, dtype: torch.dtype) -> int:
     """Bytes the checkpoint's tensors take once loaded with floating-point tensors in `dtype`, from the safetensors
-    headers alone (nothing else is read)."""
-    import json
-    import struct
-
+    headers alone (nothing else is read). A file that is not safetensors (a git-lfs pointer, an HTML error page, a
+    truncated download) is a one-line ModelSourceError naming it."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     total = 0
     for file in _weight_files(path):
         try:
-            with open(file, "rb") as handle:
-                (length,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(length))
-            if not isinstance(header, dict):
-                raise ValueError("the header is not a JSON object")
-        except (struct.error, ValueError) as error:
+            tensors = _safetensors_header(file)
+            for entry in tensors:
+                numel = math.prod(int(dim) for dim in entry["shape"])
+                floating = entry["dtype"] in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+                total += numel * (itemsize if floating else _SAFETENSORS_ITEMSIZE.get(entry["dtype"], 8))
+        except (ValueError, KeyError, TypeError) as error:
             raise ModelSourceError(f"'{file}' is not a readable safetensors file ({error}); the checkpoint is "
-                                   "damaged or incomplete") from None
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            numel = 1
-            for dim in entry["shape"]:
-                numel *= int(dim)
-            floating = entry["dtype"] in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
-            total += numel * (itemsize if floating else _SAFETENSORS_ITEMSIZE.get(entry["dtype"], 8))
+                                   "damaged, incomplete or a git-lfs pointer") from None
     return total
+
+
+#: safetensors refuses headers larger than this; a bigger length field means the file is something else.
+_MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+def _safetensors_header(file: Path) -> list[dict[str, Any]]:
+    """The tensor entries of a safetensors file's header (ValueError when it is not one)."""
+    import json
+    import struct
+
+    with open(file, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{size} bytes, shorter than a safetensors header")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(size - 8, _MAX_SAFETENSORS_HEADER):
+            raise ValueError(f"its header length field says {length} bytes in a {size}-byte file")
+        header = json.loads(handle.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return [entry for name, entry in header.items() if name != "__metadata__"]
 
 
 def _weight_files(path: Path) -> list[Path]:

@@ -224,6 +224,8 @@ def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: 
     model_dir = Path(model_dir)
     _require_pack_workers()
     files = _checkpoint_files(model_dir)
+    if compact and not reuse:
+        _require_packing_space(files)  # before hashing: a refusal should not wait for every file to be read
     described = _described(_metrics_or_file(metrics, model_dir), params, lineage, extra, model_dir)
     store = _store(store_uri, create=True)
     _, state = load_state(store, name)  # an altered log refuses registrations before any upload
@@ -231,8 +233,8 @@ def register_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: 
     wanted = _registration_record(file_records, **described)
     if reuse and (twin := _matching_version(store, name, state, wanted, _reuse_candidates(state))) is not None:
         return {**twin, "reused": True}  # nothing uploaded, nothing written
-    if compact:
-        _require_packing_space(files)  # after the reuse check: a reused version packs nothing
+    if compact and reuse:
+        _require_packing_space(files)  # only once no version can be reused: a reused one packs nothing
     recorded = _blobs_of_latest_version(store, name, state)
     storage = _upload_files(store, files, file_records, recorded, compact)
     manifest = _manifest(store, name, file_records, storage, described, flow_run_id)
