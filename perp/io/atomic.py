@@ -119,7 +119,7 @@ def require_free_space(target: str | Path, needed: int, what: str, content: str,
     hours of pruning or training before it, and leaves nothing. A file system that reports no size (some network
     mounts) is not checked. The staging a killed run left for the same target is removed first: a retry must
     not be refused for the space its own failed attempt holds."""
-    target = Path(target).expanduser().absolute()
+    target = Path(target).absolute()  # as atomic_directory takes it: no `~` expansion
     if target.is_symlink():  # atomic_directory writes where the link points
         target = target.resolve()
     remove_stale_staging(target)
