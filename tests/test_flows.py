@@ -222,6 +222,43 @@ def test_killed_run_resumes_from_last_completed_stage(harness, tmp_path):
     assert len(list(workdir.glob("recover-*/.perp-complete"))) == 1
 
 
+_FLOW_TERMINATED_WHILE_SAVING = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import perp.prune.run as run
+
+real = run.save_masks
+
+def save_then_terminate(*args, **kwargs):  # SIGTERM arrives with the mask output half-written in its staging
+    real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+run.save_masks = save_then_terminate
+from flows.compress import main
+main(["--params", {params!r}, "--workdir", {workdir!r}])
+"""
+
+
+def test_sigterm_mid_save_crashes_the_run_and_leaves_no_staging(harness, tmp_path):
+    """Cancellation and eviction send SIGTERM: Prefect turns it into an exception, so the stage's staging is
+    removed on the way out and the run is recorded as crashed."""
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_sections(tmp_path / "store")))
+    workdir = tmp_path / "runs"
+    from prefect.settings import get_current_settings
+
+    env = {**os.environ, "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(harness),
+           "PREFECT_API_URL": str(get_current_settings().api.url)}
+    script = _FLOW_TERMINATED_WHILE_SAVING.format(repo=str(REPO), params=str(params), workdir=str(workdir))
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == -signal.SIGTERM, result.stdout + result.stderr
+    assert "Execution was aborted by a termination signal" in result.stdout + result.stderr
+    assert list(workdir.glob("calibrate-*/.perp-complete"))  # the stage before completed
+    assert not list(workdir.glob("mask-*")) and not list(workdir.glob(".*partial*"))  # no output, no staging
+    assert _versions(tmp_path / "store") == []
+
+
 def _perp_error(kind: str):
     from perp.io.s3 import S3Error, S3Unreachable
     from perp.store import StoreIntegrityError, StoreUnreachable
