@@ -42,6 +42,40 @@ def test_decoder_sparsity_is_measured_from_weights():
     assert count_parameters(model) > LLAMA.decoder_sparsity(model)["total"]
 
 
+def _tiny_config_of(model_type: str):
+    from transformers import AutoConfig
+
+    if model_type == "opt":
+        return AutoConfig.for_model("opt", vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                    num_attention_heads=2, word_embed_proj_dim=32, max_position_embeddings=64)
+    return AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+
+
+@pytest.mark.parametrize("model_type", [t for family in (LLAMA, OPT) for t in family.model_types])
+def test_every_supported_model_type_keeps_its_weights_in_the_linears_its_adapter_names(model_type):
+    """What transformers builds for each supported type matches its adapter: the decoder layers where the adapter
+    looks, every weight matrix in an nn.Linear (else it would stay dense), every input group's Linears present
+    (else statistics would not be shared)."""
+    config = _tiny_config_of(model_type)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    adapter = adapter_for(model)
+    assert adapter.num_layers(model) == 2
+    for layer in adapter.layers(model):
+        assert adapter.weights_outside_linears(layer) == []
+        present = adapter.linears(layer)
+        assert all(name in present for group in adapter.input_groups for name in group), sorted(present)
+    assert adapter.final_norm(model) is not None and adapter.lm_head(model).weight.shape[0] == 64
+
+
+def test_mixture_of_experts_types_are_named_in_the_error():
+    from perp.models.families import adapter_for_model_type
+
+    with pytest.raises(UnsupportedArchitectureError, match="'qwen3_moe' is a mixture-of-experts model"):
+        adapter_for_model_type("qwen3_moe")
+
+
 def test_unsupported_architecture_is_a_clear_error(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 

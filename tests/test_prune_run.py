@@ -266,6 +266,36 @@ def test_model_without_decoder_layers(no_engine, tmp_path):
             _config(directory), tmp_path / "out", _calib())
 
 
+def test_mixture_of_experts_model_is_refused(no_engine, tmp_path):
+    """transformers keeps Mixtral's experts as fused 3-D tensors: pruning the Linears alone would report the
+    target sparsity over attention while ~90% of the weights stayed dense."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from perp.models.tiny import byte_tokenizer
+
+    directory = tmp_path / "moe"
+    MixtralForCausalLM(MixtralConfig(vocab_size=259, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, num_local_experts=2,
+                                     num_experts_per_tok=1)).save_pretrained(directory)
+    byte_tokenizer().save_pretrained(directory)
+    _expect(UnsupportedArchitectureError, ["'mixtral' (MixtralForCausalLM) is a mixture-of-experts model",
+                                           "would stay dense"], _config(directory), tmp_path / "out", _calib())
+
+
+def test_weight_matrices_outside_linears_are_refused_when_planning():
+    from perp.models.families import LLAMA
+    from perp.models.tiny import build_tiny_model
+    from perp.prune import PruneSpec, plan_pruning
+
+    model = build_tiny_model("llama")
+    spec = PruneSpec(sparsity=0.5)
+    assert plan_pruning(model, LLAMA, ["*"], [], spec)  # the stock layers hold Linears only
+    model.model.layers[1].mlp.register_parameter("experts", torch.nn.Parameter(torch.zeros(2, 8, 8)))
+    outside = r"decoder layer 1 holds weight matrices outside nn\.Linear \(model\.layers\.1\.mlp\.experts\)"
+    with pytest.raises(UnsupportedArchitectureError, match=outside):
+        plan_pruning(model, LLAMA, ["*"], [], spec)
+
+
 def test_calibration_text_shorter_than_one_window(no_engine, tiny_llama_dir, tmp_path):
     text = tmp_path / "short.txt"
     text.write_text("far too short")

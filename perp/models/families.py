@@ -51,6 +51,14 @@ class FamilyAdapter:
         """Every nn.Linear inside one decoder layer, by its name relative to the layer."""
         return {name: module for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
 
+    def weights_outside_linears(self, layer: nn.Module) -> list[str]:
+        """Weight matrices of a decoder layer that no nn.Linear owns (fused MoE experts, custom projections):
+        perp prunes and retrains Linears only, so such weights would silently stay dense."""
+        owned = {f"{name}.{param}" if name else param
+                 for name, module in layer.named_modules() if isinstance(module, nn.Linear)
+                 for param, _ in module.named_parameters(recurse=False)}
+        return [name for name, param in layer.named_parameters() if param.dim() >= 2 and name not in owned]
+
     def linear_groups(self, layer: nn.Module) -> list[list[str]]:
         """The layer's Linears grouped by shared input; Linears the adapter does not know form their own group."""
         present = self.linears(layer)
@@ -103,7 +111,7 @@ class FamilyAdapter:
 
 LLAMA = FamilyAdapter(
     name="llama",
-    model_types=("llama", "mistral", "qwen2", "qwen3", "mixtral"),
+    model_types=("llama", "mistral", "qwen2", "qwen3"),
     layers_path="model.layers",
     embedding_paths=("model.embed_tokens",),
     final_norm_path="model.norm",
@@ -138,11 +146,25 @@ def supported_model_types() -> list[str]:
     return sorted(t for family in FAMILIES for t in family.model_types)
 
 
+#: Mixture-of-experts model types. transformers keeps their experts as fused 3-D weight tensors, not nn.Linear,
+#: so pruning would leave most of the weights dense while the decoder Linears report the target sparsity.
+MIXTURE_OF_EXPERTS_TYPES = frozenset({
+    "mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "deepseek_v2", "deepseek_v3", "dbrx", "olmoe", "phimoe",
+    "jamba", "granitemoe", "granitemoeshared", "llama4", "gpt_oss", "minimax", "ernie4_5_moe", "glm4_moe",
+})
+
+
 def adapter_for_model_type(model_type: str, architectures: list[str] | None = None) -> FamilyAdapter:
     for family in FAMILIES:
         if model_type in family.model_types:
             return family
     arch = f" ({', '.join(architectures)})" if architectures else ""
+    if model_type in MIXTURE_OF_EXPERTS_TYPES:
+        raise UnsupportedArchitectureError(
+            f"'{model_type}'{arch} is a mixture-of-experts model, which perp does not support yet: its experts are "
+            f"fused weight tensors, not nn.Linear, so they would stay dense; supported model types: "
+            f"{', '.join(supported_model_types())}"
+        )
     raise UnsupportedArchitectureError(
         f"unsupported architecture '{model_type}'{arch}; supported model types: {', '.join(supported_model_types())}"
     )

@@ -63,6 +63,7 @@ def plan_pruning(model: nn.Module, family: FamilyAdapter, include: Sequence[str]
                  spec: PruneSpec) -> list[LayerPlan]:
     """Select the Linears to prune and validate the pattern against every one of them. Touches no weight."""
     layers = decoder_layers(model, family)
+    check_weights_are_linears(layers, family)
     plans, example = [], None
     for index, layer in enumerate(layers):
         prefix = family.layer_prefix(index)
@@ -86,6 +87,21 @@ def plan_pruning(model: nn.Module, family: FamilyAdapter, include: Sequence[str]
             linears[plan.full_name(name)] = present[name]
     check_pattern(linears, spec)
     return plans
+
+
+def check_weights_are_linears(layers: nn.ModuleList, family: FamilyAdapter) -> None:
+    """Every weight matrix of the decoder layers must sit in an nn.Linear: any other would stay dense while the
+    report's sparsity, taken over the Linears, said the model was pruned."""
+    for index, layer in enumerate(layers):
+        outside = family.weights_outside_linears(layer)
+        if outside:
+            names = ", ".join(f"{family.layer_prefix(index)}.{name}" for name in outside[:3])
+            more = f" and {len(outside) - 3} more" if len(outside) > 3 else ""
+            raise UnsupportedArchitectureError(
+                f"decoder layer {index} holds weight matrices outside nn.Linear ({names}{more}); perp prunes "
+                "nn.Linear weights only, so these would stay dense (fused mixture-of-experts weights are not "
+                "supported yet)"
+            )
 
 
 def planned_counts(model: nn.Module, family: FamilyAdapter, plans: Sequence[LayerPlan],

@@ -24,7 +24,7 @@ CHUNK_ABOVE_BYTES = 1024 * 1024 * 1024
 #: ... into chunks of tokens whose fp32 logits take at most this.
 CHUNK_BYTES = 256 * 1024 * 1024
 
-_PLAIN_HEAD_TYPES = ("llama", "mistral", "qwen2", "qwen3", "opt", "mixtral")
+_PLAIN_HEAD_TYPES = ("llama", "mistral", "qwen2", "qwen3", "opt")
 
 
 def chunkable(model: nn.Module) -> bool:
