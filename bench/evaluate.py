@@ -2,7 +2,8 @@
 
 The bare forward is the floor: `model(input_ids=batch).logits` for every batch, nothing else. The perplexity pass
 adds the shifted cross-entropy in fp32 and the fp64 accumulation. Target: the perplexity pass runs at >= 90% of the
-bare forward's tokens/s. Both are timed batch by batch, alternately (in both orders), best of `--repeats` each, after a warm-up
+bare forward's tokens/s. Both are timed batch by batch, alternately (in both orders), best of `--repeats` each,
+after a warm-up
 batch, so that a shared machine's noise hits both alike. On a CPU the process's CPU time is reported too, and
 `meets_target` uses it there: it is what a shared machine does not distort (wall-time ratios on a loaded
 2-core box swing by ±30%).

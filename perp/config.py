@@ -144,7 +144,8 @@ def parse_pattern(pattern: str) -> Optional[tuple[int, int]]:
         raise ValueError(f"'{pattern}' is not a pattern (allowed: unstructured, or N:M such as 2:4 or 4:8)")
     n, m = int(match.group(1)), int(match.group(2))
     if not 0 < n < m:
-        raise ValueError(f"'{pattern}' is not a valid N:M pattern: need 0 < N < M (allowed: unstructured, 2:4, 4:8, ...)")
+        raise ValueError(
+            f"'{pattern}' is not a valid N:M pattern: need 0 < N < M (allowed: unstructured, 2:4, 4:8, ...)")
     return n, m
 
 

@@ -220,7 +220,8 @@ def assemble_run(workdir: str | Path, refs: dict[str, Any]) -> Path:
     """
     import shutil
 
-    run_dir = Path(workdir) / f"run-{stage_key('run', {k: v.get('sha256') for k, v in refs.items() if isinstance(v, dict)})[:16]}"
+    digests = {name: ref.get("sha256") for name, ref in refs.items() if isinstance(ref, dict)}
+    run_dir = Path(workdir) / f"run-{stage_key('run', digests)[:16]}"
     (run_dir / "pruned").mkdir(parents=True, exist_ok=True)
     (run_dir / "recovered").mkdir(parents=True, exist_ok=True)
     shutil.copy(refs["pruned"]["report"], run_dir / "pruned" / PRUNE_REPORT)

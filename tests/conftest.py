@@ -48,6 +48,18 @@ def s3_bucket(moto_endpoint, monkeypatch):
     return name
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models and tensors run fastest on one thread: on a shared 2-core CPU, thread start-up and OpenMP
+    barriers cost more than they save. Modules opt in with `pytestmark = pytest.mark.usefixtures(...)`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     from perp.models.tiny import save_tiny_model

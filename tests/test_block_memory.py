@@ -28,12 +28,7 @@ BATCH = 2  # windows per micro-batch
 MANY = 64  # windows of the "large" calibration set: 32 micro-batches
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class Allocations(TorchDispatchMode):

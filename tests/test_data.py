@@ -114,7 +114,8 @@ def test_embedded_corpus_is_real_disjoint_wikipedia():
 def test_hf_source_offline_is_a_clear_error(monkeypatch):
     pytest.importorskip("datasets")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(DataSourceError, match="hf:some/dataset-not-cached:default:test: cannot load the dataset \\(the Hugging Face Hub is offline"):
+    offline = "hf:some/dataset-not-cached:default:test: cannot load the dataset \\(the Hugging Face Hub is offline"
+    with pytest.raises(DataSourceError, match=offline):
         read_documents("hf:some/dataset-not-cached:default:test")
 
 

@@ -326,7 +326,8 @@ def test_recovered_candidate_keeps_its_recorded_base_when_its_input_is_gone(chai
     moved = _copy(chain["recovered"], tmp_path / "recovered")
     _edit_json(moved / "recover_report.json", model=str(tmp_path / "gone"))
     metrics = stage.run_evaluate(_config(tiny_opt_dir), str(moved), tmp_path / "metrics.json")
-    assert metrics["model"]["dense_source"] == str(chain["dense"]) and metrics["model"]["dense_from"] == "recover_report"
+    assert metrics["model"]["dense_source"] == str(chain["dense"])
+    assert metrics["model"]["dense_from"] == "recover_report"
     changed = _copy(chain["dense"], tmp_path / "dense-changed")
     report = json.loads((moved / "recover_report.json").read_text())
     report["pruning"]["base_model"]["source"] = str(changed)

@@ -127,7 +127,8 @@ def test_dense_model_is_its_own_baseline(models, baselines, shared_data, tmp_pat
     assert len(list(baselines.glob("*.json"))) == 3  # written for the next compressed model
 
 
-def test_bad_zeroshot_task_fails_before_any_model_is_loaded(models, baselines, shared_data, tmp_path, monkeypatch, model_loads):
+def test_bad_zeroshot_task_fails_before_any_model_is_loaded(models, baselines, shared_data, tmp_path, monkeypatch,
+                                                            model_loads):
     from perp.evaluate.zeroshot import TaskDataError
 
     dense, pruned = models

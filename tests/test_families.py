@@ -24,12 +24,7 @@ from perp.recover import run_recover
 TYPES = [t for t in LLAMA.model_types if t != "llama"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module", params=TYPES)

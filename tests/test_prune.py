@@ -21,13 +21,7 @@ from perp.prune.methods.sparsegpt import delta_energy, sparsegpt_prune, undamped
 FAMILIES = {"llama": LLAMA, "opt": OPT}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: thread start-up and contention cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def floor_count(count: int, sparsity: float) -> int:

@@ -16,12 +16,7 @@ from perp.prune import MASKS_FILE, REPORT_FILE, load_masks, run_prune
 from perp.prune.patterns import pruned_per
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _calib(windows: int = 4, seqlen: int = 32) -> TokenSet:

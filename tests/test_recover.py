@@ -30,13 +30,7 @@ SPARSITY_PRESERVING = ["bias", "norm", "lm_head", "masklora", "scalelora", "full
 # --------------------------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest single-threaded; on a shared CPU, OpenMP threads mostly wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @torch.no_grad()

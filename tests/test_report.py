@@ -52,7 +52,8 @@ def make_run(root: Path, sparsity: float = 0.5, pruned_ppl: float = 54.1, recove
     curve = [[step, 3.5 * math.exp(-step / 30) + 2.5 + rng.uniform(-0.1, 0.1)] for step in range(1, 101)]
     (recovered / "recover_report.json").write_text(json.dumps(
         {"loss_curve": curve, "method": "masklora", "model": str(pruned),
-         "ppl_before": {"ppl": pruned_ppl, "data_sha256": HASH}, "ppl_after": {"ppl": recovered_ppl, "data_sha256": HASH}}))
+         "ppl_before": {"ppl": pruned_ppl, "data_sha256": HASH},
+         "ppl_after": {"ppl": recovered_ppl, "data_sha256": HASH}}))
     (root / "metrics.json").write_text(json.dumps(_metrics(recovered, sparsity, recovered_ppl, 23.94, 0.01)))
     if pruned_metrics:
         (pruned / "metrics.json").write_text(json.dumps(_metrics(pruned, sparsity, pruned_ppl, 23.94, 0.05)))

@@ -328,7 +328,8 @@ def test_pack_workers_come_from_the_environment(monkeypatch):
     assert default_workers() == 3
     for bad in ("0", "65", "²", "٣", "-1", "2.5"):
         monkeypatch.setenv("PERP_PACK_WORKERS", bad)
-        with pytest.raises(SparseFormatError, match=f"PERP_PACK_WORKERS must be a whole number from 1 to 64, got '{bad}'"):
+        expected = f"PERP_PACK_WORKERS must be a whole number from 1 to 64, got '{bad}'"
+        with pytest.raises(SparseFormatError, match=expected):
             default_workers()
     monkeypatch.delenv("PERP_PACK_WORKERS")
     assert 1 <= default_workers() <= 4

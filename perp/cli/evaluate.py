@@ -13,7 +13,8 @@ from perp.cli.app import JsonOption, ParamsOption, SetOption, build_config, emit
 @eval_app.command("ppl")
 def eval_ppl(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to evaluate."),
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Text: file, .jsonl, .parquet, s3://, hf:..., embedded:..."),
+    data: Optional[str] = typer.Option(None, "--data", "-d",
+                                       help="Text: file, .jsonl, .parquet, s3://, hf:..., embedded:..."),
     seqlen: Optional[int] = typer.Option(None, "--seqlen", help="Window length in tokens (default 1024)."),
     windows: Optional[int] = typer.Option(None, "--windows", help="Use only the first N windows."),
     text_field: Optional[str] = typer.Option(None, "--text-field", help="JSONL/Parquet column holding the text."),
@@ -40,7 +41,8 @@ def eval_ppl(
     loaded = load_model(config.model.name, config.model.device, config.model.dtype, config.model.revision,
                         load_to_device=not offload)
     if offload:  # one decoder layer on the device at a time: the same numbers for a model larger than the device
-        with progress_bar("perplexity (layers)", loaded.family.num_layers(loaded.model), enabled=not as_json) as advance:
+        layers = loaded.family.num_layers(loaded.model)
+        with progress_bar("perplexity (layers)", layers, enabled=not as_json) as advance:
             result = layered_perplexity(loaded.model, loaded.family, token_set, loaded.device,
                                         config.evaluate.batch_size, progress=lambda done, total: advance(1))
     else:

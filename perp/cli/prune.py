@@ -68,10 +68,12 @@ def prune(
     seed: Optional[int] = typer.Option(None, "--seed", help="Calibration sampling seed."),
     granularity: Optional[str] = typer.Option(None, "--granularity", help="row (Wanda reference) or matrix (PERP)."),
     compute_dtype: Optional[str] = typer.Option(
-        None, "--compute-dtype", help="Precision of the calibration forwards: auto (the weights'), fast (bf16 where the "
-        "hardware has it natively, else the weights'), float32, bfloat16, float16 (overrides prune.compute_dtype)."),
+        None, "--compute-dtype", help="Precision of the calibration forwards: auto (the weights'), fast (bf16 where "
+        "the hardware has it natively, else the weights'), float32, bfloat16, float16 (overrides "
+        "prune.compute_dtype)."),
     batch_size: Optional[int] = typer.Option(
-        None, "--batch-size", help="Calibration windows per micro-batch (overrides prune.batch_size; default automatic)."),
+        None, "--batch-size",
+        help="Calibration windows per micro-batch (overrides prune.batch_size; default automatic)."),
     error_tokens: Optional[int] = typer.Option(
         None, "--error-tokens", help="Calibration tokens that estimate the reconstruction error (overrides "
         "prune.error_tokens; 0: none)."),

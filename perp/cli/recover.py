@@ -49,7 +49,8 @@ def _progress(enabled: bool) -> Iterator[Any]:
 def recover(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Pruned model (default: model.name)."),
     dense: Optional[str] = typer.Option(None, "--dense", help="Dense reference (needed by --mode layerwise)."),
-    method: Optional[str] = typer.Option(None, "--method", help="bias, norm, lm_head, lora, masklora, scalelora, full; join with +."),
+    method: Optional[str] = typer.Option(
+        None, "--method", help="bias, norm, lm_head, lora, masklora, scalelora, full; join with +."),
     mode: Optional[str] = typer.Option(None, "--mode", help="end2end or layerwise."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (per block in layer-wise mode)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak AdamW learning rate."),

@@ -61,8 +61,9 @@ def register(
                               None if guessed_pruned else pruned_ref, candidate)
     manifest = register_stage(dump_params(config)["register"], candidate, reference(metrics), dump_params(config),
                               run_lineage)
-    summary = {"store": absolute_store(config.register.store), "name": manifest.get("name"), "version": manifest.get("version"),
-               "manifest_sha256": manifest.get("manifest_sha256"), "reused": manifest.get("reused", False)}
+    summary = {"store": absolute_store(config.register.store), "name": manifest.get("name"),
+               "version": manifest.get("version"), "manifest_sha256": manifest.get("manifest_sha256"),
+               "reused": manifest.get("reused", False)}
     if out is not None:
         write_json_atomic(out, summary)
     emit(summary, as_json, title="already registered" if summary["reused"] else "registered")

@@ -41,7 +41,8 @@ def _print_zeroshot(result: dict[str, Any], title: str, dense: Optional[dict[str
         table.add_column(column, justify="left" if column == "task" else "right")
     for task, record in result["tasks"].items():
         row = [task, str(record.get("version")), str(record.get("samples")),
-               _pct(record.get("acc"), record.get("acc_stderr")), _pct(record.get("acc_norm"), record.get("acc_norm_stderr"))]
+               _pct(record.get("acc"), record.get("acc_stderr")),
+               _pct(record.get("acc_norm"), record.get("acc_norm_stderr"))]
         if dense:
             drop = record.get("drop_points")
             row += [_pct(record.get("dense_acc")), "—" if drop is None else f"{drop:+.2f}"]
@@ -106,7 +107,8 @@ def evaluate(
     dense: Optional[str] = typer.Option(None, "--dense", help="Dense baseline (default: the base model the candidate's "
                                         "own reports record, else model.name)."),
     out: Path = typer.Option(Path("out/metrics.json"), "--out", "-o", help="metrics.json path (or a directory)."),
-    tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated lm-eval tasks (evaluate.zeroshot.tasks)."),
+    tasks: Optional[str] = typer.Option(None, "--tasks",
+                                        help="Comma-separated lm-eval tasks (evaluate.zeroshot.tasks)."),
     task_data: Optional[str] = typer.Option(None, "--task-data", help="Directory of <task>.jsonl files (offline)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Zero-shot: first N examples of each task."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Perplexity windows per forward pass."),
@@ -152,8 +154,8 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
     for column in ("text", "windows × seqlen", "dense ppl", "ppl", "ratio"):
         table.add_column(column, justify="left" if column == "text" else "right")
     for name, entry in metrics["perplexity"].items():
-        table.add_row(name, f"{entry['windows']} × {entry['seqlen']}", f"{entry['dense_ppl']:.4f}", f"{entry['ppl']:.4f}",
-                      f"{entry['ratio']:.4f}")
+        table.add_row(name, f"{entry['windows']} × {entry['seqlen']}", f"{entry['dense_ppl']:.4f}",
+                      f"{entry['ppl']:.4f}", f"{entry['ratio']:.4f}")
     out.print(table)
     if metrics.get("zeroshot"):
         zs = metrics["zeroshot"]

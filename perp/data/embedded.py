@@ -41,7 +41,11 @@ def clean_article(wikitext: str) -> str:
     from gensim.corpora.wikicorpus import filter_wiki
 
     text = filter_wiki(wikitext)
-    text = _HEADING.sub(lambda m: f"{' '.join('=' * len(m.group(1)))} {m.group(2)} {' '.join('=' * len(m.group(1)))}", text)
+    def heading(match: re.Match) -> str:
+        marks = " ".join("=" * len(match.group(1)))
+        return f"{marks} {match.group(2)} {marks}"
+
+    text = _HEADING.sub(heading, text)
     text = _EMPHASIS.sub("", text)
     lines = [line.strip() for line in text.splitlines()]
     return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()

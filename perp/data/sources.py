@@ -1,8 +1,8 @@
 """Read documents (a list of strings) from a text spec.
 
-Specs: a local `.txt`/`.raw` file (one document), a JSONL or
-Parquet file with a text column, `s3://bucket/key.{txt,jsonl,parquet}`, `hf:DATASET[:CONFIG[:SPLIT[:DATA_FILES]]]` (online
-only) or `embedded:wiki-calib` / `embedded:wiki-eval`.
+Specs: a local `.txt`/`.raw` file (one document), a JSONL or Parquet file with a text column,
+`s3://bucket/key.{txt,jsonl,parquet}`, `hf:DATASET[:CONFIG[:SPLIT[:DATA_FILES]]]` (online only) or
+`embedded:wiki-calib` / `embedded:wiki-eval`.
 """
 
 from __future__ import annotations
@@ -137,7 +137,8 @@ def _hf_documents(spec: str, text_field: str) -> list[str]:
     try:
         import datasets
     except ImportError:
-        raise DataSourceError(f"{spec}: Hugging Face datasets need the 'datasets' package (pip install 'perp[hub]')") from None
+        raise DataSourceError(
+            f"{spec}: Hugging Face datasets need the 'datasets' package (pip install 'perp[hub]')") from None
     with offline_when_unreachable() as unreachable:
         try:
             dataset = datasets.load_dataset(name, config, split=split,

@@ -371,7 +371,8 @@ def _perplexity(loaded: Any, token_set: Any, batch_size: int, offload: bool, nam
     from perp.evaluate.perplexity import perplexity
 
     if not offload:
-        context = progress_factory(f"perplexity {name}", token_set.num_windows) if progress_factory else nullcontext(None)
+        context = (progress_factory(f"perplexity {name}", token_set.num_windows) if progress_factory
+                   else nullcontext(None))
         with context as advance:
             return perplexity(loaded.model, token_set, batch_size, progress=advance).as_dict()
     layers = loaded.family.num_layers(loaded.model)
@@ -679,7 +680,8 @@ def _dense_token_sets(dense_path: Path, texts: list[PerplexityTextConfig], candi
     try:
         dense_tokenizer = AutoTokenizer.from_pretrained(dense_path, local_files_only=True)
     except OSError as error:
-        raise EvaluateError(f"cannot load the dense tokenizer from '{dense_path}': {str(error).splitlines()[0]}") from None
+        reason = str(error).splitlines()[0]
+        raise EvaluateError(f"cannot load the dense tokenizer from '{dense_path}': {reason}") from None
     same_tokens = tokenizer_fingerprint(dense_tokenizer) == candidate.tokenizer_fp
     return candidate.token_sets if same_tokens else _token_sets(texts, dense_tokenizer)
 

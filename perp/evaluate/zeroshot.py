@@ -270,7 +270,8 @@ def _check_file(plan: TaskPlan) -> None:
             try:
                 record = json.loads(line)
             except ValueError as error:
-                raise TaskDataError(f"task '{plan.name}': {path} line {number} is not valid JSON ({getattr(error, 'msg', error)}); "
+                reason = getattr(error, "msg", error)
+                raise TaskDataError(f"task '{plan.name}': {path} line {number} is not valid JSON ({reason}); "
                                     f"expected {expected}") from None
             if not isinstance(record, dict):
                 raise TaskDataError(f"task '{plan.name}': {path} line {number} is a {type(record).__name__}, not "

@@ -88,8 +88,9 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
     `prune.sequential`: the calibration forward precision (`auto` = the weights'), windows per micro-batch (None:
     automatic), the number of calibration tokens that estimate the reconstruction error of Hessian-free methods,
     and the engine mode (`layer`: reference, two passes per layer; `linear`: true-sequential, one pass, whole
-    calibration set at once; `auto`: `linear` when that fits in 2 GiB — see `EngineOptions`). The keyword options of the same names, when given (not
-    None), override the config's; the report's `config` records the values used.
+    calibration set at once; `auto`: `linear` when that fits in 2 GiB — see `EngineOptions`). The keyword options
+    of the same names, when given (not None), override the config's; the report's `config` records the values
+    used.
 
     `reconstruction` (`perp.recover.fused`) retrains each layer right after it is pruned; its report and files
     are written into the same output directory.
@@ -311,8 +312,8 @@ def build_report(config: PerpConfig, loaded: Any, calib: TokenSet, spec: PruneSp
         "notes": result.notes,
         "config": dump_params(config),
         "calibration": calib.describe(),
-        "base_model": {"source": recorded_model_source(loaded.source), "kind": loaded.kind, "sha256": loaded.content_hash,
-                       "family": loaded.family.name},
+        "base_model": {"source": recorded_model_source(loaded.source), "kind": loaded.kind,
+                       "sha256": loaded.content_hash, "family": loaded.family.name},
         "perp_version": __version__,
         "masks": {"file": MASKS_FILE, "format": "bitmask, True = kept", "linears": len(result.masks)},
     }

@@ -8,7 +8,8 @@ For block i, with X_i the hidden states entering it (from the already reconstruc
 
 Only one block (dense or pruned) is on the device at a time, for training and for the perplexity before and
 after; both models stay on the CPU otherwise, so this is the mode that scales past the device's memory. The LM
-head and the final norm are outside every block and do not train here. Blocks run in eval mode (no dropout): the targets are deterministic, so is the regression.
+head and the final norm are outside every block and do not train here. Blocks run in eval mode (no dropout): the
+targets are deterministic, so is the regression.
 
 The data flow is the pruning engine's (`perp.prune.engine`): `capture_layer_inputs` for the inputs of block 0,
 `run_layer` for one block on a batch, `propagate` for a block over every window.

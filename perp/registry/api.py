@@ -193,7 +193,8 @@ def _check_metrics_measured_this_model(metrics: Optional[dict[str, Any]], model_
     dense baseline) need not."""
     from perp.models.loading import model_content_hash
 
-    measured = (metrics or {}).get("model", {}).get("sha256") if isinstance((metrics or {}).get("model"), dict) else None
+    measured_model = (metrics or {}).get("model")
+    measured = measured_model.get("sha256") if isinstance(measured_model, dict) else None
     if measured is None:
         if (metrics or {}).get("gates"):
             raise RegistryError("metrics have gate figures but do not name the model they were measured on "
@@ -487,8 +488,8 @@ def find_version(store_uri: StoreLike, name: str, model_dir: Path, metrics: Opti
                  extra: Optional[dict] = None) -> Optional[dict[str, Any]]:
     """The active version of `name` that already records exactly this registration, else None.
 
-    Candidates are the recent active versions and those a stage holds (`_reuse_candidates`); one matches when its manifest
-    lists the same files (path, sha256, size) and the same metrics, params, lineage and extra as
+    Candidates are the recent active versions and those a stage holds (`_reuse_candidates`); one matches when its
+    manifest lists the same files (path, sha256, size) and the same metrics, params, lineage and extra as
     `register_version` would record for these arguments (`metrics` as given, no metrics.json default). Nothing
     is written; an absent store or model is None. Returns the version's manifest + version, like `show`.
     """

@@ -95,7 +95,8 @@ class Document:
             if isinstance(block, Heading):
                 parts.append(f"<h{block.level}>{_inline(block.text)}</h{block.level}>")
             elif isinstance(block, Paragraph):
-                parts.append(f"<p class='note'>{_inline(block.text)}</p>" if block.note else f"<p>{_inline(block.text)}</p>")
+                css = " class='note'" if block.note else ""
+                parts.append(f"<p{css}>{_inline(block.text)}</p>")
             elif isinstance(block, Bullets):
                 parts.append("<ul>" + "".join(f"<li>{_inline(item)}</li>" for item in block.items) + "</ul>")
             elif isinstance(block, Table):

@@ -139,7 +139,7 @@ def loss_figure(path: Path, curve: Sequence[Sequence[float]], title: str = "Reco
     from perp.report.collect import number
 
     points = [(number(p[0]), number(p[1])) for p in curve if isinstance(p, (list, tuple)) and len(p) >= 2]
-    points = [(s, l) for s, l in points if s is not None and l is not None]
+    points = [(step, loss) for step, loss in points if step is not None and loss is not None]
     if not points:
         return None
     plt = _pyplot()
