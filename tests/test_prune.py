@@ -347,6 +347,26 @@ def test_sparsegpt_errors_from_its_factorisation_equal_direct_quadratic_forms(nm
         assert from_factor == pytest.approx(dense_direct, rel=1e-5)
 
 
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_sparsegpt_prunes_dead_inputs_first_and_masks_do_not_depend_on_data_repetition(nm):
+    """Inputs that never fire cost nothing: their weights go first (the reference zeroes them). The Hessian is an
+    unnormalised sum, so repeating the calibration data scales it; the masks must not change."""
+    torch.manual_seed(0)
+    X = torch.randn(128, 64) * 0.05
+    dead = torch.arange(0, 64, 4)  # one input in every group of 4: 16 of 64, within a 50% budget
+    X[:, dead] = 0.0
+    W, H = torch.randn(192, 64) * 0.02, X.t() @ X
+    spec = PruneSpec(0.5, nm=nm, blocksize=32)
+    pruned, mask, _ = sparsegpt_prune(W.clone(), H, spec)
+    assert mask[:, dead].all()
+    _, mask_repeated, _ = sparsegpt_prune(W.clone(), H * 16, spec)  # the same windows, 16 times
+    assert torch.equal(mask, mask_repeated)
+    zeroed = W.clone()
+    zeroed[:, dead] = 0.0  # the reference's treatment: same masks, same weights
+    reference, reference_mask, _ = sparsegpt_prune(zeroed, H, spec)
+    assert torch.equal(mask, reference_mask) and torch.allclose(pruned, reference, atol=1e-6)
+
+
 def test_sparsegpt_factorisation_without_scipy_matches_lapack_path(monkeypatch):
     """The torch-only path (used on GPUs) gives the same pruning and energies as the CPU LAPACK/BLAS path."""
     import perp.prune.methods.sparsegpt as sparsegpt

@@ -6,7 +6,7 @@ gets its own mask budget.
 
 The algorithm is the reference's:
 
-1. dampen H by `percdamp` × mean(diag H) (columns that never fire get diag 1), U = chol(H⁻¹) upper;
+1. dampen H by `percdamp` × mean(diag H), U = chol(H⁻¹) upper;
 2. walk the columns in blocks of `blocksize`; unstructured masks are chosen at the start of a block from
    w² / U_jj² on the weights as updated so far; N:M masks at the first column of each group of M;
 3. pruning column j sends err_j = w_j / U_jj into the later columns (w_k -= err_j · U_jk), within the block
@@ -15,8 +15,11 @@ The algorithm is the reference's:
 Exact-count masks replace the reference's threshold (`<=` on a sorted value, which prunes one weight more per
 block and more on ties): per block, `floor(s·cols_so_far)` per row (granularity row) or `floor(s·rows·cols_so_far)`
 per Linear (granularity matrix, the reference's choice) minus what earlier blocks pruned, so the totals are
-exact. Columns whose input is always zero are not zeroed (the reference zeroes them, which can exceed the target
-sparsity); they are pruned by the same rule as every other column.
+exact. Columns whose input is always zero ("dead": H_jj = 0) score 0, so their weights are pruned first: they
+cost nothing on the calibration inputs, and pruning them sends no update to other columns. The reference zeroes
+them all instead, which can exceed the target sparsity; a dead weight the budget keeps keeps its value. Their
+diagonal is set to the mean of the live ones (the reference: 1), so that masks do not change when the same data
+is repeated (H scales, and so do the dampening and every score).
 
 Within a block, the sequential column updates run in leaves of a few columns: on CPU a tight per-column loop
 (two ops per column); on GPUs a batched triangular solve per leaf. For row r with pruned set m_r the leaf's
@@ -64,7 +67,9 @@ def inverse_cholesky_upper(H: torch.Tensor, percdamp: float,
     """
     diag = H.diagonal()
     dead = diag == 0
-    diag.masked_fill_(dead, 1.0)  # no boolean indexing: no host sync on GPUs
+    live = int(diag.numel() - int(dead.sum()))
+    fill = float(diag.sum()) / live if live else 1.0  # scales with H, unlike the reference's 1
+    diag.masked_fill_(dead, fill if fill > 0 else 1.0)  # no boolean indexing
     damp = percdamp * float(diag.mean())
     diag.add_(damp)
     total = damp
@@ -163,8 +168,9 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, spec: PruneSpec, row_split
         solver = "solve" if W.is_cuda else "loop"
     leaf_fn = _leaf_solve if solver == "solve" else _leaf_loop
     damped = H.clone()
+    alive = (H.diagonal() != 0).to(torch.float32)  # dead columns score 0: pruned first, for free
     C, U, damp, retries = inverse_cholesky_upper(damped, spec.percdamp, label)
-    added = damped.diagonal() - H.diagonal()  # λ on every column, 1 + λ on dead ones
+    added = damped.diagonal() - H.diagonal()  # λ on every column, the fill + λ on dead ones
     del damped
     dense_row_energy = _times_upper_squared_rows(W, C)  # ‖W_r C‖² = W_r (H + D) W_rᵀ
     del C
@@ -183,12 +189,12 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, spec: PruneSpec, row_split
         i2 = min(i1 + blocksize, cols)
         Wb, Pb, Ub = WT[i1:i2], PT[i1:i2], U[i1:i2, i1:i2]
         Eb = torch.empty_like(Wb)
+        inv_d2 = (Ub.diagonal().pow(-2) * alive[i1:i2]).unsqueeze(1)  # score = w² / U_jj², 0 on dead columns
         if nm:
             n, m = nm
-            inv_d2 = Ub.diagonal().pow(-2).unsqueeze(1)
             leaves = range(0, i2 - i1, m)
         else:
-            _select_block(Wb, Pb, Ub, budgets, bounds, i1, i2, spec.granularity)
+            _select_block(Wb, Pb, inv_d2, budgets, bounds, i1, i2, spec.granularity)
             leaves = range(0, i2 - i1, _LEAF)
         step = m if nm else _LEAF
         for l1 in leaves:
@@ -228,10 +234,11 @@ def delta_energy(original: torch.Tensor, pruned: torch.Tensor, row_energy: torch
     return undamped(row_energy, original - pruned, added_diagonal)
 
 
-def _select_block(Wb: torch.Tensor, Pb: torch.Tensor, Ub: torch.Tensor, budgets: list[_Budget], bounds: list[int],
-                  i1: int, i2: int, granularity: str) -> None:
-    """Unstructured mask of one block [c, R], chosen from w² / U_jj² with exact counts per row or per Linear."""
-    score = Wb.pow(2) / Ub.diagonal().pow(2).unsqueeze(1)
+def _select_block(Wb: torch.Tensor, Pb: torch.Tensor, inv_d2: torch.Tensor, budgets: list[_Budget],
+                  bounds: list[int], i1: int, i2: int, granularity: str) -> None:
+    """Unstructured mask of one block [c, R], chosen from w² · `inv_d2` (1 / U_jj², 0 on dead columns) with exact
+    counts per row or per Linear."""
+    score = Wb.pow(2) * inv_d2
     for budget, r1, r2 in zip(budgets, bounds[:-1], bounds[1:]):
         k = budget.count(i1, i2)
         if k <= 0:
