@@ -27,3 +27,8 @@ class DataSourceError(PerpError):
 
 class OutputError(PerpError):
     """An output directory that perp must not write: someone else's files, the current directory, an input."""
+
+
+class PruneNumericsError(PerpError):
+    """Pruning cannot proceed on the numbers it got: non-finite calibration activations, a Hessian that cannot be
+    inverted even with strong dampening."""

@@ -291,6 +291,59 @@ def test_weight_matrices_outside_linears_are_refused_when_planning():
         plan_pruning(model, LLAMA, ["*"], [], spec)
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_calibration_activations_that_overflow_are_an_error_not_a_silent_underprune(tmp_path, method):
+    """fp16 forwards of a layer with large MLP weights reach inf: Wanda's NaN scores selected nothing (achieved
+    sparsity 0.31 of 0.5, exit 0) and SparseGPT blamed the calibration text."""
+    from perp.errors import PruneNumericsError
+    from perp.models.tiny import build_tiny_model, byte_tokenizer
+
+    model = build_tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(3000.0)
+        model.model.layers[0].mlp.down_proj.weight.mul_(3000.0)
+    directory = tmp_path / "hot"
+    model.save_pretrained(directory)
+    byte_tokenizer().save_pretrained(directory)
+    config = _config(directory, f"prune.method={method}")
+    with pytest.raises(PruneNumericsError, match=r"model\.layers\.1\.\S+: its calibration inputs are not finite"):
+        run_prune(config, tmp_path / "out", calib=_calib(), compute_dtype="float16")
+    assert not (tmp_path / "out").exists()
+    assert run_prune(config, tmp_path / "out", calib=_calib())["achieved_sparsity"] == 0.5  # fine in fp32
+
+
+def test_report_is_standard_json_when_errors_are_not_estimated(tiny_llama_dir, tmp_path):
+    """`error_tokens: 0` leaves every reconstruction error unknown: null in the report, not Python's bare NaN,
+    which strict JSON parsers (JavaScript, Go, serde) reject."""
+    def strict(constant: str):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    out = tmp_path / "out"
+    run_prune(_config(tiny_llama_dir, "prune.method=wanda"), out, calib=_calib(), error_tokens=0)
+    report = json.loads((out / REPORT_FILE).read_text(), parse_constant=strict)
+    assert report["mean_rel_error"] is None
+    assert all(entry["rel_error"] is None for entry in report["layers"].values())
+
+
+@pytest.mark.parametrize("weights, compute, needle", [
+    ("bfloat16", "float32", "autocast only lowers precision, so the forwards would run in bfloat16"),
+    ("float16", "bfloat16", "autocast from one half type to the other fails in the norms"),
+    ("bfloat16", "float16", "autocast from one half type to the other fails in the norms"),
+])
+def test_compute_dtype_autocast_cannot_honour_fails_before_loading(no_engine, model_loads, tiny_opt_dir, tmp_path,
+                                                                   weights, compute, needle):
+    _expect(ConfigError, [f"prune.compute_dtype={compute} with {weights} weights", needle],
+            _config(tiny_opt_dir, f"model.dtype={weights}", f"prune.compute_dtype={compute}"), tmp_path / "out",
+            _calib())
+    assert model_loads == []
+
+
+def test_calibration_ids_that_are_not_integers(no_engine, tiny_llama_dir, tmp_path):
+    floats = TokenSet(torch.rand(2, 16) * 200, "test:floats")
+    _expect(DataSourceError, ["must be integer token ids", "torch.float32"], _config(tiny_llama_dir), tmp_path / "out",
+            floats)
+
+
 def test_calibration_text_shorter_than_one_window(no_engine, tiny_llama_dir, tmp_path):
     text = tmp_path / "short.txt"
     text.write_text("far too short")

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from perp.config import PerpConfig, load_params
+from perp.io.atomic import dumps_json
 
 app = typer.Typer(
     name="perp",
@@ -57,7 +58,7 @@ def build_config(params: Optional[Path], sets: Optional[list[str]], **cli_values
 def emit(result: dict[str, Any], as_json: bool, title: str = "") -> None:
     """JSON on stdout with --json, else a readable table."""
     if as_json:
-        sys.stdout.write(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+        sys.stdout.write(dumps_json(result) + "\n")
         return
     table = Table(title=title or None, show_header=False)
     table.add_column("key", style="bold")

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from perp.cli.app import JsonOption, ParamsOption, SetOption, app, build_config, console, emit
 from perp.config import PerpConfig, dump_params
+from perp.io.atomic import dumps_json
 
 registry_app = typer.Typer(
     help="Model registry: immutable verified versions, gated promotion dev → staging → prod, audit trail.",
@@ -34,7 +35,7 @@ def _config(params: Optional[Path], sets: Optional[list[str]], store: Optional[s
 
 
 def _print_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+    sys.stdout.write(dumps_json(value) + "\n")
 
 
 def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -20,6 +19,7 @@ from perp.cli.app import (
     progress_bar,
 )
 from perp.errors import ConfigError
+from perp.io.atomic import dumps_json
 
 
 def _tasks_option(tasks: Optional[str]) -> Optional[list[str]]:
@@ -95,7 +95,7 @@ def eval_zeroshot(
                                plan=plan)
     result = {"model": config.model.name, "model_sha256": loaded.content_hash, **result}
     if as_json:
-        sys.stdout.write(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
+        sys.stdout.write(dumps_json(result) + "\n")
     else:
         _print_zeroshot(result, f"zero-shot, lm-eval {result['lm_eval_version']}, {result['num_fewshot']}-shot")
 
@@ -140,7 +140,7 @@ def evaluate(
     log = None if as_json else (lambda line: console.print(line, highlight=False))
     metrics = run_evaluate(config, candidate, out, dense=dense, progress_factory=factory, log=log)
     if as_json:
-        sys.stdout.write(json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n")
+        sys.stdout.write(dumps_json(metrics) + "\n")
         return
     _print_metrics(metrics)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -233,11 +234,28 @@ def is_complete(directory: str | Path) -> bool:
     return (Path(directory) / COMPLETE_MARKER).is_file()
 
 
+def nonfinite_as_null(data: Any) -> Any:
+    """`data` with every NaN or ±inf float replaced by None: JSON has no such numbers, and Python's `NaN` tokens
+    break strict parsers (JavaScript's JSON.parse, Go, Rust's serde)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: nonfinite_as_null(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [nonfinite_as_null(value) for value in data]
+    return data
+
+
+def dumps_json(data: Any) -> str:
+    """Standard JSON (non-finite numbers as null), indented, keys sorted, anything else as its str()."""
+    return json.dumps(nonfinite_as_null(data), indent=2, sort_keys=True, default=str, allow_nan=False)
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_text(dumps_json(data) + "\n")
     os.replace(tmp, path)
 
 

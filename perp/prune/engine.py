@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 import torch
 from torch import nn
 
+from perp.errors import PruneNumericsError
 from perp.runtime import reuse_freed_memory
 from perp.models.families import FamilyAdapter
 from perp.models.placement import Visit, visiting
@@ -374,9 +375,15 @@ class _Pruner:
 
     def _prune_group(self, plan: LayerPlan, group: list[str], linears: dict[str, nn.Linear],
                      stats: GroupStats) -> None:
+        label = plan.full_name(group[0]) if len(group) == 1 else f"{plan.prefix}.{{{','.join(group)}}}"
+        if not stats.finite():
+            raise PruneNumericsError(
+                f"{label}: its calibration inputs are not finite (inf or NaN): the calibration forward overflowed "
+                "(float16 stops at 65504) or the weights hold inf/NaN; calibrate in bfloat16 or float32 "
+                "(model.dtype, or prune.compute_dtype with float32 weights)"
+            )
         with self.timer.phase("solve"):
             work = {name: linears[name].weight.detach().to(torch.float32, copy=True) for name in group}
-            label = plan.full_name(group[0]) if len(group) == 1 else f"{plan.prefix}.{{{','.join(group)}}}"
             pruned = self.method.prune_group(work, stats, label)
         for name in group:
             weight, mask, delta_energy, dense_energy = PrunedLinear(*pruned[name])  # (w, mask) tuples too

@@ -62,6 +62,24 @@ def resolve_compute_dtype(value: Optional[str | torch.dtype], device: Optional[t
     return _DTYPES[value]
 
 
+def check_compute_dtype(config: PerpConfig) -> None:
+    """Autocast only lowers precision, and not from one half type to the other: refuse what it would not do."""
+    from perp.models.loading import resolve_device_dtype
+
+    device, weights = resolve_device_dtype(config.model.device, config.model.dtype)
+    compute = resolve_compute_dtype(config.prune.compute_dtype, device, weights)
+    if compute is None or compute == weights:
+        return
+    name = {dtype: label for label, dtype in _DTYPES.items()}
+    asked = f"prune.compute_dtype={name[compute]} with {name[weights]} weights (model.dtype={config.model.dtype})"
+    if compute.itemsize > weights.itemsize:
+        raise ConfigError(f"{asked}: autocast only lowers precision, so the forwards would run in {name[weights]}; "
+                          f"load float32 weights (model.dtype=float32) or set prune.compute_dtype=auto")
+    if weights.itemsize == compute.itemsize:
+        raise ConfigError(f"{asked}: autocast from one half type to the other fails in the norms; use "
+                          f"prune.compute_dtype=auto, or load float32 weights (model.dtype=float32)")
+
+
 def with_engine_overrides(config: PerpConfig, **overrides: Any) -> PerpConfig:
     """`config` with the given `prune.*` engine settings replaced (None = keep the config's), validated."""
     given = {key: value for key, value in overrides.items() if value is not None}
@@ -105,6 +123,8 @@ def run_prune(config: PerpConfig, out_dir: str | Path, calib: Optional[TokenSet]
     spec = PruneSpec.from_config(config.prune)
     method = _create_method(config, spec)
     resolve_compute_dtype(config.prune.compute_dtype)  # an unknown name fails here, before anything loads
+    if reconstruction is None:  # fused runs compute in the training's precision instead
+        check_compute_dtype(config)
 
     t0 = time.perf_counter()
     skeleton, family, calib, planned = _preflight(config, spec, calib)
@@ -293,8 +313,10 @@ def build_report(config: PerpConfig, loaded: Any, calib: TokenSet, spec: PruneSp
                    for name, entry in result.linears.items()},
         "rel_error_estimate": {
             "how": how,
-            "definition": "‖WX − ŴX‖² / ‖WX‖² over the Linear's calibration inputs X in the dense layer "
-                          "(earlier layers already pruned)",
+            "definition": "‖WX − ŴX‖² / ‖WX‖² over the Linear's calibration inputs X " + (
+                "as the one-pass forward reached it (earlier layers and the earlier Linear groups of its own layer "
+                "already pruned)" if result.sequential == "linear" else
+                "in the dense layer (earlier layers already pruned)"),
             "exact": "from the Hessian XᵀX over every calibration token",
             "sampled": f"on {min(options.error_tokens, result.tokens)} of {result.tokens} calibration tokens "
                        f"(seeded random subset)",
@@ -303,7 +325,7 @@ def build_report(config: PerpConfig, loaded: Any, calib: TokenSet, spec: PruneSp
             "device": str(torch.device(options.device)),
             "weights_dtype": str(loaded.dtype).removeprefix("torch."),
             "compute_dtype": str(options.compute_dtype or loaded.dtype).removeprefix("torch."),
-            "batch_size": options.batch_size,
+            "batch_size": calib.ids.shape[0] if result.sequential == "linear" else options.batch_size,  # as ran
             "sequential": result.sequential,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),

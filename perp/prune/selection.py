@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from typing import Any, Optional, Sequence
 
+import torch
 from torch import nn
 
 from perp.errors import ConfigError, DataSourceError, UnsupportedArchitectureError
@@ -153,6 +154,8 @@ def check_calibration(ids: Any, model: nn.Module, family: FamilyAdapter) -> None
     """Token ids must be a non-empty [windows, seqlen] tensor inside the model's vocabulary."""
     if ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
         raise DataSourceError(f"calibration tokens must be [windows, seqlen] with both > 0, got {list(ids.shape)}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise DataSourceError(f"calibration tokens must be integer token ids (int64 or int32), got {ids.dtype}")
     vocab = family.embeddings(model)[0].weight.shape[0]
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= vocab:

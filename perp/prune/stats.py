@@ -169,6 +169,17 @@ class GroupStats:
             self._upper = None
         return self._hessian
 
+    def finite(self) -> bool:
+        """Whether every statistic collected so far is finite (an overflowed forward leaves inf or NaN)."""
+        if self.colsq is not None and not bool(torch.isfinite(self.colsq).all()):
+            return False
+        if self._upper is not None and not bool(np.isfinite(self._upper).all()):
+            return False
+        if self._hessian is not None and not bool(torch.isfinite(self._hessian).all()):
+            return False
+        sample = self.sample
+        return sample is None or bool(torch.isfinite(sample).all())
+
     def _add_sample(self, x: torch.Tensor, offset: int) -> None:
         if self._sample_index is None:
             return

@@ -13,7 +13,6 @@ The output directory holds both stages' results: the merged checkpoint (sparse),
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -23,6 +22,7 @@ from torch import nn
 from perp.config import PerpConfig
 from perp.data import TokenSet, evaluation_set
 from perp.errors import ConfigError
+from perp.io.atomic import dumps_json
 from perp.layout import ADAPTER_FILE, RECOVER_REPORT
 from perp.models.families import count_parameters
 from perp.prune.engine import LayerInputs, capture_layer_inputs
@@ -136,7 +136,7 @@ class FusedReconstruction:
             save_file(self.adapter, str(staging / ADAPTER_FILE),
                       metadata={"method": rc.method, "mode": "layerwise-fused", "rank": str(rc.rank),
                                 "alpha": str(rc.alpha)})
-        (staging / RECOVER_REPORT).write_text(json.dumps(self.report, indent=2, sort_keys=True, default=str) + "\n")
+        (staging / RECOVER_REPORT).write_text(dumps_json(self.report) + "\n")
 
 
 def check_fused_request(config: PerpConfig) -> None:

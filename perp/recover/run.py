@@ -10,7 +10,6 @@ Outputs (written atomically: the directory appears complete or not at all):
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from perp.config import PerpConfig
 from perp.data import evaluation_set
 from perp.evaluate.perplexity import perplexity
-from perp.io.atomic import atomic_directory, check_output_directory, require_free_space
+from perp.io.atomic import atomic_directory, check_output_directory, dumps_json, require_free_space
 from perp.layout import ADAPTER_FILE, MASKS_FILE, RECOVER_REPORT
 from perp.models import load_model
 from perp.models.families import count_parameters
@@ -92,7 +91,7 @@ def run_recover(config: PerpConfig, model: str, out_dir: Path, dense: Optional[s
         source_masks = Path(loaded.path) / MASKS_FILE
         if preserves and Path(loaded.path).is_dir() and source_masks.is_file():
             shutil.copy2(source_masks, staging / MASKS_FILE)
-        (staging / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+        (staging / REPORT_FILE).write_text(dumps_json(report) + "\n")
     emit(progress, "done")
     return report
 

@@ -38,17 +38,13 @@ try:
 except ImportError:  # pragma: no cover - scipy is a dependency; torch's GEMM and triangular solve do the same job
     _strmm = _strtri = None
 
-from perp.errors import PerpError
+from perp.errors import PruneNumericsError
 from perp.prune.methods.base import METHODS, PruneMethod, PrunedLinear
 from perp.prune.patterns import PruneSpec, lowest_in_matrix, lowest_k, lowest_nm, pruned_per
 from perp.prune.stats import GroupStats
 
 _LEAF = 32  # columns per leaf (unstructured)
 _SOLVE_BYTES = 256 * 1024 * 1024  # bound on the per-row triangular matrices of one leaf solve
-
-
-class PruneNumericsError(PerpError):
-    """The calibration Hessian cannot be inverted even with strong dampening."""
 
 
 @torch.no_grad()
