@@ -344,6 +344,17 @@ def test_calibration_ids_that_are_not_integers(no_engine, tiny_llama_dir, tmp_pa
             floats)
 
 
+@pytest.mark.parametrize("sequential, batch, definition", [("linear", 4, "as the one-pass forward reached it"),
+                                                           ("layer", 2, "in the dense layer")])
+def test_report_records_the_engine_as_it_ran(tiny_llama_dir, tmp_path, sequential, batch, definition):
+    """One-pass mode streams every window at once, whatever `prune.batch_size` says, and its errors are measured on
+    inputs that the layer's earlier groups already saw pruned."""
+    report = run_prune(_config(tiny_llama_dir, "prune.method=wanda"), tmp_path / "out", calib=_calib(windows=4),
+                       batch_size=2, sequential=sequential)
+    assert report["engine"]["sequential"] == sequential and report["engine"]["batch_size"] == batch
+    assert definition in report["rel_error_estimate"]["definition"]
+
+
 def test_calibration_text_shorter_than_one_window(no_engine, tiny_llama_dir, tmp_path):
     text = tmp_path / "short.txt"
     text.write_text("far too short")
