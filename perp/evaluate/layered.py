@@ -9,7 +9,7 @@ them. Peak device memory is one layer, the tail, and the hidden states of every 
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ HEAD_CHUNK_LOGITS = 1 << 26
 
 def _head_nll_sum(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token NLL of [T, H] hidden states, the LM head applied to chunks of tokens (fp64 on the host)."""
-    vocab = head.weight.shape[0] if hasattr(head, "weight") else head(hidden[:1]).shape[-1]
+    vocab = cast(torch.Tensor, head.weight).shape[0] if hasattr(head, "weight") else head(hidden[:1]).shape[-1]
     rows = max(1, HEAD_CHUNK_LOGITS // vocab)
     total = torch.zeros((), dtype=torch.float64)
     for start in range(0, hidden.shape[0], rows):

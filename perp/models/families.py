@@ -83,7 +83,7 @@ class FamilyAdapter:
             if is_norm(module):
                 yield name, module
 
-    def embeddings(self, model: nn.Module) -> list[nn.Module]:
+    def embeddings(self, model: nn.Module) -> list[nn.Embedding]:
         return [_get(model, path) for path in self.embedding_paths]
 
     def final_norm(self, model: nn.Module) -> nn.Module:

@@ -14,7 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 
@@ -278,8 +278,9 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", revision: O
         require_fits_device(spec, path, torch_device, torch_dtype)
     try:
         with one_model_at_a_time():
-            model, loading = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True,
-                                                                  use_safetensors=True, output_loading_info=True)
+            # with output_loading_info=True transformers returns (model, info), not the model it annotates
+            model, loading = cast(tuple[Any, dict[str, Any]], AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype, local_files_only=True, use_safetensors=True, output_loading_info=True))
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except OSError as error:
         raise ModelSourceError(f"cannot load model from '{path}': {str(error).splitlines()[0]}") from None

@@ -9,7 +9,7 @@ it (or, for a module the visit did not modify, simply points the tensor back at 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -67,7 +67,7 @@ def _move(modules: list[nn.Module], device: torch.device, skip: tuple[nn.Module,
                         else:  # the entry is replaced; every module that shares the buffer gets the same copy
                             if id(tensor) not in copies:
                                 copies[id(tensor)] = home.to(device, copy=True)
-                            table[name] = copies[id(tensor)]
+                            module._buffers[name] = copies[id(tensor)]
                             moved.append((module, name, False, copies[id(tensor)], home))
     except BaseException:
         _return(moved, write_back=False)
@@ -81,7 +81,7 @@ def _return(moved: _Moved, write_back: bool) -> None:
     is, never aliased to the storage of the one it replaced."""
     written: set[int] = set()
     for module, name, is_parameter, entry, home in reversed(moved):
-        table = module._parameters if is_parameter else module._buffers
+        table: dict[str, Any] = module._parameters if is_parameter else module._buffers
         current = table.get(name)
         if current is None:
             continue

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
+from transformers import (LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedModel,
+                          PreTrainedTokenizerFast)
 
 from perp.models.construction import one_model_at_a_time
 
@@ -49,11 +50,11 @@ def tiny_config(family: str, vocab_size: int = 259, hidden: int = 64, layers: in
     raise ValueError(f"unknown tiny family '{family}' (allowed: {', '.join(TINY_FAMILIES)})")
 
 
-def build_tiny_model(family: str = "llama", seed: int = 0, **shape: int) -> torch.nn.Module:
+def build_tiny_model(family: str = "llama", seed: int = 0, **shape: int) -> PreTrainedModel:
     """A randomly initialised model, identical for the same family, shape and seed."""
     config = tiny_config(family, **shape)
     torch.manual_seed(seed)
-    model_class = LlamaForCausalLM if family == "llama" else OPTForCausalLM
+    model_class: type[PreTrainedModel] = LlamaForCausalLM if family == "llama" else OPTForCausalLM
     with one_model_at_a_time():
         model = model_class(config).float().eval()
     if family == "llama":

@@ -26,7 +26,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -40,6 +40,9 @@ from perp.prune.methods.base import PruneMethod, PrunedLinear
 from perp.prune.owl import outlier_ratios, owl_sparsities
 from perp.prune.selection import LayerPlan, decoder_layers
 from perp.prune.stats import GroupStats, blas_threads, native_bf16, relative_error, sample_positions
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 ProgressFn = Callable[[int, int, str], None]  # (layers done, layers total, message)
 
@@ -399,6 +402,13 @@ class _Pruner:
         stats.free()
 
 
+@dataclass
+class _HookState:
+    offset: int = 0
+    calls: int = 0
+    expected: Optional[int] = None
+
+
 def _collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], plan: LayerPlan, inputs: LayerInputs,
                    method: PruneMethod, sample_index: Optional[torch.Tensor], device: torch.device,
                    autocast_dtype: Optional[torch.dtype]) -> dict[int, GroupStats]:
@@ -407,14 +417,14 @@ def _collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], plan: LayerP
     for index, group in enumerate(plan.groups):
         stats[index] = GroupStats(linears[group[0]].in_features, device, colsq=method.needs_colsq,
                                   hessian=method.needs_hessian, sample_index=sample_index)
-    state = {"offset": 0, "calls": 0, "expected": None}
+    state = _HookState()
 
     def make_hook(index: int) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
             with torch.autocast(device_type=device.type, enabled=False):
-                stats[index].add(args[0], state["offset"])
-            state["calls"] += 1
-            if state["expected"] is not None and state["calls"] >= state["expected"]:
+                stats[index].add(args[0], state.offset)
+            state.calls += 1
+            if state.expected is not None and state.calls >= state.expected:
                 raise _StopForward
 
         return hook
@@ -423,13 +433,13 @@ def _collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], plan: LayerP
     try:
         with _autocast(device, autocast_dtype):
             for batch_index, (offset, hidden, args, kwargs) in enumerate(inputs.batches()):
-                state["offset"], state["calls"] = offset, 0
+                state.offset, state.calls = offset, 0
                 try:
                     run_layer(layer, hidden, kwargs, args)
                 except _StopForward:
                     pass
                 if batch_index == 0:
-                    state["expected"] = state["calls"]  # the hooks fire in the same order for every batch
+                    state.expected = state.calls  # the hooks fire in the same order for every batch
     finally:
         for handle in handles:
             handle.remove()
@@ -472,7 +482,7 @@ def _prune_in_forward(layer: nn.Module, linears: dict[str, nn.Linear], plan: Lay
 
 
 @torch.no_grad()
-def prune_model(model: nn.Module, family: FamilyAdapter, method: PruneMethod, plans: Sequence[LayerPlan],
+def prune_model(model: PreTrainedModel, family: FamilyAdapter, method: PruneMethod, plans: Sequence[LayerPlan],
                 ids: torch.Tensor, options: Optional[EngineOptions] = None,
                 progress: Optional[ProgressFn] = None) -> EngineResult:
     """Prune the planned Linears of `model` in place, layer by layer, calibrated on token ids [windows, seqlen].
@@ -503,7 +513,7 @@ def prune_model(model: nn.Module, family: FamilyAdapter, method: PruneMethod, pl
         return _prune_model(model, family, method, plans, ids, options, progress)
 
 
-def resolve_sequential(mode: str, model: nn.Module, ids: torch.Tensor, compute_dtype: Optional[torch.dtype] = None
+def resolve_sequential(mode: str, model: PreTrainedModel, ids: torch.Tensor, compute_dtype: Optional[torch.dtype] = None
                        ) -> str:
     """`layer` or `linear` for `mode`; `auto` picks `linear` when the one-pass activation estimate of a decoder
     layer over all of `ids` fits in `ONE_PASS_BUDGET_BYTES`."""
@@ -512,7 +522,8 @@ def resolve_sequential(mode: str, model: nn.Module, ids: torch.Tensor, compute_d
     return "linear" if one_pass_activation_bytes(model, ids, compute_dtype) <= ONE_PASS_BUDGET_BYTES else "layer"
 
 
-def one_pass_activation_bytes(model: nn.Module, ids: torch.Tensor, compute_dtype: Optional[torch.dtype] = None) -> int:
+def one_pass_activation_bytes(model: PreTrainedModel, ids: torch.Tensor,
+                              compute_dtype: Optional[torch.dtype] = None) -> int:
     """Rough peak of one decoder layer's forward over every calibration token at once: the residual stream,
     norms, q/k/v/o and the three MLP intermediates per token (and eager attention's probabilities)."""
     config = model.config
@@ -528,7 +539,7 @@ def one_pass_activation_bytes(model: nn.Module, ids: torch.Tensor, compute_dtype
     return windows * seqlen * per_token
 
 
-def _prune_model(model: nn.Module, family: FamilyAdapter, method: PruneMethod, plans: Sequence[LayerPlan],
+def _prune_model(model: PreTrainedModel, family: FamilyAdapter, method: PruneMethod, plans: Sequence[LayerPlan],
                  ids: torch.Tensor, options: EngineOptions, progress: Optional[ProgressFn]) -> EngineResult:
     device = torch.device(options.device)
     timer = _Timer(device)
@@ -613,7 +624,7 @@ def _prune_layers(model: nn.Module, family: FamilyAdapter, method: PruneMethod, 
                                                autocast_dtype)
                 for index, group in enumerate(plan.groups):
                     pruner.prune_group(plan, group, linears, stats.pop(index, None))
-                if targets is not None:
+                if targets is not None and options.reconstruct is not None:
                     with timer.phase("reconstruct"), torch.enable_grad():
                         options.reconstruct(plan.index, layer, inputs, targets)
                     del targets

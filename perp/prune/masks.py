@@ -51,8 +51,8 @@ def pack_mask(mask: torch.Tensor) -> PackedMask:
     if mask.device.type == "cpu":
         import numpy as np
 
-        bits = np.packbits(mask.detach().reshape(-1).numpy(), bitorder="little")
-        return PackedMask(bits=torch.from_numpy(bits), shape=tuple(mask.shape))
+        packed = np.packbits(mask.detach().reshape(-1).numpy(), bitorder="little")
+        return PackedMask(bits=torch.from_numpy(packed), shape=tuple(mask.shape))
     flat = mask.reshape(-1).to(torch.uint8)
     pad = (-flat.numel()) % 8
     if pad:

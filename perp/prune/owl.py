@@ -13,7 +13,7 @@ Step 1 is one dense forward of the calibration set, one layer on the device at a
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -64,8 +64,12 @@ def _adder(stat: GroupStats, device: torch.device) -> Callable:
 
 def _outlier_share(linears: dict[str, nn.Linear], groups: list[list[str]], stats: list[GroupStats], m: float) -> float:
     """Two passes over the layer's Linears (mean, then count) so no concatenated score matrix is built."""
-    scores = lambda: ((linears[name].weight.detach().float().abs() * stat.colsq.sqrt().unsqueeze(0))  # noqa: E731
-                      for group, stat in zip(groups, stats) for name in group)
+    def scores() -> Iterator[torch.Tensor]:
+        for group, stat in zip(groups, stats):
+            assert stat.colsq is not None
+            for name in group:
+                yield linears[name].weight.detach().float().abs() * stat.colsq.sqrt().unsqueeze(0)
+
     total = count = 0
     score_sum = 0.0
     for score in scores():

@@ -15,7 +15,7 @@ import contextlib
 import sys
 import threading
 import warnings
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -93,7 +93,7 @@ def blas_threads(count: int) -> Iterator[None]:
                 _BLAS_ORIGINAL.pop().restore_original_limits()
 
 
-def _syrk():
+def _syrk() -> Optional[Callable[..., np.ndarray]]:
     """scipy's BLAS ssyrk (XᵀX from one triangle: half the flops of a GEMM) limited to torch's thread count,
     or None without scipy (a GEMM then does the same job)."""
     try:
@@ -101,7 +101,7 @@ def _syrk():
     except ImportError:
         return None
 
-    def syrk(*args, **kwargs):
+    def syrk(*args: Any, **kwargs: Any) -> np.ndarray:
         with blas_threads(torch.get_num_threads()):
             return blas.ssyrk(*args, **kwargs)
 
@@ -134,7 +134,7 @@ class GroupStats:
         x = x.reshape(-1, x.shape[-1])
         rows = x.shape[0]
         hessian_done = False
-        if self._upper is not None and x.device.type == "cpu":
+        if self._syrk is not None and self._upper is not None and x.device.type == "cpu":
             chunk = x.detach().to(torch.float32).contiguous()
             # x is [rows, d] row-major, so its numpy transpose [d, rows] is column-major: C += Xᵀ X, no copy
             self._upper = self._syrk(1.0, chunk.numpy().T, beta=1.0, c=self._upper, trans=0, lower=0, overwrite_c=1)
@@ -231,9 +231,11 @@ def relative_error(dense: torch.Tensor, pruned: torch.Tensor, stats: GroupStats,
     if stats.hessian is not None or (delta_energy is not None and dense_energy is not None):
         H = stats.hessian
         if delta_energy is None:
+            assert H is not None
             delta = dense - pruned
             delta_energy = float(((delta @ H) * delta).sum())
         if dense_energy is None:
+            assert H is not None
             dense_energy = float(((dense @ H) * dense).sum())
         numerator, denominator = delta_energy, dense_energy
         how = "exact"

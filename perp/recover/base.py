@@ -9,7 +9,7 @@ one only marks its own parameters trainable, after the orchestrator has frozen e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Optional
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ from torch import nn
 from perp.errors import PerpError
 from perp.models.families import FamilyAdapter, is_norm
 from perp.plugins import Registry
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class RecoverError(PerpError):
@@ -52,7 +55,7 @@ class Scope:
     root: nn.Module
     family: FamilyAdapter
     linears: dict[str, nn.Linear]
-    model: Optional[nn.Module] = None
+    model: Optional[PreTrainedModel] = None
     notes: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -69,7 +72,7 @@ class Scope:
         setattr(parent, child, module)
 
 
-def model_scope(model: nn.Module, family: FamilyAdapter) -> Scope:
+def model_scope(model: PreTrainedModel, family: FamilyAdapter) -> Scope:
     return Scope(root=model, family=family, linears=dict(family.named_decoder_linears(model)), model=model)
 
 

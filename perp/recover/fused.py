@@ -93,12 +93,14 @@ class FusedReconstruction:
     def __call__(self, index: int, layer: nn.Module, inputs: LayerInputs, targets: list[torch.Tensor]) -> None:
         # The block trains on the engine's own micro-batches, neither copied nor concatenated: windows are
         # gathered from them by index, the MSE is measured one micro-batch at a time (`Rows`).
+        assert self.call is not None and self.trainer is not None
         data = BlockData(self.call, hidden=inputs.hidden)
         dense_outputs = Rows(targets)
         targets.clear()  # the engine's list: the dense outputs are ours now, released when the block is done
         self.trainer.train(index, layer, data, dense_outputs)
 
     def finish(self, peak_memory_bytes: int, sparsity: dict[str, Any]) -> dict[str, Any]:
+        assert self.trainer is not None and self.calib is not None
         loaded, config, trainer = self.loaded, self.config, self.trainer
         seconds = trainer.seconds  # the blocks' training; the whole job's phases are in prune_report's timings
         model, family = loaded.model, loaded.family

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +42,12 @@ from perp.recover.selection import attach, autocast_context, require_trainable
 from perp.recover.train import optimize
 from perp.runtime import reuse_freed_memory
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
-def check_same_architecture(pruned: nn.Module, dense: nn.Module, family, model: str, dense_name: str) -> None:
+
+def check_same_architecture(pruned: PreTrainedModel, dense: PreTrainedModel, family, model: str,
+                            dense_name: str) -> None:
     a, b = pruned.config, dense.config
     layers_a = family.num_layers(pruned)
     layers_b = family.num_layers(dense) if a.model_type == b.model_type else None
@@ -136,8 +140,8 @@ def _cut(parts: Iterator[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
             if have == size:
                 batch, pending, have = (pending[0] if len(pending) == 1 else torch.cat(pending)), [], 0
                 yield batch
-                batch = None
-        part = None
+                del batch
+        del part
     if pending:
         yield pending[0] if len(pending) == 1 else torch.cat(pending)
 
@@ -219,12 +223,12 @@ def block_mse(layer: nn.Module, data: BlockData, targets: Union[Rows, torch.Tens
         if out.shape != target.shape:
             raise ValueError(f"block outputs {tuple(out.shape)} but targets {tuple(target.shape)}")
         diff = out.to(torch.float32, copy=True)  # a copy: `out` may share memory with the block's inputs
-        out = None
+        del out
         diff.sub_(target).square_()
         part = diff.sum(dtype=torch.float32).double()
         total = part if total is None else total + part
         count += diff.numel()
-        diff = target = None  # released before the next micro-batch runs
+        del diff, target  # released before the next micro-batch runs
     if total is None:
         raise ValueError("no windows to measure the block MSE on")
     return float(total) / count
@@ -363,17 +367,17 @@ def run_layerwise(config: PerpConfig, model: str, dense: str, methods: list[str]
             layer, dense_layer = family.layers(net)[index], family.layers(dense_net)[index]
             with visiting(dense_layer, device, write_back=False):  # read only: nothing to copy back
                 targets = outputs(dense_layer, data, rc.batch_size, trainer.autocast_dtype)
-            dense_layer = None
+            del dense_layer
             home = next(layer.parameters()).device
             layer.to(device)
             trainer.train(index, layer, data, targets)
-            targets = None  # free before the block's outputs are computed
+            del targets  # free before the block's outputs are computed
             data.advance(layer, rc.batch_size, trainer.autocast_dtype)  # feed block i+1, in place
             layer.to(home)
     seconds = time.perf_counter() - started
     peak = meter.stop()
     dense_sha256 = dense_loaded.content_hash
-    data = dense_net = dense_loaded = None  # free the captured states and the dense model before ppl_after
+    del data, dense_net, dense_loaded  # free the captured states and the dense model before ppl_after
 
     ppl_after = _layered_ppl(net, family, eval_set, config.evaluate.batch_size, device, progress, "ppl_after")
     report = {

@@ -8,13 +8,17 @@ report says so. Layer-wise mode has no LM head in scope: the method contributes 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from perp.models.families import FamilyAdapter
 from perp.recover.base import RecoverError, RecoverMethod, Scope, lowrank_bytes, register
 from perp.recover.lora import peft_lora, unwrap_peft
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @register("lm_head")
@@ -24,9 +28,9 @@ class LMHead(RecoverMethod):
 
     def attach(self, scope: Scope) -> dict[str, nn.Parameter]:
         self.action = "not applicable (layer-wise: the LM head is outside the decoder blocks)"
-        if scope.is_block:
-            return {}
         model, family = scope.model, scope.family
+        if model is None:
+            return {}
         path = family.lm_head_path
         head = family.lm_head(model)
         if not isinstance(head, nn.Linear):
@@ -39,7 +43,8 @@ class LMHead(RecoverMethod):
             self.action = "not tied: merged into the LM head only"
         layer = peft_lora(family.lm_head(model), self.settings)
         scope.replace(path, layer)
-        return {f"{path}.lora_A": layer.lora_A["default"].weight, f"{path}.lora_B": layer.lora_B["default"].weight}
+        return {f"{path}.lora_A": layer.lora_A["default"].get_parameter("weight"),
+                f"{path}.lora_B": layer.lora_B["default"].get_parameter("weight")}
 
     @torch.no_grad()
     def merge(self, scope: Scope) -> None:
@@ -51,7 +56,7 @@ class LMHead(RecoverMethod):
         return {"tied_embeddings_action": self.action}
 
     def output_bytes(self, scope: Scope, itemsize: int) -> int:
-        if scope.is_block:
+        if scope.model is None:
             return 0
         head = scope.family.lm_head(scope.model)
         untied_copy = head.weight.numel() * itemsize if scope.family.ties_embeddings(scope.model) else 0
@@ -59,7 +64,7 @@ class LMHead(RecoverMethod):
 
 
 @torch.no_grad()
-def untie_lm_head(model: nn.Module, family) -> None:
+def untie_lm_head(model: PreTrainedModel, family: FamilyAdapter) -> None:
     """Give the LM head its own weight tensor and record in the config that the embeddings are no longer tied."""
     head = family.lm_head(model)
     head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)

@@ -17,8 +17,11 @@ from perp.recover.base import RecoverMethod, Scope, Settings, register
 
 def peft_lora(base: nn.Linear, settings: Settings) -> PeftLoraLinear:
     """A peft LoRA layer (Kaiming-uniform A, B = 0, no dropout) around a frozen Linear, with fp32 adapters."""
-    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0, bias="none")
-    layer = PeftLoraLinear(base, "default", config=config, r=settings.rank, lora_alpha=settings.alpha)
+    # peft annotates lora_alpha as int but only divides by it (scaling = alpha / rank): a float alpha is kept exact
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha,  # type: ignore[arg-type]
+                        lora_dropout=0.0, bias="none")
+    layer = PeftLoraLinear(base, "default", config=config, r=settings.rank,
+                           lora_alpha=settings.alpha)  # type: ignore[arg-type]
     for module in (layer.lora_A["default"], layer.lora_B["default"]):
         module.to(device=base.weight.device, dtype=torch.float32)
         module.weight.requires_grad_(True)
@@ -32,7 +35,7 @@ def unwrap_peft(scope: Scope, names: list[str]) -> None:
         module = scope.root.get_submodule(name)
         if isinstance(module, PeftLoraLinear):
             base = module.get_base_layer()
-            weight = base.weight
+            weight = base.get_parameter("weight")
             delta = module.get_delta_weight("default").to(torch.float32)
             weight.copy_((weight.to(torch.float32) + delta).to(weight.dtype))
             scope.replace(name, base)
@@ -49,8 +52,8 @@ class LoRA(RecoverMethod):
         for name, linear in list(scope.linears.items()):
             layer = peft_lora(linear, self.settings)
             scope.replace(name, layer)
-            selected[f"{name}.lora_A"] = layer.lora_A["default"].weight
-            selected[f"{name}.lora_B"] = layer.lora_B["default"].weight
+            selected[f"{name}.lora_A"] = layer.lora_A["default"].get_parameter("weight")
+            selected[f"{name}.lora_B"] = layer.lora_B["default"].get_parameter("weight")
         return selected
 
     @torch.no_grad()

@@ -14,10 +14,15 @@ soft-capping or scaling, router auxiliary losses) takes the model's own loss.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 #: Chunk the loss when a micro-batch's fp32 logits would take more than this ...
 CHUNK_ABOVE_BYTES = 1024 * 1024 * 1024
@@ -27,7 +32,7 @@ CHUNK_BYTES = 256 * 1024 * 1024
 _PLAIN_HEAD_TYPES = ("llama", "mistral", "qwen2", "qwen3", "opt")
 
 
-def chunkable(model: nn.Module) -> bool:
+def chunkable(model: PreTrainedModel) -> bool:
     """Whether the model's logits are plainly its LM head applied to its decoder's last hidden state."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "model_type", None) not in _PLAIN_HEAD_TYPES:
@@ -38,7 +43,7 @@ def chunkable(model: nn.Module) -> bool:
     return callable(get_decoder) and model.get_output_embeddings() is not None
 
 
-def causal_lm_loss(model: nn.Module, ids: torch.Tensor, chunk_above_bytes: int = CHUNK_ABOVE_BYTES,
+def causal_lm_loss(model: PreTrainedModel, ids: torch.Tensor, chunk_above_bytes: int = CHUNK_ABOVE_BYTES,
                    chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
     """Mean next-token cross-entropy of token ids [batch, seqlen] (no padding), as `model(labels=ids).loss`."""
     vocab = model.config.vocab_size
@@ -49,11 +54,12 @@ def causal_lm_loss(model: nn.Module, ids: torch.Tensor, chunk_above_bytes: int =
     targets = ids[:, 1:].reshape(-1)
     head = model.get_output_embeddings()
     rows = max(1, chunk_bytes // (4 * vocab))
-    total = None
+    total: Optional[torch.Tensor] = None
     for start in range(0, targets.numel(), rows):
         part = checkpoint(_summed_cross_entropy, head, states[start:start + rows], targets[start:start + rows],
                           use_reentrant=False)
         total = part if total is None else total + part
+    assert total is not None
     return total / targets.numel()
 
 

@@ -64,6 +64,7 @@ def run_recover(config: PerpConfig, model: str, out_dir: Path, dense: Optional[s
     if rc.mode == "layerwise":
         from perp.recover.layerwise import run_layerwise
 
+        assert dense is not None  # validate_request refuses layerwise without --dense
         outcome = run_layerwise(config, model, dense, methods, settings, preserves, progress)
     else:
         outcome = _run_end2end(config, model, methods, settings, preserves, progress)

@@ -9,16 +9,18 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
-from torch import nn
 
 from perp.config import RecoverConfig
 from perp.recover.base import RecoverError
 from perp.recover.loss import causal_lm_loss
 from perp.recover.selection import Attachment, autocast_context
 from perp.runtime import reuse_freed_memory
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 #: Gradient-norm clip, as the Hugging Face Trainer that the PERP reference trains with.
 MAX_GRAD_NORM = 1.0
@@ -122,9 +124,9 @@ def _optimize(attachment: Attachment, config: RecoverConfig, micro_batch_loss: M
     return result
 
 
-def train_end2end(model: nn.Module, attachment: Attachment, batches: Iterator[torch.Tensor], config: RecoverConfig,
-                  device: torch.device, model_dtype: torch.dtype, on_step: Optional[StepCallback] = None
-                  ) -> TrainResult:
+def train_end2end(model: PreTrainedModel, attachment: Attachment, batches: Iterator[torch.Tensor],
+                  config: RecoverConfig, device: torch.device, model_dtype: torch.dtype,
+                  on_step: Optional[StepCallback] = None) -> TrainResult:
     """Next-token loss of the whole model on `batches` of token ids [batch_size, seqlen]."""
 
     def micro_batch_loss() -> tuple[torch.Tensor, int]:
@@ -148,7 +150,7 @@ def train_end2end(model: nn.Module, attachment: Attachment, batches: Iterator[to
         model.train(was_training)
 
 
-def _checkpointing(model: nn.Module, enable: bool) -> None:
+def _checkpointing(model: PreTrainedModel, enable: bool) -> None:
     """Non-reentrant activation checkpointing of the decoder layers (transformers ≥ 5 names it
     `activation_checkpointing_*`, older versions `gradient_checkpointing_*`)."""
     if hasattr(model, "activation_checkpointing_enable"):
