@@ -50,7 +50,7 @@ def recovery_input(report: dict[str, Any]) -> Optional[RecoveryInput]:
     digest = digest if isinstance(digest, str) else None
     path = Path(source).expanduser()
     if not path.is_dir() or (digest is not None and _content_hash(path) != digest):
-        path = None
+        return RecoveryInput(source, digest, None)
     return RecoveryInput(source, digest, path)
 
 
@@ -102,6 +102,7 @@ def _check_pruned_input(model_dir: Path, pruned_dir: Path) -> None:
     chain = recovered_from(model_dir)
     if chain and pruned_hash not in {digest for _, digest, _ in chain}:
         source, digest, reachable = chain[-1]
+        assert digest is not None  # recovered_from keeps only inputs with a recorded sha256
         recorded = (read_json(model_dir / RECOVER_REPORT).get("pruning") or {}).get("source")
         if reachable is None and recorded and Path(recorded).resolve() == pruned_dir.resolve():
             raise LineageError(f"cannot verify that '{model_dir}' descends from '{pruned_dir}': the recovery it "
@@ -144,7 +145,8 @@ def lineage(calibration: Optional[Ref], pruned: Optional[Ref], recovered: Ref) -
     check_lineage(calibration, pruned, recovered)
     prune_report = read_json(Path(pruned["report"])) if pruned and pruned.get("report") else {}
     recover_report = read_json(Path(recovered["report"])) if recovered.get("report") else {}
-    recorded = recover_report.get("pruning") if isinstance(recover_report.get("pruning"), dict) else {}
+    recorded = recover_report.get("pruning")
+    recorded = recorded if isinstance(recorded, dict) else {}
     calibration_sha256 = ((calibration or {}).get("tokens_sha256")
                           or (prune_report.get("calibration") or {}).get("sha256")
                           or recorded.get("calibration_sha256"))

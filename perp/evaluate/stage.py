@@ -183,7 +183,8 @@ def _text(value: Any) -> Optional[str]:
 def _take_prune_report(lineage: _Lineage, report: dict[str, Any], file: Path) -> None:
     """A pruned checkpoint's report names the model it was pruned from (the base: it beats a recover report's
     `dense`, with its sha256) and holds its pruning record (unless a nearer recover report copied it)."""
-    base = report.get("base_model") if isinstance(report.get("base_model"), dict) else {}
+    base = report.get("base_model")
+    base = base if isinstance(base, dict) else {}
     if _text(base.get("source")):
         lineage.base, lineage.base_kind = base["source"], _text(base.get("kind"))
         lineage.base_sha256, lineage.base_file = _text(base.get("sha256")), str(file)

@@ -177,7 +177,7 @@ def _load_manifest(store: Store, name: str, state: ModelState, version: int) -> 
 
 def _held_stages(state: ModelState) -> dict[str, int]:
     """Each stage that holds a version, and the version it holds."""
-    return {s: state.current(s) for s in sorted(state.stacks) if state.current(s)}
+    return {s: version for s in sorted(state.stacks) if (version := state.current(s))}
 
 
 def _event_summary(event: dict[str, Any]) -> dict[str, Any]:
@@ -516,7 +516,7 @@ def _reuse_candidates(state: ModelState) -> list[int]:
     """Active versions a re-run may return, newest first: the `REUSE_LOOKBACK` newest and every one a stage
     holds (a registry with a long history compares against its recent past, not all of it)."""
     active = {v for v, record in state.versions.items() if not record.deregistered}
-    held = {state.current(stage) for stage in state.stacks} - {None}
+    held = {version for stage in state.stacks if (version := state.current(stage)) is not None}
     recent = set(sorted(active, reverse=True)[:REUSE_LOOKBACK])
     return sorted((recent | held) & active, reverse=True)
 
@@ -531,6 +531,8 @@ def _blobs_of_latest_version(store: Store, name: str, state: ModelState) -> set[
         return set()
     try:
         storage = _load_manifest(store, name, state, max(state.versions)).get("storage")
+        if not isinstance(storage, dict):
+            return set()
         return {entry["blob"] for entry in storage.values() if isinstance(entry.get("blob"), str)}
     except (RegistryError, StoreError, ValueError, AttributeError, TypeError):
         return set()
@@ -738,7 +740,7 @@ def _resolve(state: ModelState, name: str, selector: Union[int, str]) -> int:
 def list_models(store_uri: StoreLike) -> list[dict[str, Any]]:
     """Every model in the store: active versions, latest, what each stage holds."""
     store = _store(store_uri)
-    models = []
+    models: list[dict[str, Any]] = []
     for name in _model_names(store):
         try:
             events, state = load_state(store, name)

@@ -26,7 +26,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import perp
 from perp.registry.names import RegistryError
@@ -134,7 +134,7 @@ class ModelState:
         seq = event["seq"]
         where = f"event {seq} of '{self.name}' ({event_key(self.name, seq)})"
         version = event.get("version")
-        stage = event.get("stage")
+        stage = cast(str, event.get("stage"))
         if kind == "register":
             if version != self.next_version:
                 raise RegistryIntegrityError(f"{where} registers version {version}, expected {self.next_version}")
@@ -213,7 +213,7 @@ def scan_log(store: Store, name: str) -> tuple[list[dict[str, Any]], list[LogPro
     blobs = _fetch(store, [key for seq, key in zip(seqs, keys) if seq in numbered])
     content = dict(zip([seq for seq in seqs if seq in numbered], blobs))
     events: list[dict[str, Any]] = []
-    previous_hash = GENESIS
+    previous_hash: Optional[str] = GENESIS
     for seq, key in zip(seqs, keys):
         where = f"event {seq} of '{name}' ({key})"
         data = content.get(seq)

@@ -106,7 +106,8 @@ def evaluate_gates(stage: str, stages: list[str], config: Optional[GatesConfig |
                        "detail": (f"was promoted to '{previous}' before" if passed else
                                   f"was never promoted to '{previous}' (promote it there first)")})
     metrics = metrics if isinstance(metrics, dict) else {}
-    measured = metrics.get("gates") if isinstance(metrics.get("gates"), dict) else {}
+    gates = metrics.get("gates")
+    measured = gates if isinstance(gates, dict) else {}
     if config is not None:
         if config.max_ppl_ratio is not None:
             checks.append(_check("ppl_ratio", "gates.ppl_ratio", "<=", config.max_ppl_ratio,
@@ -117,8 +118,8 @@ def evaluate_gates(stage: str, stages: list[str], config: Optional[GatesConfig |
         if config.min_sparsity is not None:
             checks.append(_check("sparsity", "gates.sparsity", ">=", config.min_sparsity,
                                  measured.get("sparsity"), "achieved sparsity"))
-        elif _whole_counts(metrics) is not None:
-            zeros, planned_zeros = _whole_counts(metrics)
+        elif (counts := _whole_counts(metrics)) is not None:
+            zeros, planned_zeros = counts
             check = _check("sparsity", "model.decoder_linear_zeros", ">=", planned_zeros, zeros,
                            f"zeroed decoder weights (planned {planned_zeros})")
             check["planned"] = _number(metrics.get("planned_sparsity"))

@@ -66,17 +66,17 @@ def stage_numbers(run: Run) -> dict[str, StageNumbers]:
         for text, entry in (data.get("perplexity") or {}).items():
             if not isinstance(entry, dict):
                 continue
-            if number(entry.get("ppl")) is not None:
-                numbers.ppl[text] = number(entry["ppl"])
-            if number(entry.get("dense_ppl")) is not None:
-                dense.ppl.setdefault(text, number(entry["dense_ppl"]))
+            if (ppl := number(entry.get("ppl"))) is not None:
+                numbers.ppl[text] = ppl
+            if (dense_ppl := number(entry.get("dense_ppl"))) is not None:
+                dense.ppl.setdefault(text, dense_ppl)
         zs = data.get("zeroshot") or {}
         for task, entry in (zs.get("tasks") or {}).items():
             if isinstance(entry, dict):
-                if number(entry.get("acc")) is not None:
-                    numbers.tasks[task] = number(entry["acc"])
-                if number(entry.get("dense_acc")) is not None:
-                    dense.tasks.setdefault(task, number(entry["dense_acc"]))
+                if (acc := number(entry.get("acc"))) is not None:
+                    numbers.tasks[task] = acc
+                if (dense_acc := number(entry.get("dense_acc"))) is not None:
+                    dense.tasks.setdefault(task, dense_acc)
         numbers.mean_acc = number(zs.get("mean_acc"))
         if dense.mean_acc is None:
             dense.mean_acc = number(zs.get("dense_mean_acc"))
@@ -180,8 +180,7 @@ def headline(run: Run, stages: dict[str, StageNumbers]) -> list[str]:
         p, r = pruned.ppl[RECOVERY_TEXT], recovered.ppl[RECOVERY_TEXT]
         sentences.append(f"On the recovery's evaluation text, **recovery** ({run.recover_method()}) took "
                          f"perplexity from {p:.2f} (pruned{', ' + what if what else ''}) to {r:.2f}.")
-    elif dense and (recovered or pruned):
-        final = recovered or pruned
+    elif dense and (final := recovered or pruned):
         ratio = final.ppl_ratio(dense)
         if ratio is not None:
             sentences.append(f"The {'recovered' if recovered else 'pruned'} model's perplexity is ×{ratio:.2f} the "
@@ -235,7 +234,8 @@ def _add_summary(doc: Document, run: Run, stages: dict[str, StageNumbers], texts
     header = ["model", "sparsity"] + [f"ppl {t}" for t in texts] + ["zero-shot mean"]
     rows = [_summary_row(stage, numbers, texts, dense) for stage, numbers in stages.items()]
     doc.add(Heading("Summary"), Table(header, rows))
-    gates = (run.final_metrics().data.get("gates") if run.final_metrics() else None) or {}
+    final = run.final_metrics()
+    gates = (final.data.get("gates") if final else None) or {}
     if gates:
         doc.add(Paragraph("Gate inputs (from `metrics.json`): " + ", ".join(
             f"{k} = {_f(number(v), 4) if number(v) is not None else '—'}" for k, v in gates.items()), note=True))
@@ -248,11 +248,11 @@ def _summary_row(stage: str, numbers: StageNumbers, texts: list[str], dense: Opt
         value = numbers.ppl.get(text)
         cell = _f(value)
         if value is not None and dense and stage != "dense" and dense.ppl.get(text):
-            cell += f" (×{value / dense.ppl[text]:.2f})"
+            cell = f"{cell} (×{value / dense.ppl[text]:.2f})"
         row.append(cell)
     acc = _pct(numbers.mean_acc)
-    if acc and dense and dense.mean_acc is not None and stage != "dense":
-        acc += f" ({(numbers.mean_acc - dense.mean_acc) * 100:+.1f} pts)"
+    if numbers.mean_acc is not None and dense and dense.mean_acc is not None and stage != "dense":
+        acc = f"{acc} ({(numbers.mean_acc - dense.mean_acc) * 100:+.1f} pts)"
     row.append(acc)
     return row
 
@@ -318,7 +318,8 @@ def _add_pruning(doc: Document, run: Run, data: dict[str, Any], out: Path, plots
     figure and `plots/layers.csv` when it has layers."""
     from perp.report import figures
 
-    layers = data.get("layers") if isinstance(data.get("layers"), dict) else {}
+    layers = data.get("layers")
+    layers = layers if isinstance(layers, dict) else {}
     target = number(data.get("target_sparsity"))
     image = figures.layers_figure(out / "layers.png", layers, target) if layers else None
     if layers:
@@ -419,9 +420,10 @@ def _sweep_document(collection: Collection, out: Path, plots: Path, html: bool) 
         stages = stage_numbers(run)
         dense = stages.get("dense")
         pruned, rec = stages.get("pruned"), stages.get("recovered") or stages.get("evaluated")
+        final = rec or pruned
         sub = Path("runs") / _slug(run.label) / "report.md"
         rows.append([f"[{run.label}]({sub.as_posix()})", run.prune_method(), _pct(run.target_sparsity()),
-                     _pct((rec or pruned).sparsity if (rec or pruned) else None),
+                     _pct(final.sparsity if final else None),
                      run.recover_method(),
                      _f(pruned.ppl_ratio(dense)) if pruned and dense else None,
                      _f(rec.ppl_ratio(dense)) if rec and dense else None,

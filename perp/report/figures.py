@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 STAGE_COLORS = {"dense": "#4c72b0", "pruned": "#c44e52", "recovered": "#55a868", "evaluated": "#8172b2"}
 _FALLBACK_COLORS = ("#8172b2", "#937860", "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd")
@@ -40,8 +40,8 @@ def _fmt(value: float) -> str:
     return f"{value:.2f}"
 
 
-def grouped_bars(path: Path, groups: Sequence[str], series: dict[str, dict[str, Optional[float]]], *, title: str,
-                 ylabel: str, log_if_spread: bool = False, percent: bool = False,
+def grouped_bars(path: Path, groups: Sequence[str], series: Mapping[str, Mapping[str, Optional[float]]], *,
+                 title: str, ylabel: str, log_if_spread: bool = False, percent: bool = False,
                  reference: Optional[float] = None) -> Optional[Path]:
     """One group of bars per x label (text or task), one bar per series (dense, pruned, recovered...)."""
     names = [name for name, values in series.items() if any(values.get(g) is not None for g in groups)]
@@ -138,8 +138,8 @@ def layers_figure(path: Path, layers: dict[str, dict[str, Any]], target: Optiona
 def loss_figure(path: Path, curve: Sequence[Sequence[float]], title: str = "Recovery loss") -> Optional[Path]:
     from perp.report.collect import number
 
-    points = [(number(p[0]), number(p[1])) for p in curve if isinstance(p, (list, tuple)) and len(p) >= 2]
-    points = [(step, loss) for step, loss in points if step is not None and loss is not None]
+    numbers = [(number(p[0]), number(p[1])) for p in curve if isinstance(p, (list, tuple)) and len(p) >= 2]
+    points = [(step, loss) for step, loss in numbers if step is not None and loss is not None]
     if not points:
         return None
     plt = _pyplot()

@@ -70,7 +70,7 @@ def validate_key(key: str) -> str:
     return key
 
 
-def validate_sha256(digest: str) -> str:
+def validate_sha256(digest: object) -> str:
     if not isinstance(digest, str) or not _SHA256.match(digest):
         raise StoreError(f"'{digest}' is not a sha256 hex digest")
     return digest

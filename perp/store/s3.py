@@ -234,7 +234,7 @@ class S3Store(Store):
         return full_key[len(self.prefix) + 1:] if self.prefix else full_key
 
     def list_keys(self, prefix: str) -> list[str]:
-        keys = []
+        keys: list[str] = []
         for page in self._paginate(prefix):
             keys.extend(self._relative(item["Key"]) for item in page.get("Contents", []))
         return sorted(keys)

@@ -39,7 +39,7 @@ import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Optional, TypeVar
+from typing import Any, BinaryIO, Callable, Generator, Iterable, Iterator, Optional, TypeVar
 
 import numpy as np
 
@@ -82,7 +82,7 @@ def default_workers() -> int:
     return max(1, min(4, cores))
 
 
-def _ordered_map(function: Callable[[_T], _R], items: Iterable[_T], workers: int) -> Iterator[_R]:
+def _ordered_map(function: Callable[[_T], _R], items: Iterable[_T], workers: int) -> Generator[_R, None, None]:
     """`map(function, items)` on `workers` threads, in order, with at most `workers` + 2 results alive at once
     (`workers` + 1 submitted, the one the caller holds; each may be a tensor's worth of bytes). Close the generator
     (`contextlib.closing`) when the caller may stop early: that cancels what has not started."""
@@ -186,20 +186,20 @@ def _deflate(data: np.ndarray) -> bytes:
     """A standard zlib stream, Huffman coding only: byte planes of weights are close to i.i.d. symbols, where
     LZ77 matching costs ~30x the time for a worse ratio (measured on bf16 exponent planes)."""
     compressor = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
-    return compressor.compress(memoryview(data)) + compressor.flush()
+    return compressor.compress(data.data) + compressor.flush()
 
 
 def _encode_plane(plane: np.ndarray) -> tuple[str, bytes | memoryview]:
     """zlib when a sample says it pays off, else raw."""
     if plane.size < 64:
-        return "raw", memoryview(plane)
+        return "raw", plane.data
     start = max(0, plane.size // 2 - _SAMPLE // 2)
     sample = plane[start:start + _SAMPLE]
     if len(_deflate(sample)) >= _COMPRESS_IF_BELOW * sample.size:
-        return "raw", memoryview(plane)
+        return "raw", plane.data
     packed = _deflate(plane)
     if len(packed) >= plane.size:
-        return "raw", memoryview(plane)
+        return "raw", plane.data
     return "zlib", packed
 
 
@@ -208,7 +208,7 @@ def _decode_plane(codec: str, data: np.ndarray, expected: int, what: str) -> np.
         out = data
     elif codec == "zlib":
         try:
-            out = np.frombuffer(zlib.decompress(memoryview(data)), dtype=np.uint8)
+            out = np.frombuffer(zlib.decompress(data.data), dtype=np.uint8)
         except zlib.error as error:
             raise SparseFormatError(f"{what}: corrupt compressed data ({error})") from None
     else:
@@ -351,7 +351,7 @@ def pack_file(src: str | Path, dst: str | Path, sparse_min_zero_fraction: float 
         with contextlib.closing(_ordered_map(encode, range(len(segments)), workers or default_workers())) as encoded:
             for (begin, end, _), (entry, payloads) in zip(segments, encoded):
                 if source_hash is not None:
-                    source_hash.update(memoryview(data[begin:end]))
+                    source_hash.update(data[begin:end].data)
                     hashed += end - begin
                 for label, payload in payloads:
                     parts.add(label, payload)
@@ -378,6 +378,7 @@ def pack_file(src: str | Path, dst: str | Path, sparse_min_zero_fraction: float 
         finally:
             tmp.unlink(missing_ok=True)
     if source_hash is not None:
+        assert source_sha is not None
         seed_sha256(src, source_sha, before)
     packed_stat = dst.stat()
     seed_sha256(dst, packed_sha, packed_stat)
@@ -426,9 +427,9 @@ def unpack_file(src: str | Path, dst: str | Path, expected_sha256: Optional[str]
     try:
         with safe_open(str(src), framework="np") as packed, open(tmp, "wb") as out:
             parts = _PackedParts(packed, src)
-            for chunk in (struct.pack("<Q", len(header_bytes)), header_bytes):
-                digest.update(chunk)
-                out.write(chunk)
+            for prefix in (struct.pack("<Q", len(header_bytes)), header_bytes):
+                digest.update(prefix)
+                out.write(prefix)
             with contextlib.closing(_ordered_map(parts.decode, entries, workers or default_workers())) as decoded:
                 for chunk in decoded:  # one tensor at a time (plus those being decoded), never the whole file
                     digest.update(chunk)
@@ -476,7 +477,7 @@ class _PackedParts:
         size = end - begin
         if entry["kind"] == "raw":
             label, codec = entry["planes"][0]
-            return memoryview(_decode_plane(codec, self.part(label), size, what))
+            return _decode_plane(codec, self.part(label), size, what).data
         width = entry["width"]
         n = size // width
         count = entry["nnz"] if entry["kind"] == "sparse" else n
@@ -495,7 +496,7 @@ class _PackedParts:
             full = np.zeros(n, dtype=f"<u{width}")
             full[mask] = words
             words = full
-        return memoryview(words.view(np.uint8))
+        return words.view(np.uint8).data
 
 
 # --------------------------------------------------------------------------------------------- directories

@@ -84,7 +84,7 @@ def moto_s3(buckets: tuple[str, ...] = (), atomic_conditional_writes: bool = Tru
             if atomic_conditional_writes:
                 app = _AtomicConditionalWrites(app)
             self._server = make_server(self._ip_address, self._port, app, True, request_handler=QuietHandler)
-            self._server.handle_error = _ignore_hang_ups(self._server.handle_error)
+            setattr(self._server, "handle_error", _ignore_hang_ups(self._server.handle_error))
             self._server_ready_event.set()
             self._server.serve_forever()
 
@@ -224,6 +224,7 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(payload)
                     return
+                assert proxy.upstream.hostname is not None
                 connection = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
                 headers["Content-Length"] = str(len(body))
