@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import boto3
@@ -127,6 +128,59 @@ def test_checkpoint_bytes_count_only_the_weights_transformers_loads(tiny_llama_d
     for name in ("masks.safetensors", "adapter.safetensors"):  # what a recovery writes beside the weights
         save_file({"x": torch.zeros(1000, 1000)}, str(recovered / name))
     assert checkpoint_bytes(recovered, torch.float32) == checkpoint_bytes(tiny_llama_dir, torch.float32)
+
+
+def _copy(source: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+def test_a_truncated_weight_file_is_one_line_on_every_load(tiny_llama_dir, tmp_path):
+    """The header parses, but the tensors run past the end of the file: safetensors' own error was a traceback."""
+    damaged = _copy(tiny_llama_dir, tmp_path / "truncated")
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(ModelSourceError, match="model.safetensors' is not a readable safetensors file .*truncated"):
+        load_model(str(damaged), "cpu", load_to_device=False)
+
+
+def test_sharded_checkpoints_load_and_a_missing_shard_is_named(tiny_llama_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    sharded = _copy(tiny_llama_dir, tmp_path / "sharded")
+    (sharded / "model.safetensors").unlink()
+    model.save_pretrained(sharded, max_shard_size="50KB")
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    assert load_model(str(sharded), "cpu", load_to_device=False).content_hash
+    shards[1].unlink()
+    with pytest.raises(ModelSourceError, match=f"'{shards[1]}' is missing: the checkpoint's shard index names it"):
+        load_model(str(sharded), "cpu", load_to_device=False)
+
+
+def test_a_stale_shard_index_beside_model_safetensors_is_ignored_as_transformers_does(tiny_llama_dir, tmp_path):
+    from perp.models.loading import checkpoint_bytes
+
+    stale = _copy(tiny_llama_dir, tmp_path / "stale")
+    (stale / "model.safetensors.index.json").write_text(
+        '{"metadata": {}, "weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}')
+    loaded = load_model(str(stale), "cpu", load_to_device=False)
+    assert loaded.family is LLAMA
+    assert checkpoint_bytes(stale, torch.float32) == checkpoint_bytes(tiny_llama_dir, torch.float32)
+
+
+def test_a_model_directory_without_tokenizer_says_so(tiny_llama_dir, tmp_path):
+    from perp.models.loading import load_tokenizer
+
+    bare = _copy(tiny_llama_dir, tmp_path / "bare")
+    for file in bare.glob("tokenizer*"):
+        file.unlink()
+    message = f"'{bare}' has no tokenizer (tokenizer.json, tokenizer.model, ...); copy the base model's tokenizer"
+    with pytest.raises(ModelSourceError, match=re.escape(message)):
+        load_model(str(bare), "cpu", load_to_device=False)
+    with pytest.raises(ModelSourceError, match="has no tokenizer"):
+        load_tokenizer(str(bare))
 
 
 def test_a_model_larger_than_the_free_device_memory_fails_before_loading(tiny_llama_dir, monkeypatch):

@@ -406,6 +406,20 @@ def test_lora_baseline_reports_a_dense_result(pruned_dirs, tmp_path):
     assert report["tied_embeddings_action"].startswith("not tied")
 
 
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_full_reports_that_it_retrained_the_lm_head(pruned_dirs, tmp_path, family):
+    """`full` trains every weight, the LM head (and, tied, the embedding it shares) included."""
+    out = tmp_path / "full"
+    report = run_recover(tiny_config("recover.method=full", "recover.steps=2"), str(pruned_dirs[family]), out)
+    pruned, recovered = load_model(str(pruned_dirs[family]), device="cpu"), load_model(str(out), device="cpu")
+    head = lambda m: m.family.lm_head(m.model).weight  # noqa: E731
+    assert not torch.equal(head(recovered), head(pruned))
+    tied = pruned.family.ties_embeddings(pruned.model)
+    assert tied == (family == "opt") and recovered.family.ties_embeddings(recovered.model) == tied
+    assert report["tied_embeddings_action"].startswith("tied, retrained" if tied else "not tied; full fine-tuning "
+                                                       "retrained the LM head")
+
+
 def test_end2end_is_deterministic_for_a_seed(pruned_dirs, tmp_path):
     config = tiny_config("recover.method=norm+masklora", "recover.steps=3", "recover.seed=7")
     first = run_recover(config, str(pruned_dirs["llama"]), tmp_path / "a")

@@ -676,13 +676,9 @@ def _dense_baseline(config: PerpConfig, baseline: _Dense, candidate: _Candidate,
 
 def _dense_token_sets(dense_path: Path, texts: list[PerplexityTextConfig], candidate: _Candidate) -> dict[str, Any]:
     """The texts as the dense tokenizer reads them: the candidate's own token sets when the tokenizers agree."""
-    from transformers import AutoTokenizer
+    from perp.models.loading import tokenizer_from
 
-    try:
-        dense_tokenizer = AutoTokenizer.from_pretrained(dense_path, local_files_only=True)
-    except OSError as error:
-        reason = str(error).splitlines()[0]
-        raise EvaluateError(f"cannot load the dense tokenizer from '{dense_path}': {reason}") from None
+    dense_tokenizer = tokenizer_from(dense_path, EvaluateError)
     same_tokens = tokenizer_fingerprint(dense_tokenizer) == candidate.tokenizer_fp
     return candidate.token_sets if same_tokens else _token_sets(texts, dense_tokenizer)
 

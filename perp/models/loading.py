@@ -244,14 +244,26 @@ def peek_family(path: Path) -> FamilyAdapter:
 
 def load_tokenizer(spec: str, revision: Optional[str] = None) -> Any:
     """Only the tokenizer (for stages that need tokens but no weights); the architecture is still checked."""
-    from transformers import AutoTokenizer
-
     _, path = resolve_model_dir(spec, revision)
     peek_family(path)
+    return tokenizer_from(path)
+
+
+#: Files one of which a Hugging Face tokenizer needs (fast, SentencePiece, BPE vocabularies).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+
+def tokenizer_from(path: Path, error_type: type[Exception] = ModelSourceError) -> Any:
+    """The tokenizer saved in a model directory; a missing or unreadable one is a one-line `error_type`."""
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except OSError as error:
-        raise ModelSourceError(f"cannot load the tokenizer from '{path}': {str(error).splitlines()[0]}") from None
+    except (OSError, ValueError) as error:
+        if path.is_dir() and not any((path / name).is_file() for name in _TOKENIZER_FILES):
+            raise error_type(f"'{path}' has no tokenizer ({', '.join(_TOKENIZER_FILES[:2])}, ...); copy the base "
+                             "model's tokenizer files into it") from None
+        raise error_type(f"cannot load the tokenizer from '{path}': {str(error).splitlines()[0]}") from None
 
 
 #: What to do instead when a model's weights do not fit on the device (every stage that loads whole models).
@@ -266,7 +278,8 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", revision: O
     Loading the whole model onto an accelerator first checks, from the checkpoint's headers, that its weights fit
     in the device's free memory: a 140 GB model fails in a second with the sizes, not after minutes of reading.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
 
     torch_device, torch_dtype = resolve_device_dtype(device, dtype)
     kind, path = resolve_model_dir(spec, revision)
@@ -274,6 +287,8 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", revision: O
     if not any(path.glob("*.safetensors")):
         raise ModelSourceError(f"'{spec}' has no .safetensors weights; perp loads only safetensors (convert "
                                "pickled .bin checkpoints with transformers' save_pretrained first)")
+    tokenizer = tokenizer_from(path)
+    checkpoint_bytes(path, torch_dtype)  # headers only: a truncated or missing file is one line, before any read
     if load_to_device and torch_device.type != "cpu":
         require_fits_device(spec, path, torch_device, torch_dtype)
     try:
@@ -281,8 +296,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", revision: O
             # with output_loading_info=True transformers returns (model, info), not the model it annotates
             model, loading = cast(tuple[Any, dict[str, Any]], AutoModelForCausalLM.from_pretrained(
                 path, dtype=torch_dtype, local_files_only=True, use_safetensors=True, output_loading_info=True))
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except OSError as error:
+    except (OSError, SafetensorError) as error:
         raise ModelSourceError(f"cannot load model from '{path}': {str(error).splitlines()[0]}") from None
     _require_complete(spec, loading)
     model.eval()
@@ -307,6 +321,8 @@ def checkpoint_bytes(path: Path, dtype: torch.dtype) -> int:
     itemsize = torch.empty((), dtype=dtype).element_size()
     total = 0
     for file in _weight_files(path):
+        if not file.is_file():
+            raise ModelSourceError(f"'{file}' is missing: the checkpoint's shard index names it")
         try:
             tensors = _safetensors_header(file)
             for entry in tensors:
@@ -339,20 +355,25 @@ def _safetensors_header(file: Path) -> list[dict[str, Any]]:
         header = json.loads(handle.read(length))
     if not isinstance(header, dict):
         raise ValueError("the header is not a JSON object")
-    return [entry for name, entry in header.items() if name != "__metadata__"]
+    tensors = [entry for name, entry in header.items() if name != "__metadata__"]
+    data = max((int(entry["data_offsets"][1]) for entry in tensors), default=0)
+    if data != size - 8 - length:  # safetensors itself refuses a file its tensors do not cover exactly
+        raise ValueError(f"its tensors need {data} data bytes but the file holds {size - 8 - length}: truncated "
+                         "or padded")
+    return tensors
 
 
 def _weight_files(path: Path) -> list[Path]:
-    """The safetensors files transformers loads: those the shard index names, else `model.safetensors` (a
-    stage's masks and adapter files sit beside the weights and are not part of the model)."""
+    """The safetensors files transformers loads: `model.safetensors`, else those the shard index names (a stage's
+    masks and adapter files sit beside the weights and are not part of the model)."""
     import json
 
+    single = path / "model.safetensors"
+    if single.is_file():  # transformers' order: a single file wins over a (possibly stale) shard index
+        return [single]
     index = path / "model.safetensors.index.json"
     if index.is_file():
         return sorted({path / name for name in json.loads(index.read_text()).get("weight_map", {}).values()})
-    single = path / "model.safetensors"
-    if single.is_file():
-        return [single]
     return sorted(p for p in path.glob("*.safetensors") if p.name not in (MASKS_FILE, ADAPTER_FILE))
 
 

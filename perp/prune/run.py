@@ -265,18 +265,18 @@ class FusedStep(LayerReconstruction, Protocol):
 
 def model_skeleton(spec: str, revision: Optional[str] = None) -> tuple[torch.nn.Module, Any, Any]:
     """(model on the meta device, family adapter, tokenizer) without reading a weight; fetches remote sources."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from perp.errors import ModelSourceError
-    from perp.models.loading import peek_family, resolve_model_dir
+    from perp.models.loading import peek_family, resolve_model_dir, tokenizer_from
 
     _, path = resolve_model_dir(spec, revision)
     family = peek_family(path)
     try:
         model_config = AutoConfig.from_pretrained(path, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as error:
         raise ModelSourceError(f"cannot load model from '{path}': {str(error).splitlines()[0]}") from None
+    tokenizer = tokenizer_from(path)
     with one_model_at_a_time(), torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(model_config)
     return skeleton, family, tokenizer

@@ -6,6 +6,8 @@ optimizer step, which keeps them exactly +0.0 whatever the optimizer does (weigh
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -28,6 +30,14 @@ class Full(RecoverMethod):
         self._hooks = [scope.linears[name].weight.register_hook(_masked_grad(mask))
                        for name, mask in self.masks.items()]
         return selected
+
+    def describe(self, scope: Scope) -> dict[str, Any]:
+        if scope.model is None:  # layer-wise: one block, no LM head in scope
+            return {}
+        if scope.family.ties_embeddings(scope.model):
+            return {"tied_embeddings_action": "tied, retrained: full fine-tuning trains the shared embedding / LM "
+                                              "head matrix, so both change together"}
+        return {"tied_embeddings_action": "not tied; full fine-tuning retrained the LM head and the embeddings"}
 
     @torch.no_grad()
     def after_step(self, scope: Scope) -> None:
