@@ -174,9 +174,17 @@ def test_diverged_model_has_infinite_perplexity_not_a_traceback(tiny_llama_dir, 
     entry = metrics["perplexity"]["w"]
     assert entry["ppl"] == math.inf and entry["ratio"] == math.inf and math.isfinite(entry["dense_ppl"])
     assert metrics["gates"]["ppl_ratio"] == math.inf
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["gates"]["ppl_ratio"] == math.inf
     gates = {"max_ppl_ratio": 1.5, "max_zeroshot_drop": None, "min_sparsity": None}
     assert not evaluate_gates("dev", ["dev"], gates, metrics, set())["passed"]
+
+    def strict(constant: str):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    # The file is standard JSON: the infinite figures are null (a gate fails closed on them), the NLL says why.
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text(), parse_constant=strict)
+    assert written["gates"]["ppl_ratio"] is None and written["perplexity"]["w"]["ppl"] is None
+    assert written["perplexity"]["w"]["nll"] == pytest.approx(result.nll)
+    assert not evaluate_gates("dev", ["dev"], gates, written, set())["passed"]
 
 
 def test_nan_logits_give_nan_perplexity_and_the_worst_ratio(tiny_llama_dir, tmp_path):

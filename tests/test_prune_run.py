@@ -399,7 +399,7 @@ def test_a_disk_too_small_for_the_checkpoint_fails_before_loading(no_engine, tin
 @pytest.mark.parametrize("content, why", [
     (b"\x10\x00", "2 bytes, shorter than a safetensors header"),  # a truncated download
     (b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n", "header length field says"),  # no LFS
-    (len(b'{"w": {"dtype": "F32"}}').to_bytes(8, "little") + b'{"w": {"dtype": "F32"}}', "'shape'"),
+    (len(b'{"w": {"dtype": "F32"}}').to_bytes(8, "little") + b'{"w": {"dtype": "F32"}}', "'data_offsets'"),
 ])
 def test_a_damaged_checkpoint_fails_in_one_line_before_loading(no_engine, tiny_llama_dir, tmp_path, content, why):
     import shutil

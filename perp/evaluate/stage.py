@@ -758,13 +758,15 @@ def _compose_metrics(texts: list[PerplexityTextConfig], candidate: _Candidate, b
 
 def _perplexity_section(texts: list[PerplexityTextConfig], evaluated: _Evaluation,
                         dense_eval: _Evaluation) -> dict[str, dict[str, Any]]:
-    """metrics.json's `perplexity`: per text, the candidate's and the dense perplexity and their ratio."""
+    """metrics.json's `perplexity`: per text, the candidate's and the dense perplexity and their ratio, and the mean
+    token NLLs they come from (finite where a diverged model's perplexity overflows, which JSON writes as null)."""
     section: dict[str, dict[str, Any]] = {}
     for text in texts:
         result = evaluated.perplexity[text.name]
         dense_result = dense_eval.perplexity[text.name]
         section[text.name] = {
             "ppl": result["ppl"], "dense_ppl": dense_result["ppl"], "ratio": _ratio(result["ppl"], dense_result["ppl"]),
+            "nll": result.get("nll"), "dense_nll": dense_result.get("nll"),
             "tokens": result["tokens"], "windows": result["windows"], "seqlen": result["seqlen"],
             "data_sha256": result["data_sha256"], "source": text.source,
         }
