@@ -420,6 +420,21 @@ def test_full_reports_that_it_retrained_the_lm_head(pruned_dirs, tmp_path, famil
                                                        "retrained the LM head")
 
 
+def test_end2end_refuses_a_damaged_dense_reference_before_loading(pruned_dirs, tmp_path, model_loads):
+    """End to end only records --dense, as evaluation's baseline: a damaged one was found there, after training."""
+    import shutil
+
+    from perp.errors import ModelSourceError
+
+    dense = tmp_path / "dense"
+    shutil.copytree(pruned_dirs["dense-llama"], dense)
+    weights = dense / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ModelSourceError, match="truncated"):
+        run_recover(tiny_config("recover.method=norm"), str(pruned_dirs["llama"]), tmp_path / "out", dense=str(dense))
+    assert model_loads == [] and not (tmp_path / "out").exists()
+
+
 def test_end2end_is_deterministic_for_a_seed(pruned_dirs, tmp_path):
     config = tiny_config("recover.method=norm+masklora", "recover.steps=3", "recover.seed=7")
     first = run_recover(config, str(pruned_dirs["llama"]), tmp_path / "a")

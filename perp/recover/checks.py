@@ -8,6 +8,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from perp.config import PerpConfig, classify_model_source
 from perp.recover.base import METHODS, RecoverError, Settings
 
@@ -42,6 +44,13 @@ def validate_request(config: PerpConfig, model: str, dense: Optional[str]) -> li
                 f"recover.method: '{rc.method}' trains nothing inside decoder blocks (the LM head is outside "
                 "them); layer-wise mode needs bias, norm, lora, masklora, scalelora or full"
             )
+    elif dense is not None and classify_model_source(dense, "--dense") == "local":
+        from perp.models.loading import checkpoint_bytes, peek_family, resolve_model_dir
+
+        # end to end only records the reference (evaluation's baseline): a damaged one is refused now, not there
+        path = resolve_model_dir(dense, config.model.revision)[1]
+        peek_family(path)
+        checkpoint_bytes(path, torch.float32)  # the safetensors headers, nothing more
     return methods
 
 
